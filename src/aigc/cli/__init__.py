@@ -1,0 +1,26 @@
+"""The ``aigc`` command line: one Typer app, one small module per command group.
+
+Commands only parse arguments and print; the work is done by plain functions in the library.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from aigc.cli import data as data_cmds
+from aigc.cli import quickstart as quickstart_cmds
+
+app = typer.Typer(
+    name="aigc",
+    help="Train generative image models: data shards, model zoo, Ray Train, MLflow, DVC.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(data_cmds.app, name="data")
+quickstart_cmds.register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

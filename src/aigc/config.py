@@ -1,0 +1,295 @@
+"""Typed configuration: one pydantic model per section, YAML loading and dotted overrides.
+
+A run config has the sections ``data``, ``model``, ``trainer``, ``scaling`` and ``tracking``.
+Every model rejects unknown keys (``extra="forbid"``) so a typo is an error, not a silently
+ignored setting, and :class:`ConfigError` names the full dotted key and what is allowed::
+
+    cfg = load_config("models/diffusion.yaml", overrides=["trainer.max_steps=200"])
+
+The ``model`` section is a union discriminated by ``model.family``; each family's fields live in
+its own class below so the CLI can validate a config without importing torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "ConfigError",
+    "StrictModel",
+    "DataConfig",
+    "TextConfig",
+    "DiffusionConfig",
+    "GANConfig",
+    "VAEConfig",
+    "AutoregressiveConfig",
+    "ModelConfig",
+    "TrainerConfig",
+    "ScalingConfig",
+    "TrackingConfig",
+    "RunConfig",
+    "FAMILIES",
+    "load_yaml",
+    "apply_overrides",
+    "load_config",
+    "validate",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names each offending dotted key and what is allowed."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+class DataConfig(StrictModel):
+    """Where a dataset comes from, how it is sharded, and how it is streamed to training."""
+
+    name: str = Field("digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="dataset name")
+    source: Literal["digits", "folder", "img2dataset"] = "digits"
+    source_path: str | None = Field(None, description="input folder for the folder/img2dataset sources")
+    root: str = Field("datasets", description="folder (relative to the project root) holding datasets")
+    location: str | None = Field(
+        None, description="shard folder to stream from: a path or fsspec URL; default <root>/<name>"
+    )
+    image_size: int = Field(8, ge=8, le=256)
+    channels: Literal[1, 3] = 1
+    samples_per_shard: int = Field(100, ge=1)
+    max_shard_bytes: int = Field(64 * 2**20, ge=1024)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(1, ge=0, le=64, description="DataLoader worker processes per rank")
+    shuffle_buffer: int = Field(500, ge=0)
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+
+
+# -------------------------------------------------------------------------------------------- model
+
+
+class TextConfig(StrictModel):
+    """The text encoder shared by every family."""
+
+    encoder: Literal["scratch", "minilm"] = "scratch"
+    max_tokens: int = Field(16, ge=2, le=256)
+    dim: int = Field(128, ge=8)
+    layers: int = Field(2, ge=0)
+    heads: int = Field(4, ge=1)
+
+
+class DiffusionConfig(StrictModel):
+    family: Literal["diffusion"] = "diffusion"
+    text: TextConfig = TextConfig()
+    base_channels: int = Field(64, ge=8)
+    channel_mults: list[int] = [1, 2]
+    num_res_blocks: int = Field(1, ge=1)
+    conditioning: Literal["cross_attn", "film"] = "cross_attn"
+    timesteps: int = Field(1000, ge=2)
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    prediction: Literal["epsilon", "v"] = "epsilon"
+    cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    sample_steps: int = Field(50, ge=1)
+    guidance: float = Field(3.0, ge=0.0)
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+
+
+class GANConfig(StrictModel):
+    family: Literal["gan"] = "gan"
+    text: TextConfig = TextConfig()
+    latent_dim: int = Field(64, ge=1)
+    base_channels: int = Field(64, ge=8)
+    loss: Literal["hinge", "non_saturating"] = "hinge"
+    lr_d: float | None = Field(None, gt=0.0, description="discriminator LR; default trainer.lr")
+    betas: tuple[float, float] = (0.0, 0.99)
+
+
+class VAEConfig(StrictModel):
+    family: Literal["vae"] = "vae"
+    text: TextConfig = TextConfig()
+    latent_dim: int = Field(16, ge=1)
+    base_channels: int = Field(64, ge=8)
+    beta: float = Field(1.0, ge=0.0)
+
+
+class AutoregressiveConfig(StrictModel):
+    family: Literal["autoregressive"] = "autoregressive"
+    text: TextConfig = TextConfig()
+    levels: int = Field(16, ge=2, le=256, description="quantisation levels per channel")
+    dim: int = Field(128, ge=8)
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int | None = Field(None, ge=1)
+
+
+ModelConfig = Annotated[
+    Union[DiffusionConfig, GANConfig, VAEConfig, AutoregressiveConfig], Field(discriminator="family")
+]
+FAMILIES = ("diffusion", "gan", "vae", "autoregressive")
+
+
+# ------------------------------------------------------------------------------ trainer and scaling
+
+
+class TrainerConfig(StrictModel):
+    seed: int = 0
+    max_steps: int = Field(1000, ge=1)
+    lr: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    accumulate_grad_batches: int = Field(1, ge=1)
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    val_every_steps: int = Field(200, ge=1)
+    limit_val_batches: int = Field(8, ge=1)
+    log_every_steps: int = Field(10, ge=1)
+    sample_every_steps: int = Field(500, ge=1)
+    checkpoint_every_steps: int = Field(500, ge=1)
+    keep_last_checkpoints: int = Field(3, ge=1)
+    monitor: str = "val/loss"
+    threads_per_worker: int | None = Field(None, ge=1, description="torch threads; default the worker's CPUs")
+
+
+class ScalingConfig(StrictModel):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    max_failures: int = Field(0, ge=-1, description="-1 retries forever")
+    storage_path: str = Field("runs", description="checkpoint storage: folder or URI (s3://...)")
+    ray_address: str | None = None
+
+
+class TrackingConfig(StrictModel):
+    uri: str | None = Field(None, description="MLflow tracking URI; default the project's mlflow/ store")
+    experiment: str = "aigc"
+    run_name: str | None = None
+    system_metrics: bool = True
+
+
+class RunConfig(StrictModel):
+    """A whole training job: what ``models/<family>.yaml`` holds."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = Field(default_factory=DiffusionConfig)
+    trainer: TrainerConfig = TrainerConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+# ------------------------------------------------------------------------------- loading and errors
+
+
+def _format_errors(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        # Discriminated unions insert the tag ("diffusion") into the location; drop it so the key
+        # reads as the user wrote it (model.steps, not model.diffusion.steps).
+        loc = [str(p) for p in e["loc"] if not (isinstance(p, str) and p in FAMILIES)]
+        key = ".".join(([prefix] if prefix else []) + loc) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            allowed = _allowed_keys(e["loc"][:-1], prefix)
+            if allowed:
+                msg += f"; allowed keys here: {', '.join(allowed)}"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown family {e['input']!r}; allowed: {', '.join(FAMILIES)}"
+        elif e["type"] == "union_tag_not_found":
+            msg = f"missing 'family'; allowed: {', '.join(FAMILIES)}"
+        lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {key}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple, prefix: str) -> list[str]:
+    """The field names valid at ``loc`` (a pydantic error location) of a RunConfig, best effort."""
+    model: Any = RunConfig if not prefix else None
+    if prefix == "data":
+        model = DataConfig
+    family_models = {"diffusion": DiffusionConfig, "gan": GANConfig, "vae": VAEConfig,
+                     "autoregressive": AutoregressiveConfig}
+    for part in loc:
+        if isinstance(part, str) and part in family_models:
+            model = family_models[part]
+            continue
+        if model is None:
+            return []
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return sorted(model.model_fields) if model is not None else []
+
+
+def validate(cls: type[StrictModel], data: dict[str, Any], prefix: str = "") -> Any:
+    """Build ``cls`` from ``data``; a bad key or value raises :class:`ConfigError` naming it."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, prefix)) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; an empty file is an empty mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. trainer.max_steps=200")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        if not key or any(not p for p in parts):
+            raise ConfigError(f"override {item!r}: bad key {key!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config from YAML (or defaults when ``path`` is None) and apply dotted overrides."""
+    data = load_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides)
+    # A model section without a family is the default family, as an absent section is.
+    if isinstance(data.get("model"), dict) and "family" not in data["model"]:
+        data["model"]["family"] = "diffusion"
+    cfg = validate(RunConfig, data)
+    return cfg
