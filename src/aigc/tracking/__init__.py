@@ -1,0 +1,120 @@
+"""MLflow tracking for training jobs: one run per job, opened by the driver, logged to by rank 0.
+
+Driver::
+
+    uri = resolve_tracking_uri(cfg.tracking.uri)          # absolute; ensure_tracking_store(uri) runs inside
+    tags = lineage_tags(family, data_name, data_version, workers, git_sha(project_root()))
+    with job_run(uri, cfg.tracking.experiment, cfg.tracking.run_name, flatten_params(cfg), tags) as run:
+        log_dataset_input(MlflowClient(run.uri), run.run_id, data_name, shard_dir, dvc_md5)
+        launch(run.uri, run.run_id)                       # FINISHED / FAILED / KILLED on the way out
+
+Worker::
+
+    logger = RunLogger.for_rank(rank, uri, run_id, system_metrics=cfg.tracking.system_metrics)
+    logger.log_metrics({"train/loss": loss}, step)       # non-blocking
+    logger.close()
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names are loaded on first use: mlflow takes seconds to import, and `aigc ui` / `aigc --help` only
+# need the light store helpers.
+_EXPORTS = {
+    "JobRun": "job",
+    "end_job_run": "job",
+    "get_or_create_experiment": "job",
+    "guard_run": "job",
+    "reopen_job_run": "job",
+    "job_run": "job",
+    "start_job_run": "job",
+    "TAG_DATA_NAME": "lineage",
+    "TAG_DATA_VERSION": "lineage",
+    "TAG_ERROR": "lineage",
+    "TAG_FAMILY": "lineage",
+    "TAG_GIT_SHA": "lineage",
+    "TAG_RAY_WORKERS": "lineage",
+    "git_sha": "lineage",
+    "lineage_tags": "lineage",
+    "log_dataset_input": "lineage",
+    "NullRunLogger": "logger",
+    "RunLogger": "logger",
+    "flatten_params": "params",
+    "truncate": "params",
+    "format_runs_table": "query",
+    "list_runs": "query",
+    "mlflow_server_command": "server",
+    "TrackingUnavailable": "store",
+    "default_artifact_root": "store",
+    "ensure_tracking_store": "store",
+    "resolve_tracking_uri": "store",
+}
+
+__all__ = [
+    "JobRun",
+    "NullRunLogger",
+    "RunLogger",
+    "TAG_DATA_NAME",
+    "TAG_DATA_VERSION",
+    "TAG_ERROR",
+    "TAG_FAMILY",
+    "TAG_GIT_SHA",
+    "TAG_RAY_WORKERS",
+    "TrackingUnavailable",
+    "default_artifact_root",
+    "end_job_run",
+    "ensure_tracking_store",
+    "flatten_params",
+    "format_runs_table",
+    "get_or_create_experiment",
+    "guard_run",
+    "reopen_job_run",
+    "git_sha",
+    "job_run",
+    "lineage_tags",
+    "list_runs",
+    "log_dataset_input",
+    "mlflow_server_command",
+    "resolve_tracking_uri",
+    "start_job_run",
+    "truncate",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'aigc.tracking' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"aigc.tracking.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:
+    from aigc.tracking.job import JobRun, end_job_run, get_or_create_experiment, job_run, start_job_run
+    from aigc.tracking.lineage import (
+        TAG_DATA_NAME,
+        TAG_DATA_VERSION,
+        TAG_ERROR,
+        TAG_FAMILY,
+        TAG_GIT_SHA,
+        TAG_RAY_WORKERS,
+        git_sha,
+        lineage_tags,
+        log_dataset_input,
+    )
+    from aigc.tracking.logger import NullRunLogger, RunLogger
+    from aigc.tracking.params import flatten_params, truncate
+    from aigc.tracking.query import format_runs_table, list_runs
+    from aigc.tracking.server import mlflow_server_command
+    from aigc.tracking.store import (
+        TrackingUnavailable,
+        default_artifact_root,
+        ensure_tracking_store,
+        resolve_tracking_uri,
+    )

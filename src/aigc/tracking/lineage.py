@@ -1,0 +1,114 @@
+"""Lineage of a training run: which code (git sha), which data (DVC md5), how many workers."""
+
+from __future__ import annotations
+
+import subprocess
+import warnings
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import DatasetInput, InputTag
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+from aigc.tracking.params import MAX_TAG_VALUE_LENGTH, truncate
+
+TAG_FAMILY = "aigc.family"
+TAG_GIT_SHA = "aigc.git_sha"
+TAG_DATA_NAME = "aigc.data.name"
+TAG_DATA_VERSION = "aigc.data.version"
+TAG_RAY_WORKERS = "aigc.ray.workers"
+TAG_ERROR = "aigc.error"
+
+# MLflow 3.17 rejects longer dataset digests; a DVC folder md5 ("<32 hex>.dir") is exactly 36.
+MAX_DATASET_DIGEST_LENGTH = 36
+
+
+def lineage_tags(
+    family: str,
+    data_name: str | None,
+    data_version: str | None,
+    workers: int | None,
+    git_sha: str | None,
+) -> dict[str, str]:
+    """DESIGN §3's run tags. Unknown values (None) are left out rather than written as a placeholder,
+    so two runs never look comparable because both say "unknown"."""
+    values = {
+        TAG_FAMILY: family,
+        TAG_GIT_SHA: git_sha,
+        TAG_DATA_NAME: data_name,
+        TAG_DATA_VERSION: data_version,
+        TAG_RAY_WORKERS: None if workers is None else str(int(workers)),
+    }
+    return {k: truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in values.items() if v is not None}
+
+
+def git_sha(path: str | Path = ".") -> str | None:
+    """``git rev-parse HEAD`` of the repository holding ``path``, with ``-dirty`` appended when tracked
+    files differ from HEAD (untracked files are ignored: data and stores are git-ignored anyway).
+
+    None when ``path`` is not in a git work tree, the repository has no commit yet, or git is missing.
+    """
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10, check=False
+        )
+        if head.returncode != 0:
+            return None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    sha = head.stdout.strip()
+    dirty = status.returncode == 0 and bool(status.stdout.strip())
+    return f"{sha}-dirty" if dirty else sha
+
+
+def log_dataset_input(
+    client: MlflowClient,
+    run_id: str,
+    name: str,
+    source: str,
+    digest: str,
+    context: str = "training",
+) -> None:
+    """Record the dataset a run trained on (the UI's "Datasets used").
+
+    ``source`` is where the data lives: the shard folder's absolute path or its DVC remote URL
+    (``s3://``, ``gs://``, ``https://``, a local path). ``digest`` is the DVC md5 of the shard folder;
+    MLflow allows at most 36 characters, so a longer one raises ``ValueError`` naming it (put longer
+    hashes in tags).
+    """
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    if not digest or len(digest) > MAX_DATASET_DIGEST_LENGTH:
+        raise ValueError(
+            f"dataset digest {digest!r} for {name!r} must be 1..{MAX_DATASET_DIGEST_LENGTH} characters "
+            "(MLflow's limit; a DVC '<md5>.dir' fits)"
+        )
+    with warnings.catch_warnings():
+        # A local path matches two registered resolvers that both give LocalArtifactDatasetSource.
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            dataset_source = resolve_dataset_source(source)
+        except Exception as e:  # noqa: BLE001 - MlflowException with a generic message
+            raise ValueError(
+                f"cannot record dataset source {source!r} for {name!r}: MLflow knows no source for that "
+                "URI scheme (use a local path, s3://, gs://, or http(s)://)"
+            ) from e
+    dataset = MetaDataset(source=dataset_source, name=name, digest=digest)
+    client.log_inputs(
+        run_id,
+        datasets=[
+            DatasetInput(
+                dataset=dataset._to_mlflow_entity(),
+                tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)],
+            )
+        ],
+    )

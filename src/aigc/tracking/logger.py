@@ -1,0 +1,278 @@
+"""Rank-0 logging inside a Ray worker: metrics and sample grids that never stall training.
+
+``log_metrics``/``log_image`` only put work on a queue; one background thread drains it, coalescing
+metrics into ``log_batch`` calls (at most 1000 per request, MLflow's limit) at most every
+``flush_interval_s``. A slow or dead tracking server therefore costs the training loop nothing;
+metrics that do not fit in the bounded queue are dropped and counted rather than blocking.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from aigc.tracking.params import MAX_KEY_LENGTH, chunked
+
+_log = logging.getLogger(__name__)
+
+MAX_METRICS_PER_BATCH = 1000  # MLflow 3.17 rejects larger log_batch requests
+# MLflow's rule for metric and image keys.
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-./ :]+$")
+
+
+def _check_key(key: str) -> str:
+    if not isinstance(key, str) or not _KEY_RE.match(key) or len(key) > MAX_KEY_LENGTH:
+        raise ValueError(
+            f"metric/image key {key!r} is invalid: use 1..{MAX_KEY_LENGTH} letters, digits, "
+            "spaces and _ - . / :"
+        )
+    return key
+
+
+class NullRunLogger:
+    """The logger on ranks other than 0 (and with tracking off): every call does nothing."""
+
+    enabled = False
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Discard ``metrics``."""
+
+    def log_image(self, image: Any, key: str = "samples", step: int = 0) -> None:
+        """Discard ``image``."""
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Do nothing."""
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Nothing to flush: always True."""
+        return True
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Nothing to close: always True."""
+        return True
+
+    def __enter__(self) -> NullRunLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RunLogger(NullRunLogger):
+    """Logs to an existing run (created by the driver) from rank 0 of a training job.
+
+    ``RunLogger(uri, run_id)``; on every rank use ``RunLogger.for_rank(rank, uri, run_id)``, which
+    gives a ``NullRunLogger`` off rank 0. ``system_metrics=True`` starts MLflow's system metrics
+    monitor (CPU, memory, disk, network, and GPU when pynvml is present) on this run, sampled every
+    ``system_metrics_interval_s`` seconds as ``system/...`` metrics. Counters ``batches_sent``,
+    ``metrics_sent``, ``dropped`` and ``errors`` say what happened.
+    """
+
+    enabled = True
+
+    def __init__(
+        self,
+        uri: str,
+        run_id: str,
+        *,
+        flush_interval_s: float = 1.0,
+        max_queue: int = 10_000,
+        system_metrics: bool = False,
+        system_metrics_interval_s: float = 10.0,
+        node_id: str | None = None,
+    ) -> None:
+        self.uri = uri
+        self.run_id = run_id
+        self.flush_interval_s = flush_interval_s
+        self._client = MlflowClient(uri)
+        self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=max_queue)
+        self._closed = False
+        self.batches_sent = 0
+        self.metrics_sent = 0
+        self.dropped = 0
+        self.errors = 0
+        self._thread = threading.Thread(target=self._drain, name=f"aigc-mlflow-{run_id[:8]}", daemon=True)
+        self._thread.start()
+        self._monitor = None
+        if system_metrics:
+            self._monitor = self._start_system_metrics(system_metrics_interval_s, node_id)
+
+    @classmethod
+    def for_rank(cls, rank: int, uri: str | None, run_id: str | None, **kwargs: Any) -> NullRunLogger:
+        """A ``RunLogger`` on rank 0, a ``NullRunLogger`` elsewhere or when there is no run."""
+        if rank != 0 or not uri or not run_id:
+            return NullRunLogger()
+        return cls(uri, run_id, **kwargs)
+
+    # ----------------------------------------------------------------------------- caller side
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Queue ``metrics`` (name → number, e.g. ``{"train/loss": 0.3}``) at ``step``; never blocks.
+
+        Values are converted with ``float()`` here (0-d tensors work), so a bad value raises now,
+        naming its key, instead of failing a whole batch later.
+        """
+        if self._closed:
+            raise RuntimeError(f"RunLogger for run {self.run_id} is closed")
+        timestamp = int(time.time() * 1000)
+        entries = []
+        for key, value in metrics.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"metric {key!r} has a non-numeric value {value!r}") from e
+            entries.append(Metric(_check_key(key), number, timestamp, int(step)))
+        if entries:
+            self._offer(("metrics", entries), len(entries))
+
+    def log_image(self, image: Any, key: str = "samples", step: int = 0) -> None:
+        """Queue an image for the UI's image-over-steps view (``client.log_image(key=, step=)``).
+
+        ``image`` is a ``PIL.Image`` or a numpy array ``(H, W)``, ``(H, W, 1|3|4)`` (uint8 0..255 or
+        float 0..1). It is converted and copied now, so the caller may reuse its buffer.
+        """
+        import numpy as np
+        import PIL.Image
+
+        if self._closed:
+            raise RuntimeError(f"RunLogger for run {self.run_id} is closed")
+        if isinstance(image, np.ndarray):
+            from mlflow.tracking.multimedia import convert_to_pil_image
+
+            image = convert_to_pil_image(image)  # validates shape/range and copies
+        elif isinstance(image, PIL.Image.Image):
+            image = image.copy()
+        else:
+            raise TypeError(f"log_image expects a PIL.Image or numpy array, got {type(image).__name__}")
+        self._offer(("image", image, _check_key(key), int(step), int(time.time() * 1000)), 1)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a file or folder now (synchronous: callers log artifacts rarely and may delete the
+        file afterwards). Raises ``FileNotFoundError`` naming ``path`` if it does not exist."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"artifact {path} does not exist")
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued so far has been sent (or failed); False on timeout."""
+        if self._closed or not self._thread.is_alive():
+            return self._queue.empty()
+        done = threading.Event()
+        try:
+            self._queue.put(("flush", done), timeout=timeout)
+        except queue.Full:
+            return False
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Send what is queued, stop the background thread and the system metrics monitor.
+
+        Idempotent. Returns False if the queue could not be drained within ``timeout`` (the thread
+        is a daemon, so a dead server never keeps the worker process alive).
+        """
+        if self._closed:
+            return not self._thread.is_alive()
+        self._closed = True
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception:  # noqa: BLE001 - monitoring must not fail the job
+                _log.warning("stopping MLflow system metrics failed", exc_info=True)
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(("stop",), timeout=timeout)
+        except queue.Full:
+            return False
+        self._thread.join(max(deadline - time.monotonic(), 0))
+        if self.dropped:
+            _log.warning(
+                "RunLogger dropped %d metric values for run %s (queue full)", self.dropped, self.run_id
+            )
+        return not self._thread.is_alive()
+
+    def _offer(self, item: tuple[Any, ...], count: int) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            if not self.dropped:
+                _log.warning("MLflow logging queue full for run %s: dropping values", self.run_id)
+            self.dropped += count
+
+    def _start_system_metrics(self, interval_s: float, node_id: str | None) -> Any:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=interval_s, tracking_uri=self.uri, node_id=node_id
+            )
+            monitor.start()
+            return monitor
+        except Exception:  # noqa: BLE001 - e.g. psutil missing: train without system metrics
+            _log.warning("MLflow system metrics unavailable; continuing without them", exc_info=True)
+            return None
+
+    # --------------------------------------------------------------------------- background side
+
+    def _drain(self) -> None:
+        pending: list[Metric] = []
+        deadline: float | None = None  # when the oldest pending metric must be sent
+        while True:
+            wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                item = self._queue.get(timeout=wait)
+            except queue.Empty:
+                self._send_metrics(pending)
+                deadline = None
+                continue
+            kind = item[0]
+            if kind == "metrics":
+                pending.extend(item[1])
+                if deadline is None:
+                    deadline = time.monotonic() + self.flush_interval_s
+                if len(pending) >= MAX_METRICS_PER_BATCH:
+                    self._send_metrics(pending)
+                    deadline = None
+                continue
+            # Anything else is sent after the metrics queued before it, to keep the order.
+            self._send_metrics(pending)
+            deadline = None
+            if kind == "image":
+                _, image, key, step, timestamp = item
+                self._call(
+                    self._client.log_image, self.run_id, image, key=key, step=step, timestamp=timestamp
+                )
+            elif kind == "flush":
+                item[1].set()
+            elif kind == "stop":
+                return
+
+    def _send_metrics(self, pending: list[Metric]) -> None:
+        for batch in chunked(pending, MAX_METRICS_PER_BATCH):
+            if self._call(self._client.log_batch, self.run_id, metrics=batch):
+                self.batches_sent += 1
+                self.metrics_sent += len(batch)
+        pending.clear()
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> bool:
+        try:
+            fn(*args, **kwargs)
+            return True
+        except Exception:  # noqa: BLE001 - a logging failure must never stop training
+            self.errors += 1
+            _log.warning(
+                "MLflow %s failed for run %s", getattr(fn, "__name__", fn), self.run_id, exc_info=True
+            )
+            return False
