@@ -1,0 +1,379 @@
+"""Streaming loader: WebDataset-layout tar shards -> batches, split by rank and DataLoader worker.
+
+:class:`ShardDataModule` reads ``manifest.json`` of a dataset folder (a local path or an fsspec URL)
+and serves ``train_dataloader()`` / ``val_dataloader()``. Each batch is a dict::
+
+    {"image": FloatTensor (B, C, H, W) in [-1, 1], "caption": list[str], "label": LongTensor (B,),
+     "key": list[str], "valid": BoolTensor (B,)}
+
+Equal batch counts (DDP never hangs on uneven shards): every rank yields exactly
+``batches_per_epoch(split) = ceil(N / (world * batch_size))`` full batches of ``batch_size``. How the
+samples are shared out is in :mod:`aigc.data.loader_split`: ranks (and the DataLoader workers of a
+rank) get disjoint samples, whole shards wherever the sizes allow, and together cover the split.
+
+Padding: a worker whose share does not fill its batches repeats its own first samples of the epoch
+(cyclically) to fill them. Repeats happen within a rank only, never across ranks, and are marked
+``valid = False`` in the batch; every real sample is ``valid = True`` exactly once per epoch. For
+validation, compute metrics over ``batch["valid"]`` only to count each val sample exactly once; for
+training, the repeats are ordinary extra samples (use or mask them). Bad samples are skipped, so a
+worker that lost some pads more; the batch count never changes.
+
+Shuffling (train only): the shard order is shuffled with ``seed + epoch`` (so ranks get different
+shards each epoch), and each worker passes its samples through a shuffle buffer of
+``DataConfig.shuffle_buffer`` samples seeded by ``(seed, epoch, rank, worker)``. The epoch comes from
+``trainer.current_epoch`` when the DataModule is attached to a Lightning trainer, else from
+:meth:`ShardDataModule.set_epoch`. It reaches the workers when the DataLoader is iterated, so
+persistent workers are not used.
+
+Bad data: a truncated tar, an undecodable image, a missing caption or bad json is logged (shard URL
+and key), skipped and counted per process (a DataLoader worker, or the main process when
+``num_workers=0``). When that process's bad count exceeds ``max_bad_fraction`` of the samples it
+was assigned this epoch, it raises :class:`BadDataError` naming the fraction, threshold and the worst
+shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from aigc import project_root
+from aigc.config import DataConfig
+from aigc.data.loader_read import (
+    BadDataError,
+    BadSample,
+    ReadStats,
+    check_location,
+    decode_sample,
+    iter_piece,
+    log,
+)
+from aigc.data.loader_split import batches_per_epoch, epoch_shard_order, plan_slot
+
+__all__ = ["BadDataError", "ShardDataModule", "ShardStream", "rank_and_world", "resolve_location"]
+
+_SPLITS = ("train", "val")
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size: torch.distributed if initialised, else the
+    ``RANK``/``WORLD_SIZE`` environment variables (Ray Train sets them), else ``(0, 1)``."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(
+            f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} are not integers"
+        ) from None
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return rank, world
+
+
+def resolve_location(cfg: DataConfig, location: str | os.PathLike | None = None) -> str:
+    """The shard folder: ``location``, else ``cfg.location``, else ``<project root>/<cfg.root>/<cfg.name>``.
+
+    Relative local paths resolve against the project root, like every other path in the configs,
+    and become absolute (Ray workers run elsewhere); URLs are kept; ``pipe:`` is rejected.
+    """
+    loc = location if location is not None else cfg.location
+    if loc is None:
+        return str(project_root() / Path(cfg.root).expanduser() / cfg.name)
+    loc = check_location(os.fspath(loc))
+    return loc if "://" in loc else str(project_root() / Path(loc).expanduser())
+
+
+def _join(location: str, name: str) -> str:
+    return f"{location.rstrip('/')}/{name}" if "://" in location else os.path.join(location, name)
+
+
+def _load_manifest(location: str) -> dict[str, Any]:
+    url = _join(location, "manifest.json")
+    try:
+        with fsspec.open(url, "rb") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{url}: no manifest.json (not a dataset folder, or not built yet: `aigc data build`)"
+        ) from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{url}: not valid JSON: {err}") from None
+    try:
+        for split in _SPLITS:
+            for shard in manifest["splits"].get(split, {"shards": []})["shards"]:
+                if not isinstance(shard["num_samples"], int) or "/" in shard["name"]:
+                    raise ValueError(f"bad shard entry {shard!r}")
+        if manifest["channels"] not in (1, 3) or not isinstance(manifest["image_size"], int):
+            raise ValueError("channels must be 1 or 3 and image_size an int")
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise ValueError(f"{url}: not an aigc shard manifest ({type(err).__name__}: {err})") from None
+    return manifest
+
+
+class ShardStream(IterableDataset):
+    """The batches of one split for one rank; each DataLoader worker yields its own share.
+
+    Iterating yields exactly ``len(self)`` batches per rank in total over the workers (use it with
+    ``DataLoader(batch_size=None)``). ``stats`` holds the :class:`ReadStats` of the last epoch read in
+    this process (the main process only sees them with ``num_workers=0``).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        sizes: list[int],
+        *,
+        batch_size: int,
+        channels: int,
+        image_size: int,
+        rank: int = 0,
+        world: int = 1,
+        shuffle: bool = False,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        max_bad_fraction: float = 0.0,
+    ) -> None:
+        if len(urls) != len(sizes):
+            raise ValueError(f"{len(urls)} shard URLs but {len(sizes)} sizes")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world size {world}")
+        self.urls, self.sizes = list(urls), list(sizes)
+        self.batch_size, self.channels, self.image_size = batch_size, channels, image_size
+        self.rank, self.world = rank, world
+        self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
+        self.max_bad_fraction = max_bad_fraction
+        self.epoch = 0
+        self.stats = ReadStats()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose shard order and shuffle the next iteration uses."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return batches_per_epoch(sum(self.sizes), self.world, self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        order = epoch_shard_order(len(self.sizes), self.seed, self.epoch, self.shuffle)
+        slot = plan_slot(self.sizes, self.world, workers, self.batch_size, self.rank, worker, order)
+        self.stats = stats = ReadStats(assigned=slot.num_samples)
+        rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank}/{worker}")
+        samples = self._raw(slot.pieces, stats)
+        if self.shuffle and self.shuffle_buffer > 1:
+            samples = _shuffled(samples, self.shuffle_buffer, rng)
+        yield from self._batches(self._decoded(samples, stats), slot.batches, stats)
+        if stats.num_bad:
+            shards = ", ".join(f"{u} ({n})" for u, n in stats.bad.most_common(3))
+            log.warning(
+                "rank %d worker %d: skipped %d of %d samples; worst shards: %s",
+                self.rank,
+                worker,
+                stats.num_bad,
+                stats.assigned,
+                shards,
+            )
+
+    def _raw(self, pieces, stats: ReadStats) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+        for piece in pieces:
+            url = self.urls[piece.shard]
+            for key, parts in iter_piece(url, piece.start, piece.stop, stats):
+                yield url, key, parts
+            stats.check(self.max_bad_fraction)
+
+    def _decoded(self, samples, stats: ReadStats) -> Iterator[tuple[np.ndarray, str, int, str]]:
+        mode = "L" if self.channels == 1 else "RGB"
+        for url, key, parts in samples:
+            try:
+                image, caption, label = decode_sample(parts, mode, self.image_size)
+            except BadSample as err:
+                stats.record_bad(url, key, str(err))
+                stats.check(self.max_bad_fraction)
+                continue
+            yield image, caption, label, key
+
+    def _batches(self, samples, num_batches: int, stats: ReadStats) -> Iterator[dict[str, Any]]:
+        b, s, c = self.batch_size, self.image_size, self.channels
+        pool: list[tuple[np.ndarray, str, int, str]] = []  # first samples of the epoch, for padding
+        for _ in range(num_batches):
+            images = np.empty((b, s, s, c), dtype=np.uint8)  # (B, H, W, C), filled in place
+            captions, labels, keys, valid = [], [], [], []
+            for i in range(b):
+                sample = next(samples, None)
+                real = sample is not None
+                if not real:
+                    if not pool:
+                        raise BadDataError(
+                            f"rank {self.rank}: a DataLoader worker has no readable sample to fill its "
+                            f"{num_batches} batches ({stats.num_bad} bad of {stats.assigned}; "
+                            f"shards: {', '.join(stats.bad) or 'none assigned'})"
+                        )
+                    sample = pool[(stats.padded) % len(pool)]
+                    stats.padded += 1
+                elif len(pool) < b:
+                    pool.append(sample)
+                image, caption, label, key = sample
+                images[i] = image.reshape(s, s, c)
+                captions.append(caption)
+                labels.append(label)
+                keys.append(key)
+                valid.append(real)
+                stats.good += real
+            stats.batches += 1
+            # One conversion per batch: (B, H, W, C) uint8 -> (B, C, H, W) float32 in [-1, 1].
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+            yield {
+                "image": x.contiguous(),
+                "caption": captions,
+                "label": torch.tensor(labels, dtype=torch.long),
+                "key": keys,
+                "valid": torch.tensor(valid, dtype=torch.bool),
+            }
+        # The plan fits every assigned sample into the batches, so nothing should be left; running
+        # the stream to its end also settles the last tar's accounting (short tar, bad fraction).
+        leftover = sum(1 for _ in samples)
+        if leftover:
+            raise RuntimeError(f"rank {self.rank}: {leftover} samples did not fit the planned batches")
+
+
+def _shuffled(samples: Iterator, size: int, rng: random.Random) -> Iterator:
+    """A shuffle buffer: keep ``size`` samples, emit a random one as each new one arrives."""
+    buf: list = []
+    for sample in samples:
+        if len(buf) < size:
+            buf.append(sample)
+            continue
+        i = rng.randrange(size)
+        buf[i], sample = sample, buf[i]
+        yield sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+class _EpochDataLoader(DataLoader):
+    """A DataLoader that tells its dataset the current epoch each time it is iterated."""
+
+    def __init__(self, dataset: ShardStream, epoch_fn: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self._epoch_fn = epoch_fn
+
+    def __iter__(self):
+        self.dataset.set_epoch(self._epoch_fn())
+        return super().__iter__()
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode small images; threads would only oversubscribe
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """Train/val DataLoaders over the shards listed in a dataset's ``manifest.json``.
+
+    ``cfg`` gives batch size, DataLoader workers per rank, shuffle buffer and ``max_bad_fraction``;
+    ``location`` (a folder path or fsspec URL) overrides ``cfg.location`` and the default
+    ``<project root>/<cfg.root>/<cfg.name>``. Rank and world size are read when a DataLoader is made
+    (see :func:`rank_and_world`). ``seed`` seeds the shuffles (with the epoch).
+    """
+
+    def __init__(self, cfg: DataConfig, location: str | os.PathLike | None = None, *, seed: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.location = resolve_location(cfg, location)
+        self.seed = seed
+        self._epoch = 0
+        self._manifest: dict[str, Any] | None = None
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The dataset's manifest (read once)."""
+        if self._manifest is None:
+            manifest = _load_manifest(self.location)
+            if (manifest["image_size"], manifest["channels"]) != (self.cfg.image_size, self.cfg.channels):
+                raise ValueError(
+                    f"{self.location}: dataset has image_size {manifest['image_size']} and channels "
+                    f"{manifest['channels']}, but the data config says image_size {self.cfg.image_size} "
+                    f"and channels {self.cfg.channels}"
+                )
+            self._manifest = manifest
+        return self._manifest
+
+    @property
+    def data_version(self) -> str:
+        """The manifest digest (md5 over every shard's sha256)."""
+        return str(self.manifest["digest"])
+
+    def prepare_data(self) -> None:
+        self.manifest  # noqa: B018 - fail early with a clear error if the dataset is missing
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch used for shuffling when no trainer is attached."""
+        self._epoch = int(epoch)
+
+    def _current_epoch(self) -> int:
+        trainer = self.trainer
+        return int(trainer.current_epoch) if trainer is not None else self._epoch
+
+    def num_samples(self, split: str) -> int:
+        """Samples of ``split`` listed in the manifest."""
+        return sum(self._sizes(split))
+
+    def batches_per_epoch(self, split: str) -> int:
+        """Batches every rank yields per epoch of ``split`` (the same on all ranks)."""
+        return batches_per_epoch(self.num_samples(split), rank_and_world()[1], self.cfg.batch_size)
+
+    def _shards(self, split: str) -> list[dict[str, Any]]:
+        if split not in _SPLITS:
+            raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+        return list(self.manifest["splits"].get(split, {"shards": []})["shards"])
+
+    def _sizes(self, split: str) -> list[int]:
+        return [int(s["num_samples"]) for s in self._shards(split)]
+
+    def dataset(self, split: str) -> ShardStream:
+        """The :class:`ShardStream` of ``split`` for this process's rank."""
+        rank, world = rank_and_world()
+        shards = self._shards(split)
+        train = split == "train"
+        return ShardStream(
+            [_join(self.location, s["name"]) for s in shards],
+            [int(s["num_samples"]) for s in shards],
+            batch_size=self.cfg.batch_size,
+            channels=self.manifest["channels"],
+            image_size=self.manifest["image_size"],
+            rank=rank,
+            world=world,
+            shuffle=train,
+            shuffle_buffer=self.cfg.shuffle_buffer if train else 0,
+            seed=self.seed,
+            max_bad_fraction=self.cfg.max_bad_fraction,
+        )
+
+    def _loader(self, split: str) -> DataLoader:
+        workers = self.cfg.num_workers
+        return _EpochDataLoader(
+            self.dataset(split),
+            self._current_epoch,
+            batch_size=None,
+            num_workers=workers,
+            worker_init_fn=_worker_init if workers else None,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches; ``batches_per_epoch("train")`` of them on every rank."""
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in manifest order; padded samples have ``valid == False``."""
+        return self._loader("val")

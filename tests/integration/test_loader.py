@@ -1,0 +1,305 @@
+"""The streaming loader on real tar shards, in one process (DataLoader workers included)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from loader_shards import all_keys, truncate, write_dataset
+
+from aigc.config import DataConfig
+from aigc.data.loader import BadDataError, ShardDataModule, resolve_location
+from aigc.data.loader_read import TarFormatError, iter_tar_files
+from aigc.data.shards import iter_tar_samples, read_manifest
+
+
+def _cfg(**kw) -> DataConfig:
+    base = {"batch_size": 64, "num_workers": 0, "shuffle_buffer": 200, "max_bad_fraction": 0.0}
+    return DataConfig(**{**base, **kw})
+
+
+def _epoch(loader) -> tuple[list[dict], list[str]]:
+    """All batches of one pass and the keys of the real (valid) samples, in order."""
+    batches = list(loader)
+    keys = [k for b in batches for k, v in zip(b["key"], b["valid"].tolist(), strict=True) if v]
+    return batches, keys
+
+
+def _digit_keys(folder: Path, split: str) -> list[str]:
+    manifest = read_manifest(folder)
+    shards = manifest["splits"][split]["shards"]
+    return [key for s in shards for key, _ in iter_tar_samples(folder / s["name"])]
+
+
+@pytest.mark.timeout(60)
+def test_train_epoch_covers_split_once_with_contract_batches(digits_dataset: Path) -> None:
+    dm = ShardDataModule(_cfg(), digits_dataset)
+    expected = _digit_keys(digits_dataset, "train")
+    n = dm.batches_per_epoch("train")
+    assert n == -(-len(expected) // 64)
+    batches, keys = _epoch(dm.train_dataloader())
+    assert len(batches) == n == len(dm.train_dataloader())
+    assert sorted(keys) == sorted(expected)  # every sample once; padding is marked invalid
+    padded = sum(int((~b["valid"]).sum()) for b in batches)
+    assert padded == n * 64 - len(expected)
+    for b in batches:
+        assert set(b) == {"image", "caption", "label", "key", "valid"}
+        assert b["image"].shape == (64, 1, 8, 8) and b["image"].dtype == torch.float32
+        assert b["label"].shape == (64,) and b["label"].dtype == torch.long
+        assert b["valid"].dtype == torch.bool
+        assert len(b["caption"]) == len(b["key"]) == 64
+        assert all(isinstance(c, str) and c for c in b["caption"])
+    images = torch.cat([b["image"] for b in batches])
+    assert images.min() == -1.0 and images.max() == 1.0  # uint8 0..255 -> exactly [-1, 1]
+    labels = torch.cat([b["label"] for b in batches])
+    assert set(labels.tolist()) == set(range(10))
+    assert dm.data_version == read_manifest(digits_dataset)["digest"]
+
+
+@pytest.mark.timeout(60)
+def test_val_covers_each_sample_once_in_manifest_order(digits_dataset: Path) -> None:
+    dm = ShardDataModule(_cfg(), digits_dataset)
+    expected = _digit_keys(digits_dataset, "val")
+    batches, keys = _epoch(dm.val_dataloader())
+    assert len(batches) == dm.batches_per_epoch("val") == -(-len(expected) // 64)
+    assert keys == expected  # not shuffled
+    assert not batches[-1]["valid"].all()  # 180 samples do not fill 3 batches: padding marked
+
+
+@pytest.mark.timeout(60)
+def test_shuffle_is_seeded_reproducible_and_differs_across_epochs(digits_dataset: Path) -> None:
+    cfg = _cfg()
+    a, b, c = (ShardDataModule(cfg, digits_dataset, seed=s) for s in (7, 7, 8))
+    epoch0 = _epoch(a.train_dataloader())[1]
+    assert _epoch(b.train_dataloader())[1] == epoch0
+    assert _epoch(c.train_dataloader())[1] != epoch0
+    a.set_epoch(1)
+    epoch1 = _epoch(a.train_dataloader())[1]
+    assert epoch1 != epoch0 and sorted(epoch1) == sorted(epoch0)
+    b.set_epoch(1)
+    assert _epoch(b.train_dataloader())[1] == epoch1
+    # The shuffle buffer mixes samples across shards: the first batch holds several shards' keys.
+    first = _epoch(a.train_dataloader())[0][0]["key"]
+    assert first != sorted(first)
+
+
+@pytest.mark.timeout(60)
+def test_two_workers_split_the_rank_share(digits_dataset: Path) -> None:
+    dm = ShardDataModule(_cfg(num_workers=2), digits_dataset)
+    batches, keys = _epoch(dm.train_dataloader())
+    assert len(batches) == dm.batches_per_epoch("train")
+    assert sorted(keys) == sorted(_digit_keys(digits_dataset, "train"))
+    val_batches, val_keys = _epoch(dm.val_dataloader())
+    assert len(val_batches) == dm.batches_per_epoch("val")
+    assert sorted(val_keys) == sorted(_digit_keys(digits_dataset, "val"))
+
+
+@pytest.mark.timeout(60)
+def test_file_url_location(digits_dataset: Path) -> None:
+    dm = ShardDataModule(_cfg(), digits_dataset.as_uri())
+    assert dm.location.startswith("file://")
+    _, keys = _epoch(dm.val_dataloader())
+    assert sorted(keys) == sorted(_digit_keys(digits_dataset, "val"))
+
+
+@pytest.mark.timeout(60)
+def test_other_fsspec_filesystems(tmp_path: Path) -> None:
+    # fsspec's in-memory filesystem stands in for s3:// or gs:// (same code path, no network).
+    import fsspec
+
+    manifest = write_dataset(tmp_path / "src", {"train": [6, 5], "val": [3]})
+    mem = fsspec.filesystem("memory")
+    for f in (tmp_path / "src").iterdir():
+        mem.pipe(f"/loader-test/{f.name}", f.read_bytes())
+    try:
+        dm = ShardDataModule(_cfg(batch_size=4), "memory://loader-test")
+        _, keys = _epoch(dm.train_dataloader())
+        assert sorted(keys) == sorted(all_keys(manifest, "train"))
+        assert dm.data_version == manifest["digest"]
+    finally:
+        mem.rm("/loader-test", recursive=True)
+
+
+@pytest.mark.timeout(60)
+def test_ranks_from_env_vars_are_disjoint_and_cover(digits_dataset: Path, monkeypatch) -> None:
+    per_rank = []
+    for rank in range(3):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        dm = ShardDataModule(_cfg(batch_size=32), digits_dataset)
+        batches, keys = _epoch(dm.train_dataloader())
+        assert len(batches) == dm.batches_per_epoch("train") == -(-1617 // 96)
+        per_rank.append(set(keys))
+    assert sum(len(k) for k in per_rank) == len(set().union(*per_rank)) == 1617
+
+
+@pytest.mark.timeout(60)
+def test_rgb_and_jpg_decode(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "rgb", {"train": [10, 7], "val": [5]}, image_size=16, channels=3, jpg_every=3)
+    dm = ShardDataModule(_cfg(batch_size=4, image_size=16, channels=3), tmp_path / "rgb")
+    batches, keys = _epoch(dm.train_dataloader())
+    assert len(batches) == 5 and len(keys) == 17
+    assert batches[0]["image"].shape == (4, 3, 16, 16)
+    assert all(float(b["image"].min()) >= -1.0 and float(b["image"].max()) <= 1.0 for b in batches)
+
+
+@pytest.mark.timeout(60)
+def test_truncated_shard_is_reported_with_its_path_and_skipped(tmp_path: Path, caplog) -> None:
+    folder = tmp_path / "cut"
+    manifest = write_dataset(folder, {"train": [30, 30, 30], "val": [5]})
+    truncate(folder / "train-000001.tar", 0.5)
+    dm = ShardDataModule(_cfg(batch_size=8, max_bad_fraction=0.25), folder)
+    loader = dm.train_dataloader()
+    with caplog.at_level(logging.WARNING, logger="aigc.data.loader"):
+        batches, keys = _epoch(loader)
+    assert len(batches) == dm.batches_per_epoch("train") == 12  # the batch count never changes
+    assert str(folder / "train-000001.tar") in caplog.text
+    lost = all_keys(manifest, "train") - set(keys)
+    assert lost and all(k.startswith("train-01-") for k in lost)  # only the cut shard lost samples
+    assert len(keys) == len(set(keys))
+    stats = loader.dataset.stats
+    assert stats.bad == {str(folder / "train-000001.tar"): len(lost)}
+    assert stats.good == len(keys) and stats.assigned == 90
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_matches_tarfile(fmt: int) -> None:
+    names = ["d/" + "k" * 120 + ".png", "short.txt", "big.bin", "caf\u00e9.json", "empty.txt"]
+    if fmt == tarfile.USTAR_FORMAT:
+        names[0] = "p" * 60 + "/" + "k" * 80 + ".png"  # ustar: long names via the prefix field
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        folder = tarfile.TarInfo("d")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = [5, 3, 3000, 7, 0][i]
+            tar.addfile(info, io.BytesIO(os.urandom(info.size)))
+    data = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    assert list(iter_tar_files(io.BytesIO(data))) == expected
+    for cut in (0, 100, 512, 1500, 4000):
+        with pytest.raises(TarFormatError, match="unexpected end of data"):
+            list(iter_tar_files(io.BytesIO(data[:cut])))
+    with pytest.raises(TarFormatError, match="not a tar"):
+        list(iter_tar_files(io.BytesIO(b"x" * 2048)))
+
+
+@pytest.fixture(scope="module")
+def corrupt_dataset(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("corrupt") / "ds"
+    bad = {"train-01-0003": "image", "train-01-0010": "caption", "train-02-0004": "json"}
+    write_dataset(folder, {"train": [40, 40, 20], "val": [10]}, bad=bad)
+    return folder
+
+
+@pytest.mark.timeout(60)
+def test_bad_samples_below_threshold_are_skipped_and_counted(corrupt_dataset: Path, caplog) -> None:
+    dm = ShardDataModule(_cfg(batch_size=16, max_bad_fraction=0.05), corrupt_dataset)
+    loader = dm.train_dataloader()
+    with caplog.at_level(logging.WARNING, logger="aigc.data.loader"):
+        batches, keys = _epoch(loader)
+    assert len(batches) == 7 and len(keys) == 97
+    assert not {"train-01-0003", "train-01-0010", "train-02-0004"} & set(keys)
+    for key, reason in [
+        ("train-01-0003", "undecodable image"),
+        ("train-01-0010", "missing caption"),
+        ("train-02-0004", "bad json"),
+    ]:
+        assert key in caplog.text and reason in caplog.text
+    assert str(corrupt_dataset / "train-000001.tar") in caplog.text
+    assert loader.dataset.stats.num_bad == 3
+    assert dict(loader.dataset.stats.bad) == {
+        str(corrupt_dataset / "train-000001.tar"): 2,
+        str(corrupt_dataset / "train-000002.tar"): 1,
+    }
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_samples_above_threshold_raise_naming_the_shard(corrupt_dataset: Path, workers: int) -> None:
+    dm = ShardDataModule(_cfg(batch_size=16, max_bad_fraction=0.02, num_workers=workers), corrupt_dataset)
+    with pytest.raises(BadDataError) as err:
+        _epoch(dm.train_dataloader())
+    msg = str(err.value)
+    assert str(corrupt_dataset / "train-000001.tar") in msg
+    assert "max_bad_fraction 0.02" in msg
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("location", ["pipe:cat /etc/passwd", " PIPE:curl http://x | tar x"])
+def test_pipe_locations_are_rejected(location: str) -> None:
+    with pytest.raises(ValueError, match="pipe:"):
+        ShardDataModule(_cfg(), location)
+    with pytest.raises(ValueError, match="pipe:"):
+        ShardDataModule(_cfg(location=location))
+
+
+def test_locations_resolve_against_the_project_root(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("AIGC_PROJECT_ROOT", str(tmp_path))
+    assert resolve_location(_cfg(name="digits")) == str(tmp_path / "datasets" / "digits")
+    assert resolve_location(_cfg(location="data/ds")) == str(tmp_path / "data" / "ds")
+    assert resolve_location(_cfg(location="data/ds"), "/abs/ds") == "/abs/ds"
+    assert resolve_location(_cfg(), "s3://bucket/ds") == "s3://bucket/ds"
+
+
+@pytest.mark.timeout(30)
+def test_missing_dataset_and_config_mismatch_are_clear_errors(tmp_path: Path, digits_dataset: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        ShardDataModule(_cfg(), tmp_path / "nowhere").train_dataloader()
+    with pytest.raises(ValueError, match="channels 3"):
+        ShardDataModule(_cfg(channels=3), digits_dataset).train_dataloader()
+
+
+@pytest.mark.timeout(120)
+def test_lightning_fit_uses_trainer_epoch(tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+
+    folder = tmp_path / "small"
+    write_dataset(folder, {"train": [13, 9, 11], "val": [6, 3]})
+
+    class Recorder(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.keys: dict[int, list[str]] = {}
+            self.val_keys: list[str] = []
+
+        def training_step(self, batch, _):
+            self.keys.setdefault(self.current_epoch, []).extend(
+                k for k, v in zip(batch["key"], batch["valid"].tolist(), strict=True) if v
+            )
+            return (self.w * batch["image"].mean()).sum()
+
+        def validation_step(self, batch, _):
+            self.val_keys.extend(k for k, v in zip(batch["key"], batch["valid"].tolist(), strict=True) if v)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    model, dm = Recorder(), ShardDataModule(_cfg(batch_size=4, shuffle_buffer=8), folder)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert trainer.num_training_batches == dm.batches_per_epoch("train") == 9
+    assert sorted(model.keys[0]) == sorted(model.keys[1]) == sorted(all_keys(read_manifest(folder), "train"))
+    assert model.keys[0] != model.keys[1]  # the trainer's epoch reached the shuffle
+    val_keys = list(all_keys(read_manifest(folder), "val"))
+    assert sorted(model.val_keys) == sorted(2 * val_keys)  # each val sample once per epoch
