@@ -1,0 +1,202 @@
+"""Quality per family for a fixed wall-clock budget: conditional accuracy, FD, CLIP score, speed.
+
+Each family trains from its shipped ``models/<family>.yaml`` with a plain Lightning Trainer (one
+process, no Ray, no MLflow) on the digits shards, stopped by ``max_time`` (``trainer.max_steps`` is
+raised so the clock, not the step count, ends training; the YAML's cosine LR schedule then hardly
+decays, which is recorded as ``schedule_steps``). It is then evaluated with the reference evaluator
+on ``--samples`` images generated from the held-out caption template. Prints one JSON object per
+family, one per line.
+
+    .venv/bin/python benchmarks/quality.py                       # every family, 300 s each
+    .venv/bin/python benchmarks/quality.py --family diffusion --seconds 60 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("diffusion", "gan", "vae", "autoregressive")
+
+
+def _step_timer():
+    """A callback recording when the first and the last training batch ended (startup excluded)."""
+    import pytorch_lightning as pl
+
+    class StepTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.first: float | None = None
+            self.last: float | None = None
+            self.first_step = 0
+
+        def on_train_batch_end(self, trainer, *args: Any) -> None:
+            now = time.perf_counter()
+            if self.first is None:
+                self.first, self.first_step = now, trainer.global_step
+            self.last = now
+
+        def steps_per_s(self, steps: int) -> float | None:
+            if self.first is None or self.last is None or self.last <= self.first:
+                return None
+            return (steps - self.first_step) / (self.last - self.first)
+
+    return StepTimer()
+
+
+def run_family(family: str, data: Path, args: argparse.Namespace, evaluator: Any) -> dict[str, Any]:
+    """Train ``family`` for ``args.seconds`` and evaluate it; returns the JSON record."""
+    import pytorch_lightning as pl
+    import torch
+
+    from aigc import project_root
+    from aigc.config import load_config
+    from aigc.data.captions_io import read_captions
+    from aigc.data.loader import ShardDataModule
+    from aigc.evaluation import evaluate_model
+    from aigc.models import build_module
+    from aigc.models.text import Tokenizer
+
+    yaml_path = project_root() / "models" / f"{family}.yaml"
+    cfg = load_config(yaml_path, overrides=[f"trainer.max_steps={args.max_steps}"])
+    if args.batch_size:
+        cfg.data.batch_size = args.batch_size
+    pl.seed_everything(cfg.trainer.seed, workers=True)
+    tokenizer = Tokenizer.build(read_captions(data, "train"))
+    module = build_module(cfg, tokenizer, cfg.data.image_size, cfg.data.channels)
+    dm = ShardDataModule(cfg.data, location=data, seed=cfg.trainer.seed)
+    manual = not module.automatic_optimization  # the GAN steps its own optimisers and clips itself
+    use_gpu = torch.cuda.is_available() and not args.cpu
+    precision = cfg.trainer.precision if use_gpu and cfg.trainer.precision != "32" else "32-true"
+    timer = _step_timer()
+    trainer = pl.Trainer(
+        max_steps=cfg.trainer.max_steps,
+        max_time=timedelta(seconds=args.seconds),
+        accelerator="gpu" if use_gpu else "cpu",
+        devices=1,
+        precision=precision,
+        gradient_clip_val=None if manual else cfg.trainer.grad_clip,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=False,
+        callbacks=[timer],
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    fit_seconds = time.perf_counter() - start
+    steps = int(trainer.global_step)
+    module.eval()
+    result = evaluate_model(
+        module, evaluator, data, num_samples=args.samples, seed=args.seed, batch_size=args.sample_batch_size
+    )
+    return {
+        "family": family,
+        "config": str(yaml_path.relative_to(project_root())),
+        "eval/cond_accuracy": result.get("eval/cond_accuracy"),
+        "eval/fd": result["eval/fd"],
+        "eval/fd_train_val": result["eval/fd_train_val"],
+        "eval/clip_score": result["eval/clip_score"],
+        "eval/diversity": result["eval/diversity"],
+        "eval/copy_fraction": result["eval/copy_fraction"],
+        "collapse": result["collapse"],
+        "copying": result["copying"],
+        "train_steps_per_s": timer.steps_per_s(steps),
+        "sampling_images_per_s": result["perf/sampling_images_per_s"],
+        "steps": steps,
+        "seconds": round(fit_seconds, 1),
+        "budget_seconds": args.seconds,
+        "schedule_steps": cfg.trainer.max_steps,
+        "batch_size": cfg.data.batch_size,
+        "threads": torch.get_num_threads(),
+        "device": "cuda" if use_gpu else "cpu",
+        "evaluator_hash": result["evaluator_hash"],
+        "data_version": result["data_version"],
+        "num_samples": result["num_samples"],
+        "seed": result["seed"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", action="append", choices=FAMILIES, help="repeatable; default all")
+    parser.add_argument("--seconds", type=float, default=300.0, help="training wall-clock budget per family")
+    parser.add_argument(
+        "--max-steps", type=int, default=1_000_000, help="trainer.max_steps (the LR schedule)"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=None, help="digits shard folder; built in a temp dir if absent"
+    )
+    parser.add_argument("--samples", type=int, default=500, help="images generated for the evaluation")
+    parser.add_argument("--sample-batch-size", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=None, help="override data.batch_size")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed of the evaluation")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default torch's)")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="evaluator cache (default .cache/evaluators)"
+    )
+    parser.add_argument("--cpu", action="store_true", help="train on CPU even when CUDA is available")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from aigc import project_root
+    from aigc.evaluation import reference_evaluator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    tmp: tempfile.TemporaryDirectory | None = None
+    data = args.data or project_root() / "datasets" / "digits"
+    if not (data / "manifest.json").is_file():
+        from aigc.config import DataConfig
+        from aigc.data import build_dataset
+
+        if args.data is not None:
+            print(f"error: {data}/manifest.json not found", file=sys.stderr)
+            return 2
+        tmp = tempfile.TemporaryDirectory(prefix="aigc-quality-")
+        data = Path(tmp.name) / "digits"
+        build_dataset(DataConfig(), data)
+    start = time.perf_counter()
+    evaluator = reference_evaluator(
+        data, cache_dir=args.cache_dir, progress=lambda m: print(m, file=sys.stderr)
+    )
+    print(
+        json.dumps(
+            {
+                "evaluator_hash": evaluator.hash,
+                "data_version": evaluator.data_version,
+                "evaluator_train_seconds": evaluator.info.get("train_seconds"),
+                "evaluator_val_accuracy": evaluator.info.get("val_accuracy"),
+                "evaluator_ready_seconds": round(time.perf_counter() - start, 1),
+            }
+        ),
+        flush=True,
+    )
+    failed = 0
+    try:
+        for family in args.family or FAMILIES:
+            try:
+                record = run_family(family, data, args, evaluator)
+            except Exception as err:  # report and go on with the other families
+                failed += 1
+                record = {"family": family, "error": f"{type(err).__name__}: {err}"}
+            print(json.dumps(record), flush=True)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""``aigc evaluate``: the ``eval/*`` figures of a checkpoint or export, with the reference evaluator."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from aigc.cli.common import fail
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``["steps=20", "sampler=ddpm"]`` -> ``{"steps": 20, "sampler": "ddpm"}`` (values parsed as YAML)."""
+    import yaml
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected OPTION=VALUE, e.g. steps=20")
+        try:
+            options[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            options[key.strip()] = raw
+    return options
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """A readable table of an evaluation result."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "YES" if v else "no"
+        if isinstance(v, float):
+            return f"{v:.4f}" if math.isfinite(v) and abs(v) < 1e4 else f"{v:.4g}"
+        return str(v)
+
+    lines = []
+    for key, value in result.items():
+        if key == "criteria":
+            value = ", ".join(f"{k}={fmt(v)}" for k, v in value.items())
+        elif key == "generate_options":
+            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "(model defaults)"
+        lines.append(f"{key:<28} {fmt(value)}")
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def evaluate(
+        model: Path = typer.Argument(..., help="export folder or Lightning .ckpt file"),
+        data: Path | None = typer.Option(
+            None, "--data", help="shard folder; default <project>/datasets/digits"
+        ),
+        num_samples: int = typer.Option(500, "-n", "--num-samples", help="images to generate"),
+        seed: int = typer.Option(0, "--seed", help="sampling seed (recorded with the figures)"),
+        batch_size: int = typer.Option(100, "--batch-size", help="images per generate() call"),
+        set_: list[str] = typer.Option([], "--set", help="generate option OPTION=VALUE (repeatable)"),
+        json_out: Path | None = typer.Option(None, "--json", help="also write the result as JSON here"),
+        cache_dir: Path | None = typer.Option(
+            None, "--cache-dir", help="evaluator cache; default .cache/evaluators"
+        ),
+    ) -> None:
+        """Generate images from the evaluation prompts and measure FD, CLIP score, accuracy and guards."""
+        from aigc import project_root
+        from aigc.evaluation import evaluate_model, reference_evaluator
+        from aigc.models.export import load_model
+
+        dataset = data if data is not None else project_root() / "datasets" / "digits"
+        if not model.exists():
+            fail(f"{model}: no such export folder or checkpoint")
+        try:
+            options = parse_options(set_)
+            module = load_model(model)
+            evaluator = reference_evaluator(
+                dataset, cache_dir=cache_dir, progress=lambda m: typer.echo(m, err=True)
+            )
+            result = evaluate_model(
+                module,
+                evaluator,
+                dataset,
+                num_samples=num_samples,
+                seed=seed,
+                batch_size=batch_size,
+                **options,
+            )
+        except (FileNotFoundError, KeyError, ValueError) as err:
+            fail(str(err).strip("'\""))
+        result = {"model": str(model), "data": str(dataset), **result}
+        typer.echo(format_report(result))
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            typer.echo(f"wrote {json_out}", err=True)

@@ -1,0 +1,24 @@
+"""Fixtures of the quality tests: the digits reference evaluator, trained once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def evaluator_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One evaluator cache per pytest session (shared with tests/integration/test_evaluator.py)."""
+    return tmp_path_factory.getbasetemp() / "reference-evaluators"
+
+
+@pytest.fixture(scope="session")
+def reference_evaluator(digits_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The reference evaluator of the ``digits_dataset`` shards (dual encoder + classifier).
+
+    Trained on the first use in a session (about a minute on 2 busy cores) and cached in the
+    session's temp folder, so every quality test and the evaluator's own integration test share it.
+    """
+    from aigc.evaluation import reference_evaluator as make_evaluator
+
+    return make_evaluator(digits_dataset, cache_dir=evaluator_cache(tmp_path_factory))
