@@ -7,7 +7,7 @@ tensor in [-1, 1]) on one core. The ratio is loader / baseline (target >= 0.5). 
 
     .venv/bin/python benchmarks/loader.py --batch-size 64 --num-workers 0 --threads 1
 
-Part (b), the data-stall ratio against the diffusion model, is :func:`stall_ratio` (added later).
+Part (b), the data-stall ratio against the diffusion model, is ``benchmarks/data_stall.py``.
 """
 
 from __future__ import annotations
@@ -56,12 +56,6 @@ def loader_rate(dm, epoch: int) -> tuple[float, int]:
         real += int(batch["valid"].sum())
         batches += 1
     return real / (time.perf_counter() - start), batches
-
-
-def stall_ratio(*args, **kwargs) -> float:
-    """Part (b): fraction of a diffusion training step spent waiting for data. Not implemented yet:
-    the lead adds it once the diffusion model exists."""
-    raise NotImplementedError("stall_ratio is added with the diffusion model")
 
 
 def main() -> None:

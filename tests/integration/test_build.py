@@ -216,11 +216,11 @@ def test_quickstart_builds_then_verifies(tmp_path):
 def test_quickstart_command_uses_project_root_and_params(digits_dataset, tmp_path):
     shutil.copytree(digits_dataset, tmp_path / "datasets" / "digits")
     runner = CliRunner()
-    result = runner.invoke(app, ["quickstart"], env={"AIGC_PROJECT_ROOT": str(tmp_path)})
+    result = runner.invoke(app, ["quickstart", "--no-train"], env={"AIGC_PROJECT_ROOT": str(tmp_path)})
     assert result.exit_code == 0, result.output
     assert "19 shards verified" in result.output and (tmp_path / "outputs" / "quickstart").is_dir()
     (tmp_path / "params.yaml").write_text("data:\n  imagesize: 16\n")
-    bad = runner.invoke(app, ["quickstart"], env={"AIGC_PROJECT_ROOT": str(tmp_path)})
+    bad = runner.invoke(app, ["quickstart", "--no-train"], env={"AIGC_PROJECT_ROOT": str(tmp_path)})
     assert bad.exit_code == 1 and "data.imagesize" in bad.output and "Traceback" not in bad.output
 
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 import typer
 
 from aigc.cli import data as data_cmds
+from aigc.cli import evaluate as evaluate_cmds
 from aigc.cli import quickstart as quickstart_cmds
+from aigc.cli import runs as runs_cmds
+from aigc.cli import train as train_cmds
 
 app = typer.Typer(
     name="aigc",
@@ -18,7 +21,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data_cmds.app, name="data")
+evaluate_cmds.register(app)
 quickstart_cmds.register(app)
+runs_cmds.register(app)
+train_cmds.register(app)
 
 
 def main() -> None:

@@ -66,10 +66,35 @@ def run_quickstart(root: str | Path, echo: Callable[[str], None] = print) -> Qui
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def quickstart() -> None:
-        """Build the digits dataset, verify it and print a summary with a few captions."""
+    def quickstart(
+        train: bool = typer.Option(
+            True, "--train/--no-train", help="train the diffusion model after the data"
+        ),
+        steps: int | None = typer.Option(None, "--steps", help="override trainer.max_steps"),
+        workers: int = typer.Option(2, "--workers", help="Ray Train workers"),
+    ) -> None:
+        """Build and verify the digits dataset, then train the diffusion model with 2 workers on the
+        embedded Ray and print the run summary."""
+        root = project_root()
         try:
-            run_quickstart(project_root(), echo=typer.echo)
+            result = run_quickstart(root, echo=typer.echo)
         except (DatasetError, ConfigError) as err:
             typer.echo("error: " + " ".join(str(err).split()), err=True)
             raise typer.Exit(1) from None
+        if not train:
+            return
+        from aigc.cli.train import print_summary
+        from aigc.tracking import TrackingUnavailable
+        from aigc.training import TrainError
+        from aigc.training import train as run_train
+
+        overrides = [f"data.location={result.dataset}"]
+        if steps is not None:
+            overrides.append(f"trainer.max_steps={steps}")
+        typer.echo(f"training models/diffusion.yaml with {workers} workers on the embedded Ray")
+        try:
+            summary = run_train(root / "models" / "diffusion.yaml", overrides, workers=workers)
+        except (ConfigError, TrainError, TrackingUnavailable) as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        print_summary(summary)

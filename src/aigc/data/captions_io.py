@@ -19,7 +19,8 @@ def read_captions(dataset: str | Path, split: str = "train") -> list[str]:
     with fsspec.open(f"{base}/manifest.json", "rt", encoding="utf-8") as f:
         manifest = json.load(f)
     if split not in manifest.get("splits", {}):
-        raise KeyError(f"{base}/manifest.json has no split {split!r}; has {sorted(manifest.get('splits', {}))}")
+        have = sorted(manifest.get("splits", {}))
+        raise KeyError(f"{base}/manifest.json has no split {split!r}; has {have}")
     captions: list[str] = []
     for shard in manifest["splits"][split]["shards"]:
         url = f"{base}/{shard['name']}"

@@ -155,6 +155,13 @@ class ShardStream(IterableDataset):
         self.max_bad_fraction = max_bad_fraction
         self.epoch = 0
         self.stats = ReadStats()
+        self.resume_epoch: int | None = None
+        self.resume_batches = 0
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Make the iteration of ``epoch`` start after its first ``batches_done`` batches (a run
+        resumed mid-epoch then sees exactly the batches an uninterrupted run would have seen)."""
+        self.resume_epoch, self.resume_batches = int(epoch), int(batches_done)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose shard order and shuffle the next iteration uses."""
@@ -173,7 +180,15 @@ class ShardStream(IterableDataset):
         samples = self._raw(slot.pieces, stats)
         if self.shuffle and self.shuffle_buffer > 1:
             samples = _shuffled(samples, self.shuffle_buffer, rng)
-        yield from self._batches(self._decoded(samples, stats), slot.batches, stats)
+        batches = self._batches(self._decoded(samples, stats), slot.batches, stats)
+        if self.resume_epoch == self.epoch and self.resume_batches:
+            # The DataLoader takes batches from its workers round-robin (worker w gives global
+            # batches w, w + W, ...), so the first k batches hold ceil((k - w) / W) of worker w's.
+            # They are read and dropped: decoding is the price of an exact position.
+            skip = min(slot.batches, max(0, -(-(self.resume_batches - worker) // workers)))
+            for _ in range(skip):
+                next(batches)
+        yield from batches
         if stats.num_bad:
             shards = ", ".join(f"{u} ({n})" for u, n in stats.bad.most_common(3))
             log.warning(
@@ -293,6 +308,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.seed = seed
         self._epoch = 0
         self._manifest: dict[str, Any] | None = None
+        self._resume: tuple[int, int] | None = None
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -319,6 +335,11 @@ class ShardDataModule(pl.LightningDataModule):
     def set_epoch(self, epoch: int) -> None:
         """The epoch used for shuffling when no trainer is attached."""
         self._epoch = int(epoch)
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Resume the train split mid-epoch: ``epoch`` starts after its first ``batches_done``
+        batches (read from a checkpoint's loop state). Exact with the same seed and world size."""
+        self._resume = (int(epoch), int(batches_done))
 
     def _current_epoch(self) -> int:
         trainer = self.trainer
@@ -361,8 +382,11 @@ class ShardDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str) -> DataLoader:
         workers = self.cfg.num_workers
+        dataset = self.dataset(split)
+        if split == "train" and self._resume is not None:
+            dataset.resume_at(*self._resume)
         return _EpochDataLoader(
-            self.dataset(split),
+            dataset,
             self._current_epoch,
             batch_size=None,
             num_workers=workers,

@@ -1,0 +1,193 @@
+"""Lightning callbacks used inside Ray Train workers.
+
+- :class:`StepCheckpoint`: a Lightning checkpoint every N optimiser steps and at the end, written
+  by rank 0 and reported to Ray Train by every rank (``ray.train.report`` is a barrier: all ranks
+  must call it the same number of times). Ray's own ``RayTrainReportCallback`` saves at epoch end
+  only and has every rank upload the same file (STACK-NOTES).
+- :class:`MlflowMetrics`: rank-0 metrics (``train/*``, ``val/*``, ``perf/samples_per_s``, ``lr``) and
+  sample grids, sent through the non-blocking :class:`aigc.tracking.RunLogger`.
+- :class:`RngState`: saves each rank's RNG state in the checkpoint so a resumed run continues the
+  same random stream (the rank-0 state is what the checkpoint holds; see ``training/README``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+CHECKPOINT_NAME = "checkpoint.ckpt"
+
+
+def _scalar_metrics(trainer: pl.Trainer, prefix: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for k, v in trainer.callback_metrics.items():
+        if k.startswith(prefix):
+            value = float(v.detach().float().cpu()) if torch.is_tensor(v) else float(v)
+            if math.isfinite(value):
+                out[k] = value
+    return out
+
+
+class StepCheckpoint(pl.Callback):
+    """Save and report a checkpoint every ``every_n_steps`` optimiser steps and when training ends."""
+
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = every_n_steps
+        self._last_saved_step = -1
+
+    def _save_and_report(self, trainer: pl.Trainer) -> None:
+        import ray.train
+
+        step = trainer.global_step
+        if step == self._last_saved_step:
+            return
+        self._last_saved_step = step
+        metrics: dict[str, Any] = _scalar_metrics(trainer, ("train/", "val/"))
+        metrics.update(step=step, epoch=trainer.current_epoch)
+        tmp = Path(tempfile.mkdtemp(prefix=f"aigc-ckpt-rank{trainer.global_rank}-"))
+        try:
+            # Every rank calls save_checkpoint (it holds a barrier); only global rank 0 writes.
+            trainer.save_checkpoint(tmp / CHECKPOINT_NAME)
+            checkpoint = None
+            if trainer.global_rank == 0:
+                (tmp / "aigc-step.json").write_text(json.dumps({"global_step": step}))
+                checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-step{step:08d}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0:
+            self._save_and_report(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save_and_report(trainer)
+
+
+class RngState(pl.Callback):
+    """Carry Python, NumPy and torch RNG state through checkpoints (rank 0's, restored on every rank
+    offset by rank so ranks still draw different noise)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        # Plain types and tensors only: Lightning resumes with weights_only=True.
+        np_state = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "numpy": [
+                np_state[0],
+                torch.from_numpy(np_state[1].astype(np.int64)),
+                *map(int, np_state[2:4]),
+                float(np_state[4]),
+            ],
+            "python": json.dumps(random.getstate()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        py = json.loads(state["python"])
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        rank = int(os.environ.get("RANK", "0"))
+        if rank:
+            # Different ranks must not draw identical noise after a resume.
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,)).item()) + rank)
+
+
+class MlflowMetrics(pl.Callback):
+    """Rank-0 logging to the job's MLflow run; never blocks on the network (RunLogger queues)."""
+
+    def __init__(
+        self,
+        logger,
+        log_every: int,
+        sample_every: int,
+        samples_per_sample_grid: int,
+        prompts: list[str],
+        samples_per_rank_step: int,
+        world_size: int,
+    ):
+        self.logger = logger
+        self.log_every = log_every
+        self.sample_every = sample_every
+        self.grid_n = samples_per_sample_grid
+        self.prompts = prompts
+        self.samples_per_step = samples_per_rank_step * world_size
+        self._t0: float | None = None
+        self._step0 = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+        self._step0 = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if trainer.global_rank != 0 or step == 0:
+            return
+        if step % self.log_every == 0:
+            metrics = _scalar_metrics(trainer, ("train/",))
+            elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
+            if elapsed > 0 and step > self._step0:
+                metrics["perf/samples_per_s"] = (step - self._step0) * self.samples_per_step / elapsed
+            opts = trainer.optimizers
+            if opts:
+                metrics["train/lr"] = float(opts[0].param_groups[0]["lr"])
+            self.logger.log_metrics(metrics, step=step)
+        if step % self.sample_every == 0:
+            self.log_samples(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank == 0 and not trainer.sanity_checking:
+            self.logger.log_metrics(_scalar_metrics(trainer, ("val/",)), step=trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank == 0:
+            self.log_samples(trainer, pl_module)
+            self.logger.flush()
+
+    def log_samples(self, trainer: pl.Trainer, pl_module) -> None:
+        from aigc.training.grid import image_grid
+
+        images = pl_module.generate(self.prompts, num_samples=self.grid_n, seed=0)
+        self.logger.log_image(image_grid(images, nrow=self.grid_n), key="samples", step=trainer.global_step)
+
+
+class StartupTimer(pl.Callback):
+    """Rank 0 logs how long the job took to reach its worker loop, first batch and first optimiser
+    step, in seconds since the driver's ``train()`` call (``startup/*`` metrics; cold-start figures
+    come from these, see ``benchmarks/cold_start.py``)."""
+
+    def __init__(self, logger, driver_t0: float, worker_t0: float):
+        self.logger, self.driver_t0, self.worker_t0 = logger, driver_t0, worker_t0
+        self._first_batch: float | None = None
+        self._done = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._first_batch is None:
+            self._first_batch = time.time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._done or trainer.global_rank != 0:
+            return
+        self._done = True
+        now = time.time()
+        self.logger.log_metrics(
+            {
+                "startup/worker_s": self.worker_t0 - self.driver_t0,
+                "startup/first_batch_s": (self._first_batch or now) - self.driver_t0,
+                "startup/first_step_s": now - self.driver_t0,
+            },
+            step=trainer.global_step,
+        )
