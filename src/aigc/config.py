@@ -89,50 +89,75 @@ class TextConfig(StrictModel):
 
 
 class DiffusionConfig(StrictModel):
+    """Text-to-image DDPM/DDIM with classifier-free guidance (aigc.models.diffusion, models/diffusion.md)."""
+
     family: Literal["diffusion"] = "diffusion"
     text: TextConfig = TextConfig()
-    base_channels: int = Field(64, ge=8)
-    channel_mults: list[int] = [1, 2]
-    num_res_blocks: int = Field(1, ge=1)
-    conditioning: Literal["cross_attn", "film"] = "cross_attn"
-    timesteps: int = Field(1000, ge=2)
-    beta_schedule: Literal["linear", "cosine"] = "linear"
-    prediction: Literal["epsilon", "v"] = "epsilon"
-    cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0)
-    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
-    sample_steps: int = Field(50, ge=1)
-    guidance: float = Field(3.0, ge=0.0)
+    base_channels: int = Field(64, ge=8, description="UNet width of the first level")
+    channel_mults: list[int] = Field(
+        [1, 2], min_length=1, description="width multiplier per level; levels stop at 2x2 (see nets/unet.py)"
+    )
+    num_res_blocks: int = Field(1, ge=1, description="residual blocks per UNet level")
+    conditioning: Literal["cross_attn", "film"] = Field(
+        "cross_attn", description="cross_attn: attention to the text tokens; film: pooled text only"
+    )
+    heads: int = Field(4, ge=1, description="attention heads of the UNet's attention layers")
+    timesteps: int = Field(1000, ge=2, description="diffusion steps T of the training chain")
+    beta_schedule: Literal["linear", "cosine"] = "cosine"
+    prediction: Literal["epsilon", "v"] = Field("v", description="network target: noise or velocity")
+    cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0, description="caption -> '' rate (guidance)")
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="EMA decay, warmed up as (1+n)/(10+n)")
+    sample_steps: int = Field(25, ge=1, description="default sampling steps (<= timesteps)")
+    guidance: float = Field(2.0, ge=0.0, description="default guidance: 1 conditional, 0 unconditional")
     sampler: Literal["ddim", "ddpm"] = "ddim"
 
 
 class GANConfig(StrictModel):
+    """Conditional GAN: FiLM generator + projection discriminator (see models/gan.md)."""
+
     family: Literal["gan"] = "gan"
     text: TextConfig = TextConfig()
     latent_dim: int = Field(64, ge=1)
     base_channels: int = Field(64, ge=8)
+    cond_dim: int = Field(64, ge=1, description="size of the generator's caption embedding")
     loss: Literal["hinge", "non_saturating"] = "hinge"
     lr_d: float | None = Field(None, gt=0.0, description="discriminator LR; default trainer.lr")
     betas: tuple[float, float] = (0.0, 0.99)
+    d_steps: int = Field(1, ge=1, description="discriminator updates per generator update")
+    mismatch_weight: float = Field(0.5, ge=0.0, description="weight of D's (real, wrong caption) term")
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="EMA of G used for sampling; 0 = off")
+    truncation: float | None = Field(None, gt=0.0, description="default |z| bound when sampling")
 
 
 class VAEConfig(StrictModel):
+    """Conditional VAE: encoder q(z|x,c), decoder p(x|z,c) (see models/vae.md)."""
+
     family: Literal["vae"] = "vae"
     text: TextConfig = TextConfig()
     latent_dim: int = Field(16, ge=1)
     base_channels: int = Field(64, ge=8)
+    cond_dim: int = Field(64, ge=1, description="size of the caption embedding fed to both nets")
     beta: float = Field(1.0, ge=0.0)
+    recon_sigma: float | None = Field(
+        None, gt=0.0, description="decoder std in [-1,1] pixel units; None = learned (sigma-VAE)"
+    )
+    kl_warmup_steps: int = Field(0, ge=0, description="linear KL weight warm-up from 0 to beta")
+    free_bits: float = Field(0.0, ge=0.0, description="KL floor in nats per latent dim (batch mean)")
+    temperature: float = Field(1.0, gt=0.0, description="default prior std when sampling")
 
 
 class AutoregressiveConfig(StrictModel):
     family: Literal["autoregressive"] = "autoregressive"
     text: TextConfig = TextConfig()
     levels: int = Field(16, ge=2, le=256, description="quantisation levels per channel")
-    dim: int = Field(128, ge=8)
-    layers: int = Field(4, ge=1)
+    dim: int = Field(64, ge=8)
+    layers: int = Field(3, ge=1)
     heads: int = Field(4, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0, description="captions dropped to '' in training")
     temperature: float = Field(1.0, gt=0.0)
     top_k: int | None = Field(None, ge=1)
+    guidance: float = Field(1.5, ge=0.0, description="classifier-free guidance on logits; 1 = none")
 
 
 ModelConfig = Annotated[
@@ -211,7 +236,9 @@ def _format_errors(err: ValidationError, prefix: str = "") -> str:
             msg = f"unknown family {e['input']!r}; allowed: {', '.join(FAMILIES)}"
         elif e["type"] == "union_tag_not_found":
             msg = f"missing 'family'; allowed: {', '.join(FAMILIES)}"
-        lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {key}: {msg}")
+        lines.append(
+            f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {key}: {msg}"
+        )
     return "invalid configuration:\n" + "\n".join(lines)
 
 
@@ -220,8 +247,12 @@ def _allowed_keys(loc: tuple, prefix: str) -> list[str]:
     model: Any = RunConfig if not prefix else None
     if prefix == "data":
         model = DataConfig
-    family_models = {"diffusion": DiffusionConfig, "gan": GANConfig, "vae": VAEConfig,
-                     "autoregressive": AutoregressiveConfig}
+    family_models = {
+        "diffusion": DiffusionConfig,
+        "gan": GANConfig,
+        "vae": VAEConfig,
+        "autoregressive": AutoregressiveConfig,
+    }
     for part in loc:
         if isinstance(part, str) and part in family_models:
             model = family_models[part]

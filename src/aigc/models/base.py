@@ -1,0 +1,150 @@
+"""What every family's LightningModule shares: construction from plain-JSON hyperparameters, the
+text encoder, the optimiser schedule and the pieces of the ``generate`` contract.
+
+A family module subclasses :class:`GenerativeModule`, sets ``family`` and implements
+``training_step``, ``validation_step`` and ``_generate``. Its hyperparameters are plain JSON types
+(dicts of the pydantic configs dumped with ``mode="json"``): Lightning 2.6 resumes checkpoints with
+``weights_only=True``, which refuses pickled config objects.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import pytorch_lightning as pl
+import torch
+
+from aigc.config import (
+    AutoregressiveConfig,
+    DiffusionConfig,
+    GANConfig,
+    TrainerConfig,
+    VAEConfig,
+    validate,
+)
+from aigc.models.text import TextEncoder, TextEncoderConfig, Tokenizer
+
+MODEL_CONFIGS = {
+    "diffusion": DiffusionConfig,
+    "gan": GANConfig,
+    "vae": VAEConfig,
+    "autoregressive": AutoregressiveConfig,
+}
+
+
+def warmup_cosine(step: int, warmup: int, total: int, schedule: str) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then constant or cosine decay to 0."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] ``(N, C, H, W)`` -> uint8 in [0, 255] on the CPU."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def expand_prompts(prompts: list[str] | str, num_samples: int) -> list[str]:
+    """``num_samples`` images per prompt, grouped by prompt: [p0, p0, ..., p1, p1, ...]."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("prompts must hold at least one prompt (use '' for unconditional samples)")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    return [p for p in prompts for _ in range(num_samples)]
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A generator on ``device``: seeded when ``seed`` is given, else from fresh OS entropy."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed))
+    return g
+
+
+class GenerativeModule(pl.LightningModule):
+    """Base of the four family modules. Subclasses build their nets in ``__init__`` after super()."""
+
+    family: ClassVar[str]
+    #: family options accepted by generate(); anything else is an error naming the allowed ones.
+    generate_options: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        tokenizer: dict[str, Any],
+        image_size: int,
+        channels: int,
+        trainer: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()  # plain JSON only: see the module docstring
+        self.model_cfg = validate(MODEL_CONFIGS[self.family], dict(model, family=self.family), prefix="model")
+        # Checkpoints carry the resolved config (family included), whatever the caller passed.
+        self.hparams["model"] = self.model_cfg.model_dump(mode="json")
+        self.trainer_cfg = validate(TrainerConfig, trainer or {}, prefix="trainer")
+        self.tokenizer = Tokenizer.from_dict(tokenizer)
+        self.image_size = int(image_size)
+        self.channels = int(channels)
+        t = self.model_cfg.text
+        self.text_encoder = TextEncoder(
+            TextEncoderConfig(
+                len(self.tokenizer), dim=t.dim, layers=t.layers, heads=t.heads, max_tokens=t.max_tokens
+            )
+        )
+
+    # ------------------------------------------------------------------------------------- text
+    def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """captions -> tokens (B, T, D), mask (B, T), pooled (B, D) on this module's device."""
+        ids, mask = self.tokenizer.encode(captions, self.model_cfg.text.max_tokens)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        tokens, pooled = self.text_encoder(ids, mask)
+        return tokens, mask, pooled
+
+    # ------------------------------------------------------------------------------- optimisers
+    def lr_lambda(self, step: int) -> float:
+        tc = self.trainer_cfg
+        return warmup_cosine(step, tc.warmup_steps, tc.max_steps, tc.lr_schedule)
+
+    def configure_optimizers(self):
+        tc = self.trainer_cfg
+        opt = torch.optim.AdamW(self.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str] | str, num_samples: int = 1, seed: int | None = None, **options: Any
+    ) -> torch.Tensor:
+        """``num_samples`` images per prompt as uint8 ``(N, C, H, W)``, N = len(prompts) * num_samples.
+
+        Deterministic for a given ``seed`` on CPU. Family options (see ``generate_options``) override
+        the config's defaults; an unknown option is an error.
+        """
+        unknown = sorted(set(options) - set(self.generate_options))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for family {self.family!r}; "
+                f"allowed: {', '.join(self.generate_options) or 'none'}"
+            )
+        was_training = self.training
+        self.eval()
+        try:
+            captions = expand_prompts(prompts, num_samples)
+            g = make_generator(seed, self.device)
+            images = self._generate(captions, g, **options)  # (N, C, H, W) in [-1, 1]
+        finally:
+            self.train(was_training)
+        return to_uint8(images)
+
+    def _generate(self, captions: list[str], generator: torch.Generator, **options: Any) -> torch.Tensor:
+        """One image per caption, float in [-1, 1] ``(N, C, H, W)``; subclasses implement."""
+        raise NotImplementedError

@@ -1,0 +1,79 @@
+"""Exports: what leaves training for the registry and serving (DESIGN §3).
+
+An export folder holds ``weights.safetensors`` (no pickle), ``config.json`` (family, resolved model
+config, image size, channels) and ``tokenizer.json``. Training checkpoints are Lightning files that
+only the platform that wrote them trusts; they load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from aigc import __version__
+from aigc.models import module_class
+from aigc.models.base import GenerativeModule
+from aigc.models.text import Tokenizer
+
+EXPORT_FORMAT = "aigc-export/1"
+
+
+def export_model(module: GenerativeModule, out_dir: str | Path) -> Path:
+    """Write ``module`` as an export folder; returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # clone(): safetensors refuses tensors that share storage (tied weights, views).
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    save_file(state, str(out / "weights.safetensors"), metadata={"format": EXPORT_FORMAT})
+    config = {
+        "format": EXPORT_FORMAT,
+        "aigc_version": __version__,
+        "family": module.family,
+        "model": module.model_cfg.model_dump(mode="json"),
+        "image_size": module.image_size,
+        "channels": module.channels,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    module.tokenizer.save(out / "tokenizer.json")
+    return out
+
+
+def load_export(path: str | Path, map_location: str | torch.device = "cpu") -> GenerativeModule:
+    """Load an export folder written by :func:`export_model`, in eval mode."""
+    path = Path(path)
+    for name in ("config.json", "weights.safetensors", "tokenizer.json"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not an aigc export: {name} is missing")
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if config.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}/config.json: format {config.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    cls = module_class(config["family"])
+    module = cls(
+        model=config["model"],
+        tokenizer=Tokenizer.load(path / "tokenizer.json").to_dict(),
+        image_size=config["image_size"],
+        channels=config["channels"],
+    )
+    module.load_state_dict(load_file(str(path / "weights.safetensors"), device=str(map_location)))
+    return module.to(map_location).eval()
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> GenerativeModule:
+    """Load a Lightning checkpoint written by aigc training (``weights_only=True``)."""
+    ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
+    hp = ckpt.get("hyper_parameters")
+    if not hp or "model" not in hp or "family" not in hp["model"]:
+        raise ValueError(f"{path}: not an aigc checkpoint (no model hyperparameters)")
+    cls = module_class(hp["model"]["family"])
+    module = cls(**hp)
+    module.load_state_dict(ckpt["state_dict"])
+    return module.to(map_location).eval()
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> GenerativeModule:
+    """An export folder or a ``.ckpt`` file, whichever ``path`` is."""
+    p = Path(path)
+    return load_export(p, map_location) if p.is_dir() else load_checkpoint(p, map_location)
