@@ -129,7 +129,10 @@ def test_every_family_trains_on_two_workers(family, ray_local, digits_dataset, t
     assert len(tags["aigc.data.version"]) == 32
     # Metrics over steps, from rank 0 only (one value per step).
     hist = losses(uri, result.run_id)
-    assert sorted(hist) == [5, 10, 15, 20]
+    # Every log_every_steps optimiser steps (the GAN's two optimisers each count a step, so it
+    # passes only the even multiples).
+    expected = [5, 10, 15, 20] if family != "gan" else [10, 20]
+    assert sorted(hist) == expected
     assert losses(uri, result.run_id, "val/loss"), "no val/loss logged"
     assert losses(uri, result.run_id, "perf/samples_per_s")
     # Dataset input and a sample image over steps.

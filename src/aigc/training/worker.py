@@ -180,7 +180,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 logger.log_metrics({"train/resumed_from_step": float(step)}, step=step)
                 ckpt_file = Path(d) / CHECKPOINT_NAME
                 datamodule.resume_at(*_data_position(ckpt_file))
-                trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_file))
+                # weights_only=True: plain tensors and JSON types only, never arbitrary pickles.
+                trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_file), weights_only=True)
         else:
             trainer.fit(module, datamodule=datamodule)
     finally:
