@@ -56,9 +56,17 @@ def test_gan_follows_heldout_captions(digits_dataset: Path, reference_evaluator)
     untrained = evaluate_model(module, reference_evaluator, digits_dataset, num_samples=500, seed=0)
 
     # Manual optimisation: no gradient_clip_val here; the module clips with trainer.grad_clip.
-    trainer = pl.Trainer(max_steps=cfg.trainer.max_steps, accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         deterministic=False, limit_val_batches=0)
+    trainer = pl.Trainer(
+        max_steps=cfg.trainer.max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=False,
+        limit_val_batches=0,
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=ShardDataModule(cfg.data, location=digits_dataset, seed=cfg.trainer.seed))
     train_seconds = time.perf_counter() - start
@@ -68,9 +76,15 @@ def test_gan_follows_heldout_captions(digits_dataset: Path, reference_evaluator)
     result = evaluate_model(module, reference_evaluator, digits_dataset, num_samples=500, seed=0)
     keys = ("eval/cond_accuracy", "eval/fd", "eval/diversity", "eval/copy_fraction", "sampling_seconds")
     summary = {k: result[k] for k in keys}
-    summary.update({"seed": cfg.trainer.seed, "steps": cfg.trainer.max_steps,
-                    "threads": torch.get_num_threads(), "train_seconds": round(train_seconds, 1),
-                    "untrained_fd": untrained["eval/fd"]})
+    summary.update(
+        {
+            "seed": cfg.trainer.seed,
+            "steps": cfg.trainer.max_steps,
+            "threads": torch.get_num_threads(),
+            "train_seconds": round(train_seconds, 1),
+            "untrained_fd": untrained["eval/fd"],
+        }
+    )
     print(json.dumps(summary))
     assert result["prompts"] == "heldout"
     assert result["eval/cond_accuracy"] >= MIN_ACCURACY, summary

@@ -56,27 +56,49 @@ def test_vae_follows_heldout_captions(digits_dataset: Path, reference_evaluator)
     untrained = evaluate_model(module, reference_evaluator, digits_dataset, num_samples=500, seed=0)
     data = ShardDataModule(cfg.data, location=digits_dataset, seed=cfg.trainer.seed)
 
-    trainer = pl.Trainer(max_steps=cfg.trainer.max_steps, accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         deterministic=False, limit_val_batches=0, gradient_clip_val=cfg.trainer.grad_clip)
+    trainer = pl.Trainer(
+        max_steps=cfg.trainer.max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=False,
+        limit_val_batches=0,
+        gradient_clip_val=cfg.trainer.grad_clip,
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     train_seconds = time.perf_counter() - start
     assert trainer.global_step == cfg.trainer.max_steps
 
     fresh = build_module(cfg, tokenizer, cfg.data.image_size, cfg.data.channels)
-    val = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, limit_val_batches=cfg.trainer.limit_val_batches)
+    val = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=cfg.trainer.limit_val_batches,
+    )
     val_loss = val.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
     val_loss_untrained = val.validate(fresh, datamodule=data, verbose=False)[0]["val/loss"]
 
     result = evaluate_model(module, reference_evaluator, digits_dataset, num_samples=500, seed=0)
     keys = ("eval/cond_accuracy", "eval/fd", "eval/diversity", "eval/copy_fraction", "sampling_seconds")
     summary = {k: result[k] for k in keys}
-    summary.update({"seed": cfg.trainer.seed, "steps": cfg.trainer.max_steps,
-                    "threads": torch.get_num_threads(), "train_seconds": round(train_seconds, 1),
-                    "untrained_fd": untrained["eval/fd"],
-                    "val_loss": val_loss, "val_loss_untrained": val_loss_untrained})
+    summary.update(
+        {
+            "seed": cfg.trainer.seed,
+            "steps": cfg.trainer.max_steps,
+            "threads": torch.get_num_threads(),
+            "train_seconds": round(train_seconds, 1),
+            "untrained_fd": untrained["eval/fd"],
+            "val_loss": val_loss,
+            "val_loss_untrained": val_loss_untrained,
+        }
+    )
     print(json.dumps(summary))
     assert result["prompts"] == "heldout"
     assert result["eval/cond_accuracy"] >= MIN_ACCURACY, summary

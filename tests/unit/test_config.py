@@ -80,8 +80,15 @@ def test_unknown_family_lists_families() -> None:
 
 
 def test_dotted_overrides_parse_yaml_values() -> None:
-    cfg = load_config(overrides=["trainer.max_steps=200", "trainer.grad_clip=null", "model.family=gan",
-                                 "model.latent_dim=32", "data.name=my-set"])
+    cfg = load_config(
+        overrides=[
+            "trainer.max_steps=200",
+            "trainer.grad_clip=null",
+            "model.family=gan",
+            "model.latent_dim=32",
+            "data.name=my-set",
+        ]
+    )
     assert cfg.trainer.max_steps == 200
     assert cfg.trainer.grad_clip is None
     assert isinstance(cfg.model, GANConfig) and cfg.model.latent_dim == 32
@@ -119,7 +126,8 @@ def test_bad_yaml_file(tmp_path: Path) -> None:
 def shipped_yaml() -> list[Path]:
     skip = {".venv", ".git", ".dvc", "node_modules"}
     return sorted(
-        p for p in ROOT.rglob("*.y*ml")
+        p
+        for p in ROOT.rglob("*.y*ml")
         if p.suffix in (".yaml", ".yml") and not skip.intersection(p.relative_to(ROOT).parts)
     )
 

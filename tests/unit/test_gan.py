@@ -28,8 +28,13 @@ def tokenizer() -> Tokenizer:
 
 def make(tokenizer: Tokenizer, size: int = 8, channels: int = 1, **model) -> GANModule:
     torch.manual_seed(0)
-    return GANModule(model={**SMALL, **model}, tokenizer=tokenizer.to_dict(), image_size=size,
-                     channels=channels, trainer={"max_steps": 100})
+    return GANModule(
+        model={**SMALL, **model},
+        tokenizer=tokenizer.to_dict(),
+        image_size=size,
+        channels=channels,
+        trainer={"max_steps": 100},
+    )
 
 
 @pytest.mark.parametrize(("size", "channels"), [(8, 1), (32, 3), (12, 1)])
@@ -46,8 +51,9 @@ def test_generate_is_deterministic_per_seed(tokenizer: Tokenizer) -> None:
     a = gan.generate(["a handwritten digit one"], num_samples=4, seed=7)
     assert torch.equal(a, gan.generate(["a handwritten digit one"], num_samples=4, seed=7))
     assert not torch.equal(a, gan.generate(["a handwritten digit one"], num_samples=4, seed=8))
-    assert not torch.equal(a, gan.generate(["a handwritten digit one"], num_samples=4, seed=7,
-                                           truncation=0.2))
+    assert not torch.equal(
+        a, gan.generate(["a handwritten digit one"], num_samples=4, seed=7, truncation=0.2)
+    )
     assert not torch.equal(a[:1], a[1:2])  # different latents within one call
 
 
@@ -101,14 +107,24 @@ def _fixed_batch(tokenizer: Tokenizer, n: int = 16) -> dict:
     for i, label in enumerate(labels):
         images[i, 0, :, label % 8] = 1.0
     images += 0.05 * torch.randn(images.shape, generator=g)
-    return {"image": images, "caption": [digit_caption(lab, f"k{i}") for i, lab in enumerate(labels)],
-            "label": torch.tensor(labels)}
+    return {
+        "image": images,
+        "caption": [digit_caption(lab, f"k{i}") for i, lab in enumerate(labels)],
+        "label": torch.tensor(labels),
+    }
 
 
 def _trainer(max_steps: int) -> pl.Trainer:
-    return pl.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      deterministic=False)
+    return pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=False,
+    )
 
 
 @pytest.mark.timeout(60)
@@ -166,7 +182,9 @@ def test_export_round_trip(tokenizer: Tokenizer, tmp_path: Path) -> None:
             p.add_(0.01)
     loaded = load_export(export_model(gan, tmp_path / "gan"))
     prompts = ["a handwritten digit one", "the number 7 written by hand"]
-    assert torch.equal(gan.generate(prompts, num_samples=2, seed=3),
-                       loaded.generate(prompts, num_samples=2, seed=3))
-    assert torch.equal(gan.generate(prompts, seed=3, truncation=0.7),
-                       loaded.generate(prompts, seed=3, truncation=0.7))
+    assert torch.equal(
+        gan.generate(prompts, num_samples=2, seed=3), loaded.generate(prompts, num_samples=2, seed=3)
+    )
+    assert torch.equal(
+        gan.generate(prompts, seed=3, truncation=0.7), loaded.generate(prompts, seed=3, truncation=0.7)
+    )

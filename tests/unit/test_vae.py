@@ -26,11 +26,17 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.build([digit_caption(i % 10, f"k{i}") for i in range(60)])
 
 
-def make(tokenizer: Tokenizer, size: int = 8, channels: int = 1, trainer: dict | None = None,
-         **model) -> VAEModule:
+def make(
+    tokenizer: Tokenizer, size: int = 8, channels: int = 1, trainer: dict | None = None, **model
+) -> VAEModule:
     torch.manual_seed(0)
-    return VAEModule(model={**SMALL, **model}, tokenizer=tokenizer.to_dict(), image_size=size,
-                     channels=channels, trainer=trainer or {"max_steps": 100})
+    return VAEModule(
+        model={**SMALL, **model},
+        tokenizer=tokenizer.to_dict(),
+        image_size=size,
+        channels=channels,
+        trainer=trainer or {"max_steps": 100},
+    )
 
 
 @pytest.mark.parametrize(("size", "channels"), [(8, 1), (32, 3), (12, 3)])
@@ -47,12 +53,14 @@ def test_generate_is_deterministic_per_seed(tokenizer: Tokenizer) -> None:
     a = vae.generate(["a handwritten digit one"], num_samples=4, seed=7)
     assert torch.equal(a, vae.generate(["a handwritten digit one"], num_samples=4, seed=7))
     assert not torch.equal(a, vae.generate(["a handwritten digit one"], num_samples=4, seed=8))
-    assert not torch.equal(a, vae.generate(["a handwritten digit one"], num_samples=4, seed=7,
-                                           temperature=3.0))
+    assert not torch.equal(
+        a, vae.generate(["a handwritten digit one"], num_samples=4, seed=7, temperature=3.0)
+    )
     # temperature 0 is the prior mean: the same image whatever the seed, but still per prompt
     z0 = vae.generate(["a handwritten digit one", "the number 8 written by hand"], seed=1, temperature=0.0)
-    assert torch.equal(z0, vae.generate(["a handwritten digit one", "the number 8 written by hand"], seed=2,
-                                        temperature=0.0))
+    assert torch.equal(
+        z0, vae.generate(["a handwritten digit one", "the number 8 written by hand"], seed=2, temperature=0.0)
+    )
 
 
 def test_generate_rejects_bad_options(tokenizer: Tokenizer) -> None:
@@ -93,8 +101,12 @@ def _fixed_batch(n: int = 16) -> dict:
     for i, label in enumerate(labels):
         images[i, 0, :, label % 8] = 1.0
     images += 0.05 * torch.randn(images.shape, generator=g)
-    return {"image": images, "caption": [digit_caption(lab, f"k{i}") for i, lab in enumerate(labels)],
-            "label": torch.tensor(labels), "valid": torch.ones(n, dtype=torch.bool)}
+    return {
+        "image": images,
+        "caption": [digit_caption(lab, f"k{i}") for i, lab in enumerate(labels)],
+        "label": torch.tensor(labels),
+        "valid": torch.ones(n, dtype=torch.bool),
+    }
 
 
 @pytest.mark.timeout(60)
@@ -109,9 +121,17 @@ def test_a_few_steps_lower_the_loss(tokenizer: Tokenizer) -> None:
             return (recon.mean() + kl.sum(1).mean()).item()
 
     before = neg_elbo()
-    trainer = pl.Trainer(max_steps=30, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
-                         val_check_interval=10)
+    trainer = pl.Trainer(
+        max_steps=30,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        val_check_interval=10,
+    )
     trainer.fit(vae, DataLoader([batch] * 40, batch_size=None), DataLoader([batch], batch_size=None))
     assert trainer.global_step == 30
     assert neg_elbo() < before - 10  # nats per image (87 -> 62 here)
@@ -124,9 +144,12 @@ def test_a_few_steps_lower_the_loss(tokenizer: Tokenizer) -> None:
 def test_validation_ignores_padding_rows(tokenizer: Tokenizer) -> None:
     vae = make(tokenizer)
     batch = _fixed_batch()
-    padded = dict(batch, image=torch.cat([batch["image"], 5 + batch["image"][:4]]),
-                  caption=batch["caption"] + batch["caption"][:4],
-                  valid=torch.cat([batch["valid"], torch.zeros(4, dtype=torch.bool)]))
+    padded = dict(
+        batch,
+        image=torch.cat([batch["image"], 5 + batch["image"][:4]]),
+        caption=batch["caption"] + batch["caption"][:4],
+        valid=torch.cat([batch["valid"], torch.zeros(4, dtype=torch.bool)]),
+    )
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     trainer.validate(vae, DataLoader([batch], batch_size=None), verbose=False)
     clean = trainer.callback_metrics["val/loss"].item()
@@ -146,7 +169,9 @@ def test_export_round_trip(tokenizer: Tokenizer, tmp_path: Path) -> None:
     vae = make(tokenizer, size=16, channels=3)
     loaded = load_export(export_model(vae, tmp_path / "vae"))
     prompts = ["a handwritten digit one", "the number 7 written by hand"]
-    assert torch.equal(vae.generate(prompts, num_samples=2, seed=3),
-                       loaded.generate(prompts, num_samples=2, seed=3))
-    assert torch.equal(vae.generate(prompts, seed=3, temperature=0.5),
-                       loaded.generate(prompts, seed=3, temperature=0.5))
+    assert torch.equal(
+        vae.generate(prompts, num_samples=2, seed=3), loaded.generate(prompts, num_samples=2, seed=3)
+    )
+    assert torch.equal(
+        vae.generate(prompts, seed=3, temperature=0.5), loaded.generate(prompts, seed=3, temperature=0.5)
+    )

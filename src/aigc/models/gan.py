@@ -44,8 +44,9 @@ from aigc.models.base import GenerativeModule, make_generator, warmup_cosine
 from aigc.models.nets.gan import Generator, ProjectionDiscriminator
 
 
-def discriminator_loss(real: torch.Tensor, fake: torch.Tensor, mismatch: torch.Tensor, kind: str,
-                       mismatch_weight: float) -> torch.Tensor:
+def discriminator_loss(
+    real: torch.Tensor, fake: torch.Tensor, mismatch: torch.Tensor, kind: str, mismatch_weight: float
+) -> torch.Tensor:
     """D's loss from logits (B,) on (real, caption), (fake, caption) and (real, wrong caption)."""
     if kind == "hinge":  # push real above +1, fakes and mismatches below -1
         relu = F.relu
@@ -69,8 +70,9 @@ def touch_all(loss: torch.Tensor, *modules: torch.nn.Module) -> torch.Tensor:
     return loss + 0.0 * sum(p.sum() for m in modules for p in m.parameters() if p.requires_grad)
 
 
-def sample_latent(n: int, dim: int, generator: torch.Generator, device: torch.device,
-                  truncation: float | None = None) -> torch.Tensor:
+def sample_latent(
+    n: int, dim: int, generator: torch.Generator, device: torch.device, truncation: float | None = None
+) -> torch.Tensor:
     """z (n, dim) ~ N(0, I), or truncated to |z_i| <= truncation by resampling (Brock et al. 2019)."""
     z = torch.randn(n, dim, generator=generator, device=device)
     if truncation is None:
@@ -89,15 +91,23 @@ class GANModule(GenerativeModule):
     family = "gan"
     generate_options = ("truncation",)
 
-    def __init__(self, model: dict[str, Any], tokenizer: dict[str, Any], image_size: int, channels: int,
-                 trainer: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        tokenizer: dict[str, Any],
+        image_size: int,
+        channels: int,
+        trainer: dict[str, Any] | None = None,
+    ):
         super().__init__(model, tokenizer, image_size, channels, trainer)
         self.automatic_optimization = False
         m = self.model_cfg
-        self.generator = Generator(m.latent_dim, m.text.dim, self.image_size, self.channels,
-                                   m.base_channels, m.cond_dim)
-        self.discriminator = ProjectionDiscriminator(m.text.dim, self.image_size, self.channels,
-                                                     m.base_channels)
+        self.generator = Generator(
+            m.latent_dim, m.text.dim, self.image_size, self.channels, m.base_channels, m.cond_dim
+        )
+        self.discriminator = ProjectionDiscriminator(
+            m.text.dim, self.image_size, self.channels, m.base_channels
+        )
         self.generator_ema = None
         if m.ema_decay > 0:
             self.generator_ema = copy.deepcopy(self.generator).requires_grad_(False)
@@ -107,13 +117,15 @@ class GANModule(GenerativeModule):
     def batch_lr_lambda(self, batch_index: int) -> float:
         """LR multiplier after ``batch_index`` batches, with the schedule read in optimiser steps."""
         tc = self.trainer_cfg
-        return warmup_cosine(batch_index * (self.model_cfg.d_steps + 1), tc.warmup_steps, tc.max_steps,
-                             tc.lr_schedule)
+        return warmup_cosine(
+            batch_index * (self.model_cfg.d_steps + 1), tc.warmup_steps, tc.max_steps, tc.lr_schedule
+        )
 
     def configure_optimizers(self):
         tc, m = self.trainer_cfg, self.model_cfg
-        opt_g = torch.optim.Adam(self.generator.parameters(), lr=tc.lr, betas=m.betas,
-                                 weight_decay=tc.weight_decay)
+        opt_g = torch.optim.Adam(
+            self.generator.parameters(), lr=tc.lr, betas=m.betas, weight_decay=tc.weight_decay
+        )
         d_params = list(self.discriminator.parameters()) + list(self.text_encoder.parameters())
         opt_d = torch.optim.Adam(d_params, lr=m.lr_d or tc.lr, betas=m.betas, weight_decay=tc.weight_decay)
         scheds = [torch.optim.lr_scheduler.LambdaLR(o, self.batch_lr_lambda) for o in (opt_g, opt_d)]
@@ -121,8 +133,9 @@ class GANModule(GenerativeModule):
 
     def _clip(self, optimizer) -> None:
         if self.trainer_cfg.grad_clip:
-            self.clip_gradients(optimizer, gradient_clip_val=self.trainer_cfg.grad_clip,
-                                gradient_clip_algorithm="norm")
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.trainer_cfg.grad_clip, gradient_clip_algorithm="norm"
+            )
 
     # --------------------------------------------------------------------------------- training
     def _d_logits(self, real: torch.Tensor, fake: torch.Tensor, text: torch.Tensor):
@@ -206,8 +219,9 @@ class GANModule(GenerativeModule):
         return loss
 
     # ------------------------------------------------------------------------------- generation
-    def _generate(self, captions: list[str], generator: torch.Generator,
-                  truncation: float | None = None) -> torch.Tensor:
+    def _generate(
+        self, captions: list[str], generator: torch.Generator, truncation: float | None = None
+    ) -> torch.Tensor:
         t = self.model_cfg.truncation if truncation is None else truncation
         if t is not None and not t > 0:
             raise ValueError(f"truncation must be > 0 (or None for no truncation), got {t!r}")

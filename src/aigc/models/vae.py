@@ -60,14 +60,22 @@ class VAEModule(GenerativeModule):
     family = "vae"
     generate_options = ("temperature",)
 
-    def __init__(self, model: dict[str, Any], tokenizer: dict[str, Any], image_size: int, channels: int,
-                 trainer: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        tokenizer: dict[str, Any],
+        image_size: int,
+        channels: int,
+        trainer: dict[str, Any] | None = None,
+    ):
         super().__init__(model, tokenizer, image_size, channels, trainer)
         m = self.model_cfg
-        self.encoder = VAEEncoder(m.latent_dim, m.text.dim, self.image_size, self.channels,
-                                  m.base_channels, m.cond_dim)
-        self.decoder = VAEDecoder(m.latent_dim, m.text.dim, self.image_size, self.channels,
-                                  m.base_channels, m.cond_dim)
+        self.encoder = VAEEncoder(
+            m.latent_dim, m.text.dim, self.image_size, self.channels, m.base_channels, m.cond_dim
+        )
+        self.decoder = VAEDecoder(
+            m.latent_dim, m.text.dim, self.image_size, self.channels, m.base_channels, m.cond_dim
+        )
 
     def elbo_terms(self, x: torch.Tensor, captions: list[str], generator: torch.Generator | None = None):
         """(recon (B,), kl per dim (B, L)) for images ``x`` (B, C, H, W) and their captions."""
@@ -116,8 +124,9 @@ class VAEModule(GenerativeModule):
         self.log("val/kl", kl, sync_dist=True, batch_size=b)
         return loss
 
-    def _generate(self, captions: list[str], generator: torch.Generator,
-                  temperature: float | None = None) -> torch.Tensor:
+    def _generate(
+        self, captions: list[str], generator: torch.Generator, temperature: float | None = None
+    ) -> torch.Tensor:
         t = self.model_cfg.temperature if temperature is None else temperature
         if not t >= 0:
             raise ValueError(f"temperature must be >= 0, got {t!r}")

@@ -83,8 +83,15 @@ class GenBlock(nn.Module):
 class Generator(nn.Module):
     """G(z (B, Z), text (B, D)) -> images (B, C, H, W) in [-1, 1]."""
 
-    def __init__(self, latent_dim: int, text_dim: int, image_size: int, channels: int,
-                 base_channels: int, cond_dim: int = 64):
+    def __init__(
+        self,
+        latent_dim: int,
+        text_dim: int,
+        image_size: int,
+        channels: int,
+        base_channels: int,
+        cond_dim: int = 64,
+    ):
         super().__init__()
         self.latent_dim, self.image_size = latent_dim, image_size
         n_up, self.start = num_resolutions(image_size)
@@ -107,8 +114,9 @@ class Generator(nn.Module):
             h = block(h, zc)
         h = self.out(F.relu(self.out_norm(h)))  # (B, C, s0 * 2^n, s0 * 2^n)
         if h.shape[-1] != self.image_size:  # sizes that are not 4..7 times a power of two
-            h = F.interpolate(h, size=(self.image_size, self.image_size), mode="bilinear",
-                              align_corners=False)
+            h = F.interpolate(
+                h, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
         return torch.tanh(h)
 
 
@@ -143,8 +151,9 @@ class ProjectionDiscriminator(nn.Module):
         n_down, _ = num_resolutions(image_size)
         widths = [base_channels * min(2**i, 4) for i in range(n_down + 1)]
         blocks = [DiscBlock(channels, widths[0], downsample=n_down > 0, first=True)]
-        blocks += [DiscBlock(widths[i], widths[i + 1], downsample=i + 1 < n_down, first=False)
-                   for i in range(n_down)]
+        blocks += [
+            DiscBlock(widths[i], widths[i + 1], downsample=i + 1 < n_down, first=False) for i in range(n_down)
+        ]
         self.blocks = nn.Sequential(*blocks)
         feat = widths[-1]
         self.linear = spectral_norm(nn.Linear(feat, 1))

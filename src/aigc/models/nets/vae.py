@@ -19,8 +19,16 @@ from aigc.models.nets.gan import GenBlock, group_count, num_resolutions
 class VAEEncoder(nn.Module):
     """q(z | x, c): (x (B, C, H, W), text (B, D)) -> (mu (B, L), logvar (B, L))."""
 
-    def __init__(self, latent_dim: int, text_dim: int, image_size: int, channels: int,
-                 base_channels: int, cond_dim: int = 64, hidden: int = 256):
+    def __init__(
+        self,
+        latent_dim: int,
+        text_dim: int,
+        image_size: int,
+        channels: int,
+        base_channels: int,
+        cond_dim: int = 64,
+        hidden: int = 256,
+    ):
         super().__init__()
         n_down, start = num_resolutions(image_size)
         self.image_size = image_size
@@ -29,14 +37,18 @@ class VAEEncoder(nn.Module):
         widths = [base_channels * min(2**i, 4) for i in range(n_down + 1)]
         layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 3, padding=1)]
         for i in range(n_down):  # each: GroupNorm, SiLU, stride-2 conv halving the side
-            layers += [nn.GroupNorm(group_count(widths[i]), widths[i]), nn.SiLU(),
-                       nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1)]
+            layers += [
+                nn.GroupNorm(group_count(widths[i]), widths[i]),
+                nn.SiLU(),
+                nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1),
+            ]
         layers += [nn.GroupNorm(group_count(widths[-1]), widths[-1]), nn.SiLU()]
         self.convs = nn.Sequential(*layers)
         self.text_proj = nn.Linear(text_dim, cond_dim)
         flat = widths[-1] * start * start
-        self.head = nn.Sequential(nn.Linear(flat + cond_dim, hidden), nn.SiLU(),
-                                  nn.Linear(hidden, 2 * latent_dim))
+        self.head = nn.Sequential(
+            nn.Linear(flat + cond_dim, hidden), nn.SiLU(), nn.Linear(hidden, 2 * latent_dim)
+        )
 
     def forward(self, x: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[-1] != self.work_size:
@@ -50,8 +62,15 @@ class VAEEncoder(nn.Module):
 class VAEDecoder(nn.Module):
     """p(x | z, c): (z (B, L), text (B, D)) -> the Gaussian mean (B, C, H, W), unbounded."""
 
-    def __init__(self, latent_dim: int, text_dim: int, image_size: int, channels: int,
-                 base_channels: int, cond_dim: int = 64):
+    def __init__(
+        self,
+        latent_dim: int,
+        text_dim: int,
+        image_size: int,
+        channels: int,
+        base_channels: int,
+        cond_dim: int = 64,
+    ):
         super().__init__()
         self.image_size = image_size
         n_up, self.start = num_resolutions(image_size)
