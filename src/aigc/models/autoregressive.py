@@ -1,0 +1,168 @@
+"""Autoregressive family: an image as a raster sequence of quantised pixel tokens, after the caption.
+
+Each channel value in [-1, 1] is quantised to one of ``levels`` tokens (PixelCNN, van den Oord et
+al. 2016; Image GPT, Chen et al. 2020, which also orders pixels in raster order). The sequence is
+raster order with the channels of a pixel interleaved: ``r00 g00 b00 r01 g01 b01 ...``; a
+grey image is just ``p00 p01 ...``. Its length is ``H * W * C``, which is why this family stops at
+32x32 (3072 tokens for RGB).
+
+The caption conditions through a *prefix*: the shared text encoder's per-token features
+``(B, T_text, D)`` are projected into the transformer's width and placed before the image
+tokens, with padding masked out. A learned start token follows the prefix, so the sequence fed to
+the transformer is ``[text_0 .. text_{P-1}, <start>, x_0 .. x_{N-2}]`` and the outputs at the last
+``N`` positions predict ``x_0 .. x_{N-1}``. The loss is the cross-entropy on image tokens only
+(nats per image token; ``/ ln 2`` gives bits per dimension, as PixelCNN papers report).
+
+Captions are dropped to ``""`` with probability ``cond_drop_prob`` while training so the same net
+also models images unconditionally; sampling can then use classifier-free guidance (Ho & Salimans
+2022) on the logits: ``uncond + guidance * (cond - uncond)``. ``guidance = 1`` is plain sampling.
+Sampling feeds one token per step through the KV cache; all randomness comes from the generator.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from aigc.models.base import GenerativeModule
+from aigc.models.nets.transformer import GPT, GPTConfig
+
+MAX_IMAGE_SIZE = 32
+SAMPLE_CHUNK = 256  # captions decoded at once; bounds the KV cache's memory at 32x32 RGB
+
+
+def quantise(images: torch.Tensor, levels: int) -> torch.Tensor:
+    """Images in [-1, 1] ``(B, C, H, W)`` -> raster tokens ``(B, H*W*C)`` in 0..levels-1."""
+    q = ((images.float().clamp(-1, 1) + 1) * 0.5 * (levels - 1)).round().long()
+    return q.permute(0, 2, 3, 1).reshape(images.shape[0], -1)  # channels interleaved per pixel
+
+
+def dequantise(tokens: torch.Tensor, levels: int, channels: int, size: int) -> torch.Tensor:
+    """Raster tokens ``(B, H*W*C)`` -> images in [-1, 1] ``(B, C, H, W)``."""
+    x = tokens.float() / (levels - 1) * 2 - 1
+    return x.view(tokens.shape[0], size, size, channels).permute(0, 3, 1, 2).contiguous()
+
+
+class AutoregressiveModule(GenerativeModule):
+    """Text-prefixed GPT over quantised pixels. Options: ``temperature``, ``top_k``, ``guidance``."""
+
+    family: ClassVar[str] = "autoregressive"
+    generate_options: ClassVar[tuple[str, ...]] = ("temperature", "top_k", "guidance")
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        tokenizer: dict[str, Any],
+        image_size: int,
+        channels: int,
+        trainer: dict[str, Any] | None = None,
+    ):
+        super().__init__(model, tokenizer, image_size, channels, trainer)
+        if not 1 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ValueError(
+                f"data.image_size={self.image_size}: the autoregressive family supports images up to "
+                f"{MAX_IMAGE_SIZE}x{MAX_IMAGE_SIZE} (one token per pixel and channel)"
+            )
+        c = self.model_cfg
+        self.levels = c.levels
+        self.num_tokens = self.image_size * self.image_size * self.channels  # N
+        self.prefix_len = c.text.max_tokens  # P
+        self.start_id = c.levels  # input vocabulary: levels + the start token
+        self.gpt = GPT(
+            GPTConfig(
+                vocab_size=c.levels + 1,
+                out_size=c.levels,
+                block_size=self.prefix_len + self.num_tokens,
+                n_layer=c.layers,
+                n_head=c.heads,
+                n_embd=c.dim,
+                dropout=c.dropout,
+                prefix_dim=c.text.dim,
+            )
+        )
+
+    # ---------------------------------------------------------------------------------- training
+    def image_logits(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits ``(B, N, levels)`` and the target tokens ``(B, N)``."""
+        target = quantise(images, self.levels).to(self.device)  # (B, N)
+        text, mask, _ = self.encode_text(captions)  # (B, P, D), (B, P)
+        start = torch.full((target.shape[0], 1), self.start_id, dtype=torch.long, device=self.device)
+        inp = torch.cat([start, target[:, :-1]], dim=1)  # (B, N)
+        logits, _ = self.gpt(inp, prefix=text, prefix_mask=mask)  # (B, P + N, levels)
+        return logits[:, self.prefix_len :], target
+
+    def loss(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """Mean cross-entropy in nats per image token."""
+        logits, target = self.image_logits(images, captions)
+        return F.cross_entropy(logits.reshape(-1, self.levels).float(), target.reshape(-1))
+
+    def _drop_captions(self, captions: list[str]) -> list[str]:
+        p = self.model_cfg.cond_drop_prob
+        if p <= 0:
+            return list(captions)
+        drop = torch.rand(len(captions)) < p  # global RNG: seeded by pl.seed_everything
+        return ["" if d else cap for cap, d in zip(captions, drop.tolist(), strict=True)]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch["image"], self._drop_captions(batch["caption"]))
+        bs = batch["image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/bits_per_dim", loss / math.log(2), batch_size=bs)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch["image"], batch["caption"])
+        bs = batch["image"].shape[0]
+        self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("val/bits_per_dim", loss / math.log(2), batch_size=bs, sync_dist=True)
+        return loss
+
+    # -------------------------------------------------------------------------------- sampling
+    def _generate(self, captions: list[str], generator: torch.Generator, **options: Any) -> torch.Tensor:
+        c = self.model_cfg
+        temperature = float(options.get("temperature", c.temperature))
+        top_k = options.get("top_k", c.top_k)
+        guidance = float(options.get("guidance", c.guidance))
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if top_k is not None and int(top_k) < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+        if guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {guidance}")
+        chunks = [
+            self._sample_tokens(captions[i : i + SAMPLE_CHUNK], generator, temperature, top_k, guidance)
+            for i in range(0, len(captions), SAMPLE_CHUNK)
+        ]
+        tokens = torch.cat(chunks)  # (N_images, H*W*C)
+        return dequantise(tokens, self.levels, self.channels, self.image_size)
+
+    def _sample_tokens(
+        self, captions: list[str], g: torch.Generator, temperature: float, top_k: int | None, guidance: float
+    ) -> torch.Tensor:
+        """Decode ``len(captions)`` token sequences one token at a time through the KV cache."""
+        b = len(captions)
+        use_cfg = guidance != 1.0
+        # With guidance the batch is [conditional; unconditional], sharing one cache.
+        text, mask, _ = self.encode_text(captions + [""] * b if use_cfg else captions)
+        start = torch.full((text.shape[0], 1), self.start_id, dtype=torch.long, device=self.device)
+        logits, cache = self.gpt(start, prefix=text, prefix_mask=mask)
+        out = torch.empty(b, self.num_tokens, dtype=torch.long, device=self.device)
+        for i in range(self.num_tokens):
+            step = logits[:, -1].float()  # (B or 2B, levels)
+            if use_cfg:
+                cond, uncond = step[:b], step[b:]
+                step = uncond + guidance * (cond - uncond)
+            step = step / temperature
+            if top_k is not None and int(top_k) < self.levels:
+                kth = torch.topk(step, int(top_k), dim=-1).values[:, -1:]  # (B, 1)
+                step = step.masked_fill(step < kth, float("-inf"))
+            probs = F.softmax(step, dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=g)  # (B, 1)
+            out[:, i] = nxt[:, 0]
+            if i + 1 < self.num_tokens:
+                feed = torch.cat([nxt, nxt]) if use_cfg else nxt
+                logits, cache = self.gpt(feed, cache=cache)
+        return out
