@@ -210,8 +210,13 @@ def test_seeded_runs_are_deterministic(ray_local, digits_dataset, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_resume_continues_a_stopped_run_into_the_same_mlflow_run(ray_local, digits_dataset, tmp_path):
+def test_resume_continues_a_stopped_run_into_the_same_mlflow_run(
+    ray_local, digits_dataset, tmp_path, monkeypatch
+):
     from aigc.training import TrainError, train
+
+    # A project root with no datasets/: the resumed job must stream the data its saved config names.
+    monkeypatch.setenv("AIGC_PROJECT_ROOT", str(tmp_path))
 
     overrides = tiny_overrides("autoregressive", tmp_path, digits_dataset, steps=10, workers=1)
     first = train(None, overrides, name="cont", evaluate=False)

@@ -213,7 +213,6 @@ def train(
         raise TrainError("--name and --resume exclude each other: --resume NAME continues run NAME")
     cfg = resolve_config(config, overrides, workers, gpus_per_worker, ray_address)
     storage = _storage(cfg, root)
-    location = data_location(cfg, root)
 
     job: dict[str, Any] | None = None
     if resume:
@@ -235,6 +234,8 @@ def train(
                 f"use `aigc train --resume {name}` to continue it, or choose another --name"
             )
 
+    # After the resume block: a resumed job streams the data its saved config names.
+    location = data_location(cfg, root)
     manifest = _read_manifest(location)
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.ensure_tracking_store(tracking_uri)  # fails within ~10 s; initialises sqlite once
