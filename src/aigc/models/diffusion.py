@@ -76,10 +76,7 @@ class DiffusionModule(GenerativeModule):
         """captions -> tokens (B, T, D), mask (B, T), pooled (B, D), with the EMA encoder if ``ema``."""
         if not ema:
             return self.encode_text(captions)
-        ids, mask = self.tokenizer.encode(captions, self.model_cfg.text.max_tokens)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        tokens, pooled = self.ema_text_encoder(ids, mask)
-        return tokens, mask, pooled
+        return self.ema_text_encoder.encode(captions, self.tokenizer, self.device)
 
     def _images(self, batch: dict[str, Any]) -> torch.Tensor:
         x0 = batch["image"]
