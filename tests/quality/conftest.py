@@ -1,4 +1,5 @@
-"""Fixtures of the quality tests: the digits reference evaluator, trained once per session."""
+"""Fixtures of the quality tests: the digits reference evaluator, trained once per session, and one
+torch thread per test. The shared train-then-evaluate loop is ``quality_run.py``."""
 
 from __future__ import annotations
 
@@ -22,3 +23,20 @@ def reference_evaluator(digits_dataset: Path, tmp_path_factory: pytest.TempPathF
     from aigc.evaluation import reference_evaluator as make_evaluator
 
     return make_evaluator(digits_dataset, cache_dir=evaluator_cache(tmp_path_factory))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Train on one intra-op thread, restored afterwards.
+
+    The 8x8 nets gain nothing from a second OpenMP thread, and the DataLoader worker process needs
+    the other core: with 2 threads plus the worker on 2 busy cores, OpenMP's spin-waiting made a
+    50-CPU-second run take over 600 s here. The shipped YAMLs say the same
+    (``trainer.threads_per_worker: 1``).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,117 @@
+"""The shared train-then-evaluate loop of the quality tests (issue 3).
+
+Each ``test_<family>_quality.py`` trains its shipped ``models/<family>.yaml`` as it is, for the
+config's ``trainer.max_steps`` (calibrated over 3 seeds, see ``models/<family>.md``), with a plain
+Lightning Trainer in this process on one CPU thread (the ``one_torch_thread`` fixture), then
+measures 500 samples generated from the held-out caption template with the digits reference
+evaluator against the same model untrained. ``AIGC_QUALITY_SEED`` replaces ``trainer.seed`` (how
+the calibration reran them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def quality_config(family: str, *overrides: str):
+    """``models/<family>.yaml`` with ``overrides``, and ``AIGC_QUALITY_SEED`` as ``trainer.seed``."""
+    from aigc.config import load_config
+
+    seed = os.environ.get("AIGC_QUALITY_SEED")
+    extra = [f"trainer.seed={seed}"] if seed else []
+    return load_config(ROOT / "models" / f"{family}.yaml", overrides=[*overrides, *extra])
+
+
+@dataclass
+class QualityRun:
+    """What one quality run measured; ``summary`` is printed (``-s``) and shown on failure."""
+
+    module: Any
+    result: dict[str, Any]  # evaluate_model() of the trained model
+    untrained: dict[str, Any]  # the same for the model before training
+    val_loss: float | None = None
+    val_loss_untrained: float | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def assert_quality(self, min_accuracy: float, fd_ratio: float) -> None:
+        """The targets every family shares: follows the held-out captions, FD far below the
+        untrained model's, neither collapsed nor copying."""
+        r, s = self.result, self.summary
+        assert r["prompts"] == "heldout", s
+        assert r["eval/cond_accuracy"] >= min_accuracy, s
+        assert r["eval/fd"] < fd_ratio * self.untrained["eval/fd"], s
+        assert not r["collapse"], s
+        assert not r["copying"], s
+
+
+def train_and_evaluate(cfg, dataset: Path, evaluator, *, validate: bool = False) -> QualityRun:
+    """Train ``cfg`` for its ``trainer.max_steps`` and evaluate it on 500 held-out-template samples.
+
+    With ``validate``, also ``val/loss`` of the trained model and of a fresh untrained one (for the
+    families whose val/loss is a likelihood bound or a denoising error, not a game value).
+    """
+    import pytorch_lightning as pl
+    import torch
+
+    from aigc.data.captions_io import read_captions
+    from aigc.data.loader import ShardDataModule
+    from aigc.evaluation import evaluate_model
+    from aigc.models import build_module
+    from aigc.models.text import Tokenizer
+
+    tokenizer = Tokenizer.build(read_captions(dataset, "train"))
+    size, channels = cfg.data.image_size, cfg.data.channels
+    pl.seed_everything(cfg.trainer.seed, verbose=False)
+    module = build_module(cfg, tokenizer, size, channels)
+    untrained = evaluate_model(module, evaluator, dataset, num_samples=500, seed=0)
+    data = ShardDataModule(cfg.data, location=dataset, seed=cfg.trainer.seed)
+    quiet = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    # The GAN steps its own optimisers and clips with trainer.grad_clip itself.
+    clip = cfg.trainer.grad_clip if module.automatic_optimization else None
+    fit = pl.Trainer(
+        max_steps=cfg.trainer.max_steps,
+        deterministic=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        gradient_clip_val=clip,
+        **quiet,
+    )
+    start = time.perf_counter()
+    fit.fit(module, datamodule=data)
+    train_seconds = time.perf_counter() - start
+    assert fit.global_step == cfg.trainer.max_steps
+    assert all(torch.isfinite(v).all() for k, v in fit.callback_metrics.items() if k.startswith("train/"))
+
+    run = QualityRun(module, evaluate_model(module, evaluator, dataset, num_samples=500, seed=0), untrained)
+    if validate:
+        val = pl.Trainer(limit_val_batches=cfg.trainer.limit_val_batches, **quiet)
+        fresh = build_module(cfg, tokenizer, size, channels)
+        run.val_loss = val.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+        run.val_loss_untrained = val.validate(fresh, datamodule=data, verbose=False)[0]["val/loss"]
+    keys = ("eval/cond_accuracy", "eval/fd", "eval/diversity", "eval/copy_fraction", "sampling_seconds")
+    run.summary = {k: run.result[k] for k in keys} | {
+        "family": cfg.model.family,
+        "seed": cfg.trainer.seed,
+        "steps": cfg.trainer.max_steps,
+        "threads": torch.get_num_threads(),
+        "train_seconds": round(train_seconds, 1),
+        "untrained_fd": untrained["eval/fd"],
+        "val_loss": run.val_loss,
+        "val_loss_untrained": run.val_loss_untrained,
+    }
+    print(json.dumps(run.summary))
+    return run
