@@ -95,7 +95,7 @@ def run_family(family: str, data: Path, args: argparse.Namespace, evaluator: Any
     import torch
 
     from aigc import project_root
-    from aigc.config import load_config
+    from aigc.config import lightning_precision, load_config
     from aigc.data.captions_io import read_captions
     from aigc.data.loader import ShardDataModule
     from aigc.evaluation import evaluate_model
@@ -114,9 +114,7 @@ def run_family(family: str, data: Path, args: argparse.Namespace, evaluator: Any
     dm = ShardDataModule(cfg.data, location=data, seed=cfg.trainer.seed)
     manual = not module.automatic_optimization  # the GAN steps its own optimisers and clips itself
     use_gpu = torch.cuda.is_available() and not args.cpu
-    wanted = args.precision or cfg.trainer.precision
-    # bf16/fp16 autocast is a GPU switch; on the CPU the config's precision is ignored (as in train).
-    precision = wanted if use_gpu and wanted != "32" else "32-true"
+    precision = lightning_precision(args.precision or cfg.trainer.precision, use_gpu)  # as aigc train
     timer = _step_timer()
     callbacks = [timer]
     if not args.max_steps:

@@ -12,6 +12,7 @@ its own class below so the CLI can validate a config without importing torch.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -195,6 +196,18 @@ class TrainerConfig(StrictModel):
     keep_last_checkpoints: int = Field(3, ge=1)
     monitor: str = "val/loss"
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads; default the worker's CPUs")
+
+
+def lightning_precision(requested: str, use_gpu: bool) -> str:
+    """``trainer.precision`` as Lightning's ``precision`` argument for a GPU or CPU run.
+
+    bf16/fp16 autocast is a GPU switch; on the CPU it would be slow or unsupported, so it is ignored
+    with a warning and the run trains in 32-bit.
+    """
+    if requested != "32" and not use_gpu:
+        warnings.warn(f"trainer.precision={requested} ignored on CPU; training in 32-bit", stacklevel=2)
+        return "32-true"
+    return {"32": "32-true"}.get(requested, requested)
 
 
 class ScalingConfig(StrictModel):

@@ -70,7 +70,7 @@ def test_bf16_mixed_trains_and_generates_on_gpu(family: str, digits_dataset: Pat
     import pytorch_lightning as pl
 
     from aigc import project_root
-    from aigc.config import load_config
+    from aigc.config import lightning_precision, load_config
     from aigc.data.captions_io import read_captions
     from aigc.data.loader import ShardDataModule
     from aigc.models import build_module
@@ -90,7 +90,7 @@ def test_bf16_mixed_trains_and_generates_on_gpu(family: str, digits_dataset: Pat
         max_steps=STEPS,
         accelerator="gpu",
         devices=1,
-        precision=cfg.trainer.precision,
+        precision=lightning_precision(cfg.trainer.precision, use_gpu=True),
         gradient_clip_val=None if manual else cfg.trainer.grad_clip,
         limit_val_batches=0,
         num_sanity_val_steps=0,

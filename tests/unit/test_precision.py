@@ -10,23 +10,22 @@ import warnings
 
 import pytest
 
-from aigc.config import ConfigError, load_config
-from aigc.training.worker import _precision
+from aigc.config import ConfigError, lightning_precision, load_config
 
 
 def test_mixed_precision_is_ignored_on_cpu_with_a_warning() -> None:
     for requested in ("bf16-mixed", "16-mixed"):
         with pytest.warns(UserWarning, match=f"trainer.precision={requested} ignored on CPU"):
-            assert _precision(requested, use_gpu=False) == "32-true"
+            assert lightning_precision(requested, use_gpu=False) == "32-true"
 
 
 def test_precision_is_passed_through_on_gpu_without_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _precision("bf16-mixed", use_gpu=True) == "bf16-mixed"
-        assert _precision("16-mixed", use_gpu=True) == "16-mixed"
-        assert _precision("32", use_gpu=True) == "32-true"
-        assert _precision("32", use_gpu=False) == "32-true"
+        assert lightning_precision("bf16-mixed", use_gpu=True) == "bf16-mixed"
+        assert lightning_precision("16-mixed", use_gpu=True) == "16-mixed"
+        assert lightning_precision("32", use_gpu=True) == "32-true"
+        assert lightning_precision("32", use_gpu=False) == "32-true"
 
 
 def test_unknown_precision_names_the_key_and_the_allowed_values() -> None:

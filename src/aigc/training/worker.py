@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,6 @@ FAULT_ENV = "AIGC_FAULT_EXIT_AT_STEP"  # "<rank>:<step>"
 # Tests of data parallelism and placement: each rank appends the sample keys it trained on and its
 # Ray node id to files in this folder.
 RECORD_ENV = "AIGC_RECORD_KEYS_DIR"
-
-
-def _precision(requested: str, use_gpu: bool) -> str:
-    if requested != "32" and not use_gpu:
-        # bf16/fp16 autocast is a GPU switch; on CPU it would be slow or unsupported: ignore it.
-        warnings.warn(f"trainer.precision={requested} ignored on CPU; training in 32-bit", stacklevel=2)
-        return "32-true"
-    return {"32": "32-true"}.get(requested, requested)
 
 
 class _FaultInjection:
@@ -92,7 +83,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import torch
     from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
-    from aigc.config import RunConfig
+    from aigc.config import RunConfig, lightning_precision
     from aigc.data.loader import ShardDataModule
     from aigc.models import build_module
     from aigc.models.text import Tokenizer
@@ -154,7 +145,7 @@ def train_loop(config: dict[str, Any]) -> None:
         devices="auto",
         strategy=RayDDPStrategy(),
         plugins=[RayLightningEnvironment()],
-        precision=_precision(tc.precision, sc.use_gpu),
+        precision=lightning_precision(tc.precision, sc.use_gpu),
         gradient_clip_val=None if manual else tc.grad_clip,
         accumulate_grad_batches=1 if manual else tc.accumulate_grad_batches,
         val_check_interval=tc.val_every_steps,
