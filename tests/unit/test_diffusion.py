@@ -209,8 +209,10 @@ def test_ema_update_follows_the_warmed_up_decay_and_is_in_the_state_dict() -> No
     assert all(not p.requires_grad for p in m.ema_unet.parameters())
 
 
-def test_a_few_optimisation_steps_on_a_fixed_batch_lower_the_loss() -> None:
-    m = _module()
+@pytest.mark.parametrize("encoder", ["scratch", "minilm"])
+def test_a_few_optimisation_steps_on_a_fixed_batch_lower_the_loss(encoder: str) -> None:
+    # minilm: the frozen pretrained text encoder; only its projection and blocks train.
+    m = _module(text={**TINY["text"], "encoder": encoder})
     digits = load_digits()  # bundled with scikit-learn: 8x8 images in 0..16
     x0 = torch.from_numpy(digits.images[:16].astype(np.float32) / 8 - 1)[:, None]  # (16, 1, 8, 8)
     caps = [digit_caption(int(y), f"k{i}") for i, y in enumerate(digits.target[:16])]

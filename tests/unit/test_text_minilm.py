@@ -9,12 +9,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from sklearn.datasets import load_digits
 
 from aigc.config import load_config
 from aigc.data.captions import digit_caption
@@ -84,7 +82,8 @@ def test_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
         load_minilm.__wrapped__("cpu")
 
 
-def test_diffusion_with_minilm_learns_and_round_trips(tmp_path: Path) -> None:
+def test_diffusion_with_minilm_trains_its_head_and_round_trips(tmp_path: Path) -> None:
+    # That it learns: tests/unit/test_diffusion.py's fixed-batch test, parametrised over encoders.
     torch.manual_seed(0)
     model = {
         "text": TEXT,
@@ -101,21 +100,8 @@ def test_diffusion_with_minilm_learns_and_round_trips(tmp_path: Path) -> None:
         channels=1,
         trainer={"lr": 2e-3, "max_steps": 100, "warmup_steps": 0},
     )
-    digits = load_digits()
-    x0 = torch.from_numpy(digits.images[:16].astype(np.float32) / 8 - 1)[:, None]  # (16, 1, 8, 8)
-    caps = [digit_caption(int(y), f"k{i}") for i, y in enumerate(digits.target[:16])]
-
-    def fixed_loss() -> float:
-        with torch.no_grad():
-            return m.loss(x0, caps, generator=torch.Generator().manual_seed(1)).mean().item()
-
-    start = fixed_loss()
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
-    for _ in range(40):
-        opt.zero_grad()
-        m.training_step({"image": x0, "caption": caps}, 0).backward()
-        opt.step()
-    assert fixed_loss() < 0.7 * start
+    x0 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    m.training_step({"image": x0, "caption": CAPTIONS[:4]}, 0).backward()
     assert m.text_encoder.proj.weight.grad is not None  # the head trains through the frozen features
 
     out = export_model(m, tmp_path / "export")
