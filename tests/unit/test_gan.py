@@ -99,21 +99,6 @@ def test_optimisers_split_players_and_schedule_in_optimiser_steps(tokenizer: Tok
     assert len(scheds) == 2
 
 
-def _fixed_batch(tokenizer: Tokenizer, n: int = 16) -> dict:
-    g = torch.Generator().manual_seed(0)
-    labels = [i % 10 for i in range(n)]
-    # Class-dependent bars so real images are easy to tell from fakes and from each other.
-    images = -torch.ones(n, 1, 8, 8)
-    for i, label in enumerate(labels):
-        images[i, 0, :, label % 8] = 1.0
-    images += 0.05 * torch.randn(images.shape, generator=g)
-    return {
-        "image": images,
-        "caption": [digit_caption(lab, f"k{i}") for i, lab in enumerate(labels)],
-        "label": torch.tensor(labels),
-    }
-
-
 def _trainer(max_steps: int) -> pl.Trainer:
     return pl.Trainer(
         max_steps=max_steps,
@@ -128,11 +113,11 @@ def _trainer(max_steps: int) -> pl.Trainer:
 
 
 @pytest.mark.timeout(60)
-def test_training_steps_count_both_optimisers_and_d_learns(tokenizer: Tokenizer) -> None:
+def test_training_steps_count_both_optimisers_and_d_learns(tokenizer: Tokenizer, bar_batch) -> None:
     pl.seed_everything(0, verbose=False)
     gan = make(tokenizer, d_steps=2)
     gan.trainer_cfg.lr = 2e-3
-    batch = _fixed_batch(tokenizer)
+    batch = bar_batch()
     z = torch.randn(16, gan.model_cfg.latent_dim, generator=torch.Generator().manual_seed(1))
 
     def d_loss() -> float:
@@ -156,13 +141,13 @@ def test_training_steps_count_both_optimisers_and_d_learns(tokenizer: Tokenizer)
     assert trainer.callback_metrics["train/loss"].item() == pytest.approx(gen_d.item(), rel=1e-5)
 
 
-def test_validation_logs_val_loss(tokenizer: Tokenizer) -> None:
+def test_validation_logs_val_loss(tokenizer: Tokenizer, bar_batch) -> None:
     gan = make(tokenizer)
     trainer = _trainer(max_steps=1)
-    trainer.validate(gan, DataLoader([_fixed_batch(tokenizer)] * 2, batch_size=None), verbose=False)
+    trainer.validate(gan, DataLoader([bar_batch()] * 2, batch_size=None), verbose=False)
     first = trainer.callback_metrics["val/loss"].item()
     assert first > 0
-    trainer.validate(gan, DataLoader([_fixed_batch(tokenizer)] * 2, batch_size=None), verbose=False)
+    trainer.validate(gan, DataLoader([bar_batch()] * 2, batch_size=None), verbose=False)
     assert trainer.callback_metrics["val/loss"].item() == pytest.approx(first)  # fixed val latents
 
 

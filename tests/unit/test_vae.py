@@ -94,26 +94,11 @@ def test_kl_warmup_ramps_to_beta(tokenizer: Tokenizer) -> None:
     assert vae.kl_weight() == pytest.approx(0.05)  # global_step 0, no trainer attached
 
 
-def _fixed_batch(n: int = 16) -> dict:
-    g = torch.Generator().manual_seed(0)
-    labels = [i % 10 for i in range(n)]
-    images = -torch.ones(n, 1, 8, 8)
-    for i, label in enumerate(labels):
-        images[i, 0, :, label % 8] = 1.0
-    images += 0.05 * torch.randn(images.shape, generator=g)
-    return {
-        "image": images,
-        "caption": [digit_caption(lab, f"k{i}") for i, lab in enumerate(labels)],
-        "label": torch.tensor(labels),
-        "valid": torch.ones(n, dtype=torch.bool),
-    }
-
-
 @pytest.mark.timeout(60)
-def test_a_few_steps_lower_the_loss(tokenizer: Tokenizer) -> None:
+def test_a_few_steps_lower_the_loss(tokenizer: Tokenizer, bar_batch) -> None:
     pl.seed_everything(0, verbose=False)
     vae = make(tokenizer, trainer={"max_steps": 30, "lr": 2e-3}, free_bits=0.1, kl_warmup_steps=5)
-    batch = _fixed_batch()
+    batch = bar_batch()
 
     def neg_elbo() -> float:
         with torch.no_grad():
@@ -141,9 +126,9 @@ def test_a_few_steps_lower_the_loss(tokenizer: Tokenizer) -> None:
     assert m["val/loss"].item() == pytest.approx((m["val/recon"] + m["val/kl"]).item(), rel=1e-4)
 
 
-def test_validation_ignores_padding_rows(tokenizer: Tokenizer) -> None:
+def test_validation_ignores_padding_rows(tokenizer: Tokenizer, bar_batch) -> None:
     vae = make(tokenizer)
-    batch = _fixed_batch()
+    batch = bar_batch()
     padded = dict(
         batch,
         image=torch.cat([batch["image"], 5 + batch["image"][:4]]),
