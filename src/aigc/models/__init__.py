@@ -15,20 +15,26 @@ if TYPE_CHECKING:
     from aigc.models.base import GenerativeModule
     from aigc.models.text import Tokenizer
 
-_CLASSES = {
-    "diffusion": ("aigc.models.diffusion", "DiffusionModule"),
-    "gan": ("aigc.models.gan", "GANModule"),
-    "vae": ("aigc.models.vae", "VAEModule"),
-    "autoregressive": ("aigc.models.autoregressive", "AutoregressiveModule"),
-}
-
 
 def module_class(family: str) -> type[GenerativeModule]:
-    """The LightningModule class of ``family``."""
-    if family not in _CLASSES:
+    """The LightningModule class of ``family``.
+
+    By convention (no second list of families): the :class:`GenerativeModule` subclass in
+    ``aigc.models.<family>`` whose ``family`` is ``family``.
+    """
+    if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; allowed: {', '.join(FAMILIES)}")
-    mod, name = _CLASSES[family]
-    return getattr(importlib.import_module(mod), name)
+    from aigc.models.base import GenerativeModule
+
+    module = importlib.import_module(f"{__name__}.{family}")
+    for obj in vars(module).values():
+        if (
+            isinstance(obj, type)
+            and issubclass(obj, GenerativeModule)
+            and getattr(obj, "family", None) == family
+        ):
+            return obj
+    raise ImportError(f"{module.__name__} defines no GenerativeModule subclass with family = {family!r}")
 
 
 def build_module(cfg: RunConfig, tokenizer: Tokenizer, image_size: int, channels: int) -> GenerativeModule:

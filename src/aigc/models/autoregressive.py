@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from aigc.models.base import GenerativeModule
+from aigc.models.base import GenerativeModule, drop_captions
 from aigc.models.nets.transformer import GPT, GPTConfig
 
 MAX_IMAGE_SIZE = 32
@@ -99,25 +99,30 @@ class AutoregressiveModule(GenerativeModule):
         logits, target = self.image_logits(images, captions)
         return F.cross_entropy(logits.reshape(-1, self.levels).float(), target.reshape(-1))
 
-    def _drop_captions(self, captions: list[str]) -> list[str]:
-        p = self.model_cfg.cond_drop_prob
-        if p <= 0:
-            return list(captions)
-        drop = torch.rand(len(captions)) < p  # global RNG: seeded by pl.seed_everything
-        return ["" if d else cap for cap, d in zip(captions, drop.tolist(), strict=True)]
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch["image"], self._drop_captions(batch["caption"]))
+        # Condition dropout from the global RNG, which pl.seed_everything seeds.
+        loss = self.loss(batch["image"], drop_captions(batch["caption"], self.model_cfg.cond_drop_prob))
         bs = batch["image"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/bits_per_dim", loss / math.log(2), batch_size=bs)
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch["image"], batch["caption"])
-        bs = batch["image"].shape[0]
-        self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
-        self.log("val/bits_per_dim", loss / math.log(2), batch_size=bs, sync_dist=True)
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        """``val/loss`` (nats per image token) and ``val/bits_per_dim`` over the valid rows.
+
+        Padding repeats (``batch["valid"] == False``) are left out, so each val image counts once.
+        Every image has the same N tokens, so the token mean over the kept rows is their row mean.
+        """
+        x, captions = batch["image"], batch["caption"]
+        if "valid" in batch:  # the loader's padding repeats: count each val image once
+            keep = batch["valid"].bool()
+            x, captions = x[keep], [c for c, k in zip(captions, keep.tolist(), strict=True) if k]
+        if not captions:
+            return None
+        loss = self.loss(x, captions)
+        b = len(captions)
+        self.log("val/loss", loss, prog_bar=True, batch_size=b, sync_dist=True)
+        self.log("val/bits_per_dim", loss / math.log(2), batch_size=b, sync_dist=True)
         return loss
 
     # -------------------------------------------------------------------------------- sampling

@@ -10,27 +10,15 @@ A family module subclasses :class:`GenerativeModule`, sets ``family`` and implem
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
+from torch import nn
 
-from aigc.config import (
-    AutoregressiveConfig,
-    DiffusionConfig,
-    GANConfig,
-    TrainerConfig,
-    VAEConfig,
-    validate,
-)
+from aigc.config import MODEL_CONFIGS, TrainerConfig, validate
 from aigc.models.text import Tokenizer, build_text_encoder
-
-MODEL_CONFIGS = {
-    "diffusion": DiffusionConfig,
-    "gan": GANConfig,
-    "vae": VAEConfig,
-    "autoregressive": AutoregressiveConfig,
-}
 
 
 def warmup_cosine(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -57,6 +45,40 @@ def expand_prompts(prompts: list[str] | str, num_samples: int) -> list[str]:
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     return [p for p in prompts for _ in range(num_samples)]
+
+
+def drop_captions(captions: list[str], p: float, generator: torch.Generator | None = None) -> list[str]:
+    """Each caption replaced by ``""`` with probability ``p``: classifier-free guidance's condition
+    dropout (Ho & Salimans 2022), so one net also learns the unconditional model.
+
+    Draws ``len(captions)`` uniforms from ``generator`` (the global RNG when None), none when ``p <= 0``.
+    """
+    if p <= 0:
+        return list(captions)
+    drop = (torch.rand(len(captions), generator=generator) < p).tolist()
+    return ["" if d else cap for d, cap in zip(drop, captions, strict=True)]
+
+
+@torch.no_grad()
+def ema_update(
+    pairs: Iterable[tuple[nn.Module, nn.Module]], updates: torch.Tensor, max_decay: float
+) -> float:
+    """One EMA step of each ``(ema, live)`` module pair; returns the decay used.
+
+    The decay is warmed up as ``min(max_decay, (1 + n) / (10 + n))`` with ``n = updates`` (the
+    ``num_updates`` rule of TensorFlow's ``ExponentialMovingAverage``), so early EMA weights are not
+    mostly the random initialisation. Parameters move as ``ema.lerp_(live, 1 - decay)``; buffers
+    (e.g. norm statistics) are copied. ``updates`` (a 0-dim long tensor buffer) is incremented in place.
+    """
+    n = int(updates)
+    decay = min(max_decay, (1 + n) / (10 + n))
+    for ema, live in pairs:
+        for pe, pv in zip(ema.parameters(), live.parameters(), strict=True):
+            pe.lerp_(pv.detach().to(pe.dtype), 1.0 - decay)
+        for be, bl in zip(ema.buffers(), live.buffers(), strict=True):
+            be.copy_(bl)
+    updates += 1
+    return decay
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from aigc.models.base import GenerativeModule
+from aigc.models.base import GenerativeModule, drop_captions, ema_update
 from aigc.models.nets.unet import UNet, UNetConfig
 from aigc.models.schedulers import NoiseScheduler
 
@@ -90,11 +90,7 @@ class DiffusionModule(GenerativeModule):
     # -------------------------------------------------------------------------------- training
     def drop_captions(self, captions: list[str], generator: torch.Generator | None = None) -> list[str]:
         """Each caption replaced by ``""`` with probability ``cond_drop_prob`` (classifier-free guidance)."""
-        p = self.model_cfg.cond_drop_prob
-        if p <= 0:
-            return list(captions)
-        drop = (torch.rand(len(captions), generator=generator) < p).tolist()
-        return ["" if d else cap for d, cap in zip(drop, captions, strict=True)]
+        return drop_captions(captions, self.model_cfg.cond_drop_prob, generator)
 
     def loss(
         self,
@@ -141,17 +137,10 @@ class DiffusionModule(GenerativeModule):
         super().optimizer_step(*args, **kwargs)
         self.update_ema()
 
-    @torch.no_grad()
     def update_ema(self) -> None:
         """One EMA update of ``ema_unet`` and ``ema_text_encoder`` towards the trained weights."""
-        n = int(self.ema_updates)
-        decay = min(self.model_cfg.ema_decay, (1 + n) / (10 + n))
-        for ema, live in ((self.ema_unet, self.unet), (self.ema_text_encoder, self.text_encoder)):
-            for pe, pv in zip(ema.parameters(), live.parameters(), strict=True):
-                pe.lerp_(pv.detach().to(pe.dtype), 1.0 - decay)
-            for be, bl in zip(ema.buffers(), live.buffers(), strict=True):
-                be.copy_(bl)
-        self.ema_updates += 1
+        pairs = ((self.ema_unet, self.unet), (self.ema_text_encoder, self.text_encoder))
+        ema_update(pairs, self.ema_updates, self.model_cfg.ema_decay)
 
     # ------------------------------------------------------------------------------ generation
     def _guided(

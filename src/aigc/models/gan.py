@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from aigc.models.base import GenerativeModule, make_generator, warmup_cosine
+from aigc.models.base import GenerativeModule, ema_update, make_generator, warmup_cosine
 from aigc.models.nets.gan import Generator, ProjectionDiscriminator
 
 
@@ -187,17 +187,9 @@ class GANModule(GenerativeModule):
         self.log("train/d_real", d_real.mean(), batch_size=b)  # D's mean logits: who is winning
         self.log("train/d_fake", d_fake.mean(), batch_size=b)
 
-    @torch.no_grad()
     def _update_ema(self) -> None:
-        if self.generator_ema is None:
-            return
-        n = int(self.ema_updates)
-        decay = min(self.model_cfg.ema_decay, (1 + n) / (10 + n))
-        for p_ema, p in zip(self.generator_ema.parameters(), self.generator.parameters(), strict=True):
-            p_ema.lerp_(p.detach(), 1.0 - decay)
-        for b_ema, b in zip(self.generator_ema.buffers(), self.generator.buffers(), strict=True):
-            b_ema.copy_(b)
-        self.ema_updates += 1
+        if self.generator_ema is not None:
+            ema_update([(self.generator_ema, self.generator)], self.ema_updates, self.model_cfg.ema_decay)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         m = self.model_cfg
