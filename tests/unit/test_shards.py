@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tarfile
@@ -21,8 +22,9 @@ from aigc.data import (
     read_manifest,
     shard_name,
     verify_dataset,
+    version,
 )
-from aigc.data.manifest import sha256_file
+from aigc.data.manifest import DatasetNotFound, sha256_file, shard_location
 from aigc.data.sources import choose_val_keys
 
 
@@ -163,6 +165,84 @@ def test_read_manifest_names_the_folder(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(DatasetError, match="not valid JSON"):
         read_manifest(tmp_path)
+
+
+def _write_json(folder: Path, doc: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps(doc))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"channels": 2}, "channels is 2"),
+        ({"channels": True}, "channels is True"),
+        ({"image_size": 8.0}, "image_size is 8.0"),
+        ({"format": "webdataset"}, "format 'webdataset'"),
+        ({"source": "digits"}, "source is not a JSON object"),
+    ],
+)
+def test_read_manifest_rejects_what_is_not_an_aigc_manifest(digits_dataset, tmp_path, change, problem):
+    doc = {**read_manifest(digits_dataset), **change}
+    folder = _write_json(tmp_path / "bad", doc)
+    with pytest.raises(DatasetError, match=re.escape(problem)) as err:
+        read_manifest(folder)
+    assert str(folder / "manifest.json") in str(err.value) and "aigc data build" in str(err.value)
+
+
+def test_read_manifest_checks_shard_and_split_counts(digits_dataset, tmp_path):
+    doc = read_manifest(digits_dataset)
+    doc["splits"]["val"]["shards"][0]["num_samples"] = "100"
+    with pytest.raises(DatasetError, match="val-000000.tar: num_samples"):
+        read_manifest(_write_json(tmp_path / "a", doc))
+    doc = read_manifest(digits_dataset)
+    del doc["splits"]["train"]["num_samples"]
+    with pytest.raises(DatasetError, match=r"splits\.train\.num_samples is None, not its shards' total 1617"):
+        read_manifest(_write_json(tmp_path / "b", doc))
+    doc = read_manifest(digits_dataset)
+    doc["splits"]["val"]["shards"][1]["name"] = "../val-000001.tar"
+    with pytest.raises(DatasetError, match="not a plain file name"):
+        read_manifest(_write_json(tmp_path / "c", doc))
+
+
+def test_read_manifest_takes_the_manifest_file_and_reports_a_missing_one(digits_dataset, tmp_path):
+    assert read_manifest(digits_dataset / "manifest.json") == read_manifest(digits_dataset)
+    assert version(digits_dataset / "manifest.json") == read_manifest(digits_dataset)["digest"]
+    with pytest.raises(DatasetNotFound, match=re.escape(str(tmp_path / "nowhere" / "manifest.json"))) as err:
+        read_manifest(tmp_path / "nowhere")
+    assert isinstance(err.value, FileNotFoundError) and "`aigc data build`" in str(err.value)
+
+
+def test_read_manifest_reads_fsspec_urls_and_names_a_missing_one(digits_dataset, tmp_path):
+    # fsspec's in-memory filesystem stands in for s3:// or gs:// (same code path, no network).
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    root = f"/aigc-manifest-test-{tmp_path.name}"
+    url = f"memory://{root}/digits"
+    mem.pipe(f"{root}/digits/manifest.json", (digits_dataset / "manifest.json").read_bytes())
+    mem.pipe(f"{root}/broken/manifest.json", b"{not json")
+    try:
+        expected = read_manifest(digits_dataset)
+        assert (
+            read_manifest(url)
+            == read_manifest(url + "/")
+            == read_manifest(f"{url}/manifest.json")
+            == expected
+        )
+        assert version(url) == expected["digest"]  # DVC cannot be read through a URL: the digest
+        assert shard_location(f"{url}/manifest.json", "val-000000.tar") == f"{url}/val-000000.tar"
+        missing = f"memory://{root}/nowhere"
+        with pytest.raises(DatasetNotFound, match=re.escape(f"{missing}/manifest.json")) as err:
+            read_manifest(missing)
+        assert isinstance(err.value, FileNotFoundError) and "`aigc data build`" in str(err.value)
+        with pytest.raises(
+            DatasetError, match=re.escape(f"memory://{root}/broken/manifest.json: not valid JSON")
+        ):
+            read_manifest(f"memory://{root}/broken")
+    finally:
+        mem.rm(root, recursive=True)
 
 
 # ------------------------------------------------------------------------------------------ verify

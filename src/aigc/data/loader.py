@@ -34,14 +34,12 @@ shards.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -59,6 +57,8 @@ from aigc.data.loader_read import (
     log,
 )
 from aigc.data.loader_split import batches_per_epoch, epoch_shard_order, plan_slot
+from aigc.data.manifest import read_manifest, shard_location
+from aigc.data.version import version
 
 __all__ = ["BadDataError", "ShardDataModule", "ShardStream", "rank_and_world", "resolve_location"]
 
@@ -92,33 +92,6 @@ def resolve_location(cfg: DataConfig, location: str | os.PathLike | None = None)
         return str(project_root() / Path(cfg.root).expanduser() / cfg.name)
     loc = check_location(os.fspath(loc))
     return loc if "://" in loc else str(project_root() / Path(loc).expanduser())
-
-
-def _join(location: str, name: str) -> str:
-    return f"{location.rstrip('/')}/{name}" if "://" in location else os.path.join(location, name)
-
-
-def _load_manifest(location: str) -> dict[str, Any]:
-    url = _join(location, "manifest.json")
-    try:
-        with fsspec.open(url, "rb") as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{url}: no manifest.json (not a dataset folder, or not built yet: `aigc data build`)"
-        ) from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{url}: not valid JSON: {err}") from None
-    try:
-        for split in _SPLITS:
-            for shard in manifest["splits"].get(split, {"shards": []})["shards"]:
-                if not isinstance(shard["num_samples"], int) or "/" in shard["name"]:
-                    raise ValueError(f"bad shard entry {shard!r}")
-        if manifest["channels"] not in (1, 3) or not isinstance(manifest["image_size"], int):
-            raise ValueError("channels must be 1 or 3 and image_size an int")
-    except (KeyError, TypeError, AttributeError, ValueError) as err:
-        raise ValueError(f"{url}: not an aigc shard manifest ({type(err).__name__}: {err})") from None
-    return manifest
 
 
 class ShardStream(IterableDataset):
@@ -314,7 +287,7 @@ class ShardDataModule(pl.LightningDataModule):
     def manifest(self) -> dict[str, Any]:
         """The dataset's manifest (read once)."""
         if self._manifest is None:
-            manifest = _load_manifest(self.location)
+            manifest = read_manifest(self.location)
             if (manifest["image_size"], manifest["channels"]) != (self.cfg.image_size, self.cfg.channels):
                 raise ValueError(
                     f"{self.location}: dataset has image_size {manifest['image_size']} and channels "
@@ -326,8 +299,9 @@ class ShardDataModule(pl.LightningDataModule):
 
     @property
     def data_version(self) -> str:
-        """The manifest digest (md5 over every shard's sha256)."""
-        return str(self.manifest["digest"])
+        """The dataset's data version (:func:`aigc.data.version.version`: DVC's md5 of the folder
+        when DVC tracks it, else the manifest digest)."""
+        return version(self.location)
 
     def prepare_data(self) -> None:
         self.manifest  # noqa: B018 - fail early with a clear error if the dataset is missing
@@ -367,7 +341,7 @@ class ShardDataModule(pl.LightningDataModule):
         shards = self._shards(split)
         train = split == "train"
         return ShardStream(
-            [_join(self.location, s["name"]) for s in shards],
+            [shard_location(self.location, s["name"]) for s in shards],
             [int(s["num_samples"]) for s in shards],
             batch_size=self.cfg.batch_size,
             channels=self.manifest["channels"],

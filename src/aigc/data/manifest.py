@@ -1,5 +1,8 @@
 """The dataset manifest (``manifest.json``): reading, writing, the digest, and verification.
 
+:func:`read_manifest` is the one reader of a manifest, for local folders and fsspec URLs alike; it
+checks everything the builder guarantees and the loader, evaluator and CLI rely on.
+
 The manifest lists every shard with its sample count, size and sha256. Its ``digest`` (an md5 over
 the sorted ``(split, name, sha256)`` of all shards, 32 hex chars) is the data version when DVC does
 not track the folder. See ``/datasets/README.md`` for the full format.
@@ -18,8 +21,11 @@ __all__ = [
     "FORMAT",
     "MANIFEST_NAME",
     "DatasetError",
+    "DatasetNotFound",
     "compute_digest",
+    "manifest_location",
     "read_manifest",
+    "shard_location",
     "write_manifest",
     "sha256_file",
     "VerifyReport",
@@ -33,6 +39,10 @@ _REQUIRED = ("format", "name", "source", "image_size", "channels", "splits", "sk
 
 class DatasetError(ValueError):
     """A dataset folder or source that cannot be used; the message names the path."""
+
+
+class DatasetNotFound(DatasetError, FileNotFoundError):
+    """No manifest where a dataset should be; caught by ``except FileNotFoundError`` too."""
 
 
 def sha256_file(path: str | Path) -> str:
@@ -57,35 +67,113 @@ def compute_digest(splits: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def _manifest_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.name == MANIFEST_NAME else path / MANIFEST_NAME
+def _is_url(location: str) -> bool:
+    return "://" in location
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Load and check ``manifest.json`` of a dataset folder (or the manifest file itself)."""
-    mpath = _manifest_path(path)
-    if not mpath.is_file():
-        raise DatasetError(f"{mpath}: no manifest (not a dataset folder, or its build did not finish)")
+def manifest_location(location: str | os.PathLike[str]) -> str:
+    """Where the manifest of a dataset lives: ``location`` itself when it names ``manifest.json``,
+    else ``<location>/manifest.json`` (a local path, or a URL joined with ``/``)."""
+    loc = os.fspath(location)
+    if _is_url(loc):
+        loc = loc.rstrip("/")
+        return loc if loc.rsplit("/", 1)[-1] == MANIFEST_NAME else f"{loc}/{MANIFEST_NAME}"
+    path = Path(loc)
+    return str(path if path.name == MANIFEST_NAME else path / MANIFEST_NAME)
+
+
+def shard_location(location: str | os.PathLike[str], name: str) -> str:
+    """The path or URL of shard ``name`` of the dataset at ``location`` (what :func:`read_manifest` takes)."""
+    mloc = manifest_location(location)
+    if _is_url(mloc):
+        return f"{mloc.rsplit('/', 1)[0]}/{name}"
+    return str(Path(mloc).parent / name)
+
+
+def _not_found(where: str) -> DatasetNotFound:
+    return DatasetNotFound(
+        f"{where}: no manifest (not a shard dataset, or its build did not finish); "
+        "build it with `aigc data build`"
+    )
+
+
+def _read_bytes(where: str) -> bytes:
+    """The manifest's bytes; :class:`DatasetNotFound` when there is no file at ``where``."""
+    if not _is_url(where):
+        if not Path(where).is_file():
+            raise _not_found(where)
+        return Path(where).read_bytes()
+    import fsspec  # only URLs need it: `aigc data` commands on local folders stay light
+
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{mpath}: not valid JSON: {err}") from None
+        with fsspec.open(where, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        raise _not_found(where) from None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check(manifest: Any) -> str | None:
+    """What makes ``manifest`` not an aigc shard manifest, or None if nothing does."""
     if not isinstance(manifest, dict):
-        raise DatasetError(f"{mpath}: expected a JSON object")
+        return "expected a JSON object"
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
-        raise DatasetError(f"{mpath}: missing keys {', '.join(missing)}")
+        return f"missing keys {', '.join(missing)}"
     if manifest["format"] != FORMAT:
-        raise DatasetError(f"{mpath}: format {manifest['format']!r} is not {FORMAT!r}")
+        return f"format {manifest['format']!r} is not {FORMAT!r}"
+    types = {"name": str, "source": dict, "splits": dict, "skipped": dict, "digest": str}
+    for key, kind in types.items():
+        if not isinstance(manifest[key], kind):
+            return f"{key} is not a JSON {'object' if kind is dict else 'string'}"
+    if manifest["channels"] not in (1, 3) or isinstance(manifest["channels"], bool):
+        return f"channels is {manifest['channels']!r}, not 1 or 3"
+    if not _is_count(manifest["image_size"]) or manifest["image_size"] == 0:
+        return f"image_size is {manifest['image_size']!r}, not a positive int"
     for split, entry in manifest["splits"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
-            raise DatasetError(f"{mpath}: splits.{split} has no shard list")
+            return f"splits.{split} has no shard list"
         for shard in entry["shards"]:
-            if not {"name", "num_samples", "bytes", "sha256"} <= set(shard):
-                raise DatasetError(f"{mpath}: splits.{split} has a shard entry without name/sha256")
-            if "/" in shard["name"] or "\\" in shard["name"] or shard["name"].startswith("."):
-                raise DatasetError(f"{mpath}: shard name {shard['name']!r} is not a plain file name")
+            if not isinstance(shard, dict) or not {"name", "num_samples", "bytes", "sha256"} <= set(shard):
+                return f"splits.{split} has a shard entry without name/num_samples/bytes/sha256"
+            name = shard["name"]
+            if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+                return f"shard name {name!r} is not a plain file name"
+            if not (_is_count(shard["num_samples"]) and _is_count(shard["bytes"])):
+                return f"{name}: num_samples and bytes must be ints >= 0"
+        total = sum(shard["num_samples"] for shard in entry["shards"])
+        if entry.get("num_samples") != total or isinstance(entry.get("num_samples"), bool):
+            return (
+                f"splits.{split}.num_samples is {entry.get('num_samples')!r}, not its shards' total {total}"
+            )
+    return None
+
+
+def read_manifest(location: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load and check the manifest of a dataset.
+
+    ``location`` is a dataset folder, its ``manifest.json``, or an fsspec URL of either
+    (``s3://...``, ``memory://...``, ``file://...``). Raises :class:`DatasetNotFound` (also a
+    ``FileNotFoundError``) when there is no manifest, and :class:`DatasetError` when it is not valid
+    JSON or not an aigc shard manifest; both messages name the path or URL.
+    """
+    where = manifest_location(location)
+    data = _read_bytes(where)
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(
+            f"{where}: not valid JSON ({err}); rebuild the dataset with `aigc data build --overwrite`"
+        ) from None
+    problem = _check(manifest)
+    if problem:
+        raise DatasetError(
+            f"{where}: not an aigc shard manifest ({problem}); "
+            "rebuild the dataset with `aigc data build --overwrite`"
+        )
     return manifest
 
 

@@ -4,6 +4,9 @@ DVC records a tracked folder's hash as ``<md5>.dir`` in the ``outs`` of ``dvc.lo
 pipeline output) or of ``<folder>.dvc`` (for ``dvc add``). Both are read as plain YAML, which is
 much faster than importing dvc. The value is what DVC *recorded* at the last ``repro``/``add``/
 ``commit``; ``aigc data verify`` tells whether the files still match the manifest.
+
+:func:`version` is the one definition of the data version: the loader, the evaluator and the CLI
+all call it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from aigc.data.manifest import read_manifest
+from aigc.data.manifest import MANIFEST_NAME, read_manifest
 
 __all__ = ["version", "dvc_md5", "find_dvc_root"]
 
@@ -74,6 +77,19 @@ def dvc_md5(path: str | Path) -> str | None:
     return None
 
 
-def version(path: str | Path) -> str:
-    """DVC's md5 of the shard folder (with its ``.dir`` suffix), else the manifest digest."""
-    return dvc_md5(path) or read_manifest(path)["digest"]
+def version(location: str | os.PathLike[str]) -> str:
+    """The data version of a dataset: DVC's md5 of its folder (with the ``.dir`` suffix) when DVC
+    tracks it, else its manifest digest.
+
+    ``location`` is what :func:`~aigc.data.manifest.read_manifest` takes: a folder, its
+    ``manifest.json`` or an fsspec URL. A ``file://`` URL is a local folder; any other URL gets the
+    manifest digest, since DVC's files cannot be read through it.
+    """
+    loc = os.fspath(location)
+    scheme, sep, rest = loc.partition("://")
+    if sep and scheme != "file":
+        return read_manifest(loc)["digest"]
+    folder = Path(rest if sep else loc)
+    if folder.name == MANIFEST_NAME:
+        folder = folder.parent
+    return dvc_md5(folder) or read_manifest(folder)["digest"]

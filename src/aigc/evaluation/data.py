@@ -9,7 +9,6 @@ Samples without an image (img2dataset failures) are skipped.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -21,6 +20,8 @@ import fsspec
 import numpy as np
 import torch
 from PIL import Image
+
+from aigc.data.manifest import manifest_location, read_manifest, shard_location
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
@@ -36,46 +37,6 @@ class SplitData:
 
     def __len__(self) -> int:
         return len(self.captions)
-
-
-def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
-    """The parsed ``manifest.json`` of a shard folder; a clear error if it is missing or invalid."""
-    base = str(dataset_dir).rstrip("/")
-    url = f"{base}/manifest.json"
-    try:
-        with fsspec.open(url, "rt", encoding="utf-8") as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{url} not found: {base} is not a shard dataset (build it with `aigc data build`)"
-        ) from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{url}: not valid JSON: {err}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
-        raise ValueError(f"{url}: no 'splits' mapping")
-    return manifest
-
-
-def data_version(dataset_dir: str | Path) -> str:
-    """A content identifier of the dataset: ``aigc.data.version.version`` where that module exists,
-    else the manifest's ``digest``, else the sha256 of ``manifest.json`` (which lists every shard's
-    sha256, so it changes whenever the data does)."""
-    try:
-        from aigc.data.version import version  # written by the data helpers; optional here
-    except ImportError:
-        version = None
-    if version is not None:
-        try:
-            v = version(dataset_dir)
-            if v:
-                return str(v)
-        except (FileNotFoundError, ValueError, OSError):
-            pass  # an untracked folder: fall back to the manifest
-    manifest = read_manifest(dataset_dir)
-    if manifest.get("digest"):
-        return str(manifest["digest"])
-    blob = json.dumps(manifest, sort_keys=True).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()[:32]
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -96,11 +57,6 @@ def _decode_image(data: bytes, channels: int, where: str) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
 
 
-def _infer_channels(manifest: dict[str, Any]) -> int | None:
-    c = manifest.get("channels")
-    return int(c) if c in (1, 3) else None
-
-
 def read_split(
     dataset_dir: str | Path,
     split: str,
@@ -109,28 +65,24 @@ def read_split(
 ) -> SplitData:
     """Every sample of ``split`` in shard order (the first ``max_images`` when given).
 
-    ``channels`` (1 or 3) converts images; default the manifest's ``channels``, else the mode of
-    the first image. Labels are read from the json ``label`` field and kept only when every sample
-    has one.
+    ``channels`` (1 or 3) converts images; default the manifest's ``channels``. Labels are read
+    from the json ``label`` field and kept only when every sample has one. ``dataset_dir`` is what
+    :func:`~aigc.data.manifest.read_manifest` takes (a folder, its manifest or an fsspec URL).
     """
-    base = str(dataset_dir).rstrip("/")
-    manifest = read_manifest(base)
+    manifest = read_manifest(dataset_dir)
     if split not in manifest["splits"]:
-        raise KeyError(f"{base}/manifest.json has no split {split!r}; has {sorted(manifest['splits'])}")
-    channels = channels or _infer_channels(manifest)
+        have = sorted(manifest["splits"])
+        raise KeyError(f"{manifest_location(dataset_dir)} has no split {split!r}; has {have}")
+    channels = channels or int(manifest["channels"])
     images: list[np.ndarray] = []
     captions: list[str] = []
     labels: list[int | None] = []
     keys: list[str] = []
 
     def flush(key: str | None, sample: dict[str, bytes], where: str) -> None:
-        nonlocal channels
         img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if key is None or img_ext is None:
             return
-        if channels is None:
-            with Image.open(io.BytesIO(sample[img_ext])) as probe:
-                channels = 1 if probe.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
         arr = _decode_image(sample[img_ext], channels, f"{where}:{key}.{img_ext}")
         if images and arr.shape != images[0].shape:
             raise ValueError(
@@ -151,8 +103,8 @@ def read_split(
         )
         keys.append(key)
 
-    for shard in manifest["splits"][split].get("shards", []):
-        url = f"{base}/{shard['name']}"
+    for shard in manifest["splits"][split]["shards"]:
+        url = shard_location(dataset_dir, shard["name"])
         key: str | None = None
         sample: dict[str, bytes] = {}
         with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
@@ -175,7 +127,7 @@ def read_split(
         if max_images is not None and len(images) >= max_images:
             break
     if not images:
-        raise ValueError(f"{base}: split {split!r} holds no images")
+        raise ValueError(f"{dataset_dir}: split {split!r} holds no images")
     images_t = torch.from_numpy(np.stack(images))
     labels_t = None if any(v is None for v in labels) else torch.tensor(labels, dtype=torch.long)
     return SplitData(images=images_t, captions=captions, labels=labels_t, keys=keys)

@@ -38,7 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from aigc.evaluation.data import data_version, read_manifest, read_split
+from aigc.data.manifest import read_manifest
+from aigc.data.version import version as data_version
+from aigc.evaluation.data import read_split
 from aigc.evaluation.evaluator import ReferenceEvaluator
 from aigc.evaluation.metrics import (
     frechet_distance,
@@ -182,8 +184,7 @@ def evaluation_prompts(
     """
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2, got {num_samples}")
-    source = read_manifest(dataset_dir).get("source")
-    if (source.get("type") if isinstance(source, dict) else source) == "digits":
+    if read_manifest(dataset_dir)["source"].get("type") == "digits":
         from aigc.data.captions import heldout_captions
 
         labels = [i % 10 for i in range(num_samples)]
