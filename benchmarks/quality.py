@@ -27,7 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("diffusion", "gan", "vae", "autoregressive")
+from aigc.config import FAMILIES
 
 
 def _step_timer():
@@ -101,6 +101,7 @@ def run_family(family: str, data: Path, args: argparse.Namespace, evaluator: Any
     from aigc.evaluation import evaluate_model
     from aigc.models import build_module
     from aigc.models.text import Tokenizer
+    from aigc.training.trainer import build_trainer
 
     yaml_path = project_root() / "models" / f"{family}.yaml"
     # Lightning's own max_steps stays out of the way; the clock (max_time) ends training.
@@ -112,28 +113,22 @@ def run_family(family: str, data: Path, args: argparse.Namespace, evaluator: Any
     tokenizer = Tokenizer.build(read_captions(data, "train"))
     module = build_module(cfg, tokenizer, cfg.data.image_size, cfg.data.channels)
     dm = ShardDataModule(cfg.data, location=data, seed=cfg.trainer.seed)
-    manual = not module.automatic_optimization  # the GAN steps its own optimisers and clips itself
     use_gpu = torch.cuda.is_available() and not args.cpu
-    precision = lightning_precision(args.precision or cfg.trainer.precision, use_gpu)  # as aigc train
+    if args.precision:
+        cfg.trainer.precision = args.precision
+    precision = lightning_precision(cfg.trainer.precision, use_gpu)  # what build_trainer uses
     timer = _step_timer()
     callbacks = [timer]
     if not args.max_steps:
         callbacks.append(_clock_schedule(module, args.seconds))
-    trainer = pl.Trainer(
-        max_steps=cfg.trainer.max_steps,
-        max_time=timedelta(seconds=args.seconds),
-        accelerator="gpu" if use_gpu else "cpu",
-        devices=1,
-        precision=precision,
-        gradient_clip_val=None if manual else cfg.trainer.grad_clip,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=False,
+    # aigc train's Trainer settings, on one device, with no validation and the clock as the limit.
+    trainer = build_trainer(
+        module,
+        cfg.trainer,
+        use_gpu=use_gpu,
         callbacks=callbacks,
+        max_time=timedelta(seconds=args.seconds),
+        limit_val_batches=0,
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)

@@ -23,9 +23,10 @@ from typing import Any
 import pytest
 import torch
 
+from aigc.config import FAMILIES
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-FAMILIES = ("diffusion", "gan", "vae", "autoregressive")
 STEPS = 300
 LOSS_KEY = {
     "diffusion": "train/loss",
@@ -70,11 +71,12 @@ def test_bf16_mixed_trains_and_generates_on_gpu(family: str, digits_dataset: Pat
     import pytorch_lightning as pl
 
     from aigc import project_root
-    from aigc.config import lightning_precision, load_config
+    from aigc.config import load_config
     from aigc.data.captions_io import read_captions
     from aigc.data.loader import ShardDataModule
     from aigc.models import build_module
     from aigc.models.text import Tokenizer
+    from aigc.training.trainer import build_trainer
 
     cfg = load_config(
         project_root() / "models" / f"{family}.yaml",
@@ -85,21 +87,8 @@ def test_bf16_mixed_trains_and_generates_on_gpu(family: str, digits_dataset: Pat
     module = build_module(cfg, tokenizer, cfg.data.image_size, cfg.data.channels)
     record = _Record(LOSS_KEY[family])
     record.hook(module)
-    manual = not module.automatic_optimization
-    trainer = pl.Trainer(
-        max_steps=STEPS,
-        accelerator="gpu",
-        devices=1,
-        precision=lightning_precision(cfg.trainer.precision, use_gpu=True),
-        gradient_clip_val=None if manual else cfg.trainer.grad_clip,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[record.callback],
-    )
+    # aigc train's Trainer (precision through lightning_precision), on the GPU, no validation.
+    trainer = build_trainer(module, use_gpu=True, callbacks=[record.callback], limit_val_batches=0)
     trainer.fit(module, datamodule=ShardDataModule(cfg.data, location=digits_dataset, seed=0))
 
     assert trainer.global_step == STEPS

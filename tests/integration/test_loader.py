@@ -12,10 +12,13 @@ import pytest
 import torch
 from loader_shards import all_keys, truncate, write_dataset
 
-from aigc.config import DataConfig
+from aigc.config import DataConfig, TrainerConfig
 from aigc.data.loader import BadDataError, ShardDataModule, resolve_location
 from aigc.data.loader_read import TarFormatError, iter_tar_files
+from aigc.data.manifest import DatasetError
 from aigc.data.shards import iter_tar_samples, read_manifest
+from aigc.data.version import version
+from aigc.training.trainer import build_trainer
 
 
 def _cfg(**kw) -> DataConfig:
@@ -123,6 +126,21 @@ def test_other_fsspec_filesystems(tmp_path: Path) -> None:
         assert dm.data_version == manifest["digest"]
     finally:
         mem.rm("/loader-test", recursive=True)
+
+
+@pytest.mark.timeout(60)
+def test_data_version_of_a_dvc_tracked_folder_is_its_dvc_md5(tmp_path: Path) -> None:
+    # A folder added with `dvc add` in a DVC repo: its data version is the md5 DVC recorded, as
+    # for every other consumer of aigc.data.version, not the manifest digest.
+    repo = tmp_path / "repo"
+    (repo / ".dvc").mkdir(parents=True)
+    folder = repo / "datasets" / "small"
+    manifest = write_dataset(folder, {"train": [6, 5], "val": [3]})
+    md5 = "0123456789abcdef0123456789abcdef.dir"
+    (folder.parent / "small.dvc").write_text(f"outs:\n- md5: {md5}\n  size: 1\n  path: small\n")
+    dm = ShardDataModule(_cfg(batch_size=4), folder)
+    assert dm.data_version == version(folder) == md5 != manifest["digest"]
+    assert ShardDataModule(_cfg(batch_size=4), folder.as_uri()).data_version == md5
 
 
 @pytest.mark.timeout(60)
@@ -253,8 +271,9 @@ def test_locations_resolve_against_the_project_root(tmp_path: Path, monkeypatch)
 
 @pytest.mark.timeout(30)
 def test_missing_dataset_and_config_mismatch_are_clear_errors(tmp_path: Path, digits_dataset: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")) as err:
         ShardDataModule(_cfg(), tmp_path / "nowhere").train_dataloader()
+    assert isinstance(err.value, DatasetError) and "aigc data build" in str(err.value)
     with pytest.raises(ValueError, match="channels 3"):
         ShardDataModule(_cfg(channels=3), digits_dataset).train_dataloader()
 
@@ -286,17 +305,9 @@ def test_lightning_fit_uses_trainer_epoch(tmp_path: Path) -> None:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     model, dm = Recorder(), ShardDataModule(_cfg(batch_size=4, shuffle_buffer=8), folder)
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
+    # Two epochs of 9 batches, validating (every val batch) at the end of each: aigc train's Trainer.
+    tc = TrainerConfig(max_steps=18, val_every_steps=9, limit_val_batches=1000, grad_clip=None)
+    trainer = build_trainer(model, tc, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
     assert trainer.num_training_batches == dm.batches_per_epoch("train") == 9
     assert sorted(model.keys[0]) == sorted(model.keys[1]) == sorted(all_keys(read_manifest(folder), "train"))

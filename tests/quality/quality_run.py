@@ -1,11 +1,11 @@
 """The shared train-then-evaluate loop of the quality tests (issue 3).
 
 Each ``test_<family>_quality.py`` trains its shipped ``models/<family>.yaml`` as it is, for the
-config's ``trainer.max_steps`` (calibrated over 3 seeds, see ``models/<family>.md``), with a plain
-Lightning Trainer in this process on one CPU thread (the ``one_torch_thread`` fixture), then
-measures 500 samples generated from the held-out caption template with the digits reference
-evaluator against the same model untrained. ``AIGC_QUALITY_SEED`` replaces ``trainer.seed`` (how
-the calibration reran them).
+config's ``trainer.max_steps`` (calibrated over 3 seeds, see ``models/<family>.md``), with the
+Trainer of ``aigc train`` (``aigc.training.trainer.build_trainer``) in this process on one CPU
+thread (the ``one_torch_thread`` fixture), then measures 500 samples generated from the held-out
+caption template with the digits reference evaluator against the same model untrained.
+``AIGC_QUALITY_SEED`` replaces ``trainer.seed`` (how the calibration reran them).
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def train_and_evaluate(cfg, dataset: Path, evaluator, *, validate: bool = False)
     from aigc.evaluation import evaluate_model
     from aigc.models import build_module
     from aigc.models.text import Tokenizer
+    from aigc.training.trainer import build_trainer
 
     tokenizer = Tokenizer.build(read_captions(dataset, "train"))
     size, channels = cfg.data.image_size, cfg.data.channels
@@ -72,24 +73,9 @@ def train_and_evaluate(cfg, dataset: Path, evaluator, *, validate: bool = False)
     module = build_module(cfg, tokenizer, size, channels)
     untrained = evaluate_model(module, evaluator, dataset, num_samples=500, seed=0)
     data = ShardDataModule(cfg.data, location=dataset, seed=cfg.trainer.seed)
-    quiet = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    # The GAN steps its own optimisers and clips with trainer.grad_clip itself.
-    clip = cfg.trainer.grad_clip if module.automatic_optimization else None
-    fit = pl.Trainer(
-        max_steps=cfg.trainer.max_steps,
-        deterministic=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        gradient_clip_val=clip,
-        **quiet,
-    )
+    # aigc train's own Trainer settings, on this process's CPU, with no validation during training
+    # (it would consume RNG and change the calibrated runs).
+    fit = build_trainer(module, limit_val_batches=0)
     start = time.perf_counter()
     fit.fit(module, datamodule=data)
     train_seconds = time.perf_counter() - start
@@ -98,7 +84,7 @@ def train_and_evaluate(cfg, dataset: Path, evaluator, *, validate: bool = False)
 
     run = QualityRun(module, evaluate_model(module, evaluator, dataset, num_samples=500, seed=0), untrained)
     if validate:
-        val = pl.Trainer(limit_val_batches=cfg.trainer.limit_val_batches, **quiet)
+        val = build_trainer(module)
         fresh = build_module(cfg, tokenizer, size, channels)
         run.val_loss = val.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
         run.val_loss_untrained = val.validate(fresh, datamodule=data, verbose=False)[0]["val/loss"]

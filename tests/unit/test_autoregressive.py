@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from aigc.config import AutoregressiveConfig, ConfigError, load_config
 from aigc.models import build_module
 from aigc.models.autoregressive import AutoregressiveModule, dequantise, quantise
+from aigc.models.base import drop_captions
 from aigc.models.export import export_model, load_export
 from aigc.models.nets.transformer import GPT, GPTConfig
 from aigc.models.text import Tokenizer
+from aigc.training.trainer import build_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPTIONS = ["a handwritten digit seven", "the number 3 written by hand", "a drawing of the digit 1"]
@@ -135,9 +139,53 @@ def test_bad_options_are_errors() -> None:
         m.generate(CAPTIONS, seed=0, top_k=0)
 
 
-def test_condition_dropout_empties_captions() -> None:
-    assert make(cond_drop_prob=1.0)._drop_captions(CAPTIONS) == ["", "", ""]
-    assert make(cond_drop_prob=0.0)._drop_captions(CAPTIONS) == CAPTIONS
+def test_condition_dropout_empties_captions_in_training() -> None:
+    x = images(3, 1, 8)
+    m = make(cond_drop_prob=1.0)
+    with torch.no_grad():
+        dropped = m.training_step({"image": x, "caption": CAPTIONS}, 0)
+        assert torch.equal(dropped, m.loss(x, ["", "", ""]))
+    m = make(cond_drop_prob=0.0)
+    with torch.no_grad():
+        assert torch.equal(m.training_step({"image": x, "caption": CAPTIONS}, 0), m.loss(x, CAPTIONS))
+
+
+def test_condition_dropout_draws_from_the_global_rng_only_when_on() -> None:
+    torch.manual_seed(0)
+    assert drop_captions(CAPTIONS, 0.0) == CAPTIONS
+    after_off = torch.rand(1)
+    torch.manual_seed(0)
+    assert drop_captions(CAPTIONS, 0.5) == drop_captions(CAPTIONS, 0.5, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    assert torch.equal(after_off, torch.rand(1))  # p = 0 consumed nothing
+
+
+# ------------------------------------------------------------------------------------ validation
+def test_validation_ignores_padding_rows() -> None:
+    m = make()
+    batch = {
+        "image": images(4, 1, 8),
+        "caption": (CAPTIONS * 2)[:4],
+        "valid": torch.ones(4, dtype=torch.bool),
+    }
+    padded = dict(
+        batch,
+        image=torch.cat([batch["image"], -batch["image"][:2]]),  # repeats of rows 0-1, other pixels
+        caption=batch["caption"] + batch["caption"][:2],
+        valid=torch.cat([batch["valid"], torch.zeros(2, dtype=torch.bool)]),
+    )
+    with torch.no_grad():  # the padding rows would move the loss if they were counted
+        assert m.loss(padded["image"], padded["caption"]).item() != pytest.approx(
+            m.loss(batch["image"], batch["caption"]).item(), rel=1e-3
+        )
+    trainer = build_trainer(m)
+    trainer.validate(m, DataLoader([batch], batch_size=None), verbose=False)
+    clean = trainer.callback_metrics["val/loss"].item()
+    trainer.validate(m, DataLoader([padded], batch_size=None), verbose=False)
+    assert trainer.callback_metrics["val/loss"].item() == pytest.approx(clean, rel=1e-5)
+    bits = trainer.callback_metrics["val/bits_per_dim"].item()
+    assert bits == pytest.approx(clean / math.log(2), rel=1e-5)
+    assert m.validation_step(dict(batch, valid=torch.zeros(4, dtype=torch.bool)), 0) is None
 
 
 # ------------------------------------------------------------------------- configs and exports

@@ -16,6 +16,7 @@ from aigc.data.captions import digit_caption
 from aigc.models.diffusion import DiffusionModule
 from aigc.models.export import export_model, load_checkpoint, load_export, load_model
 from aigc.models.text import Tokenizer
+from aigc.training.trainer import build_trainer
 
 CAPTIONS = [digit_caption(i % 10, f"k{i}") for i in range(32)]
 MODEL = {
@@ -51,20 +52,9 @@ def _module() -> DiffusionModule:
     )
 
 
-def _trainer(tmp_path: Path, max_steps: int) -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=False,
-        limit_val_batches=1,
-        val_check_interval=3,
-        num_sanity_val_steps=0,
-        default_root_dir=str(tmp_path),
+def _trainer(module: DiffusionModule, tmp_path: Path, max_steps: int) -> pl.Trainer:
+    return build_trainer(
+        module, max_steps=max_steps, limit_val_batches=1, val_check_interval=3, default_root_dir=str(tmp_path)
     )
 
 
@@ -74,7 +64,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[DiffusionModule, 
     tmp = tmp_path_factory.mktemp("ckpt")
     pl.seed_everything(0, verbose=False)
     m = _module()
-    trainer = _trainer(tmp, 3)
+    trainer = _trainer(m, tmp, 3)
     loader = DataLoader(Digits(), batch_size=8, shuffle=True)
     trainer.fit(m, loader, DataLoader(Digits(), batch_size=8))
     assert {"train/loss", "val/loss"} <= set(trainer.callback_metrics)
@@ -103,7 +93,7 @@ def test_checkpoint_loads_with_weights_only_and_gives_the_same_samples(trained) 
 def test_lightning_resumes_from_the_checkpoint(trained, tmp_path: Path) -> None:
     _, path = trained
     fresh = _module()
-    trainer = _trainer(tmp_path, 5)
+    trainer = _trainer(fresh, tmp_path, 5)
     trainer.fit(fresh, DataLoader(Digits(), batch_size=8, shuffle=True), ckpt_path=str(path))
     assert trainer.global_step == 5
     assert int(fresh.ema_updates) == 5  # the EMA warm-up continues where it stopped

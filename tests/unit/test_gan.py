@@ -16,6 +16,7 @@ from aigc.models.base import warmup_cosine
 from aigc.models.export import export_model, load_export
 from aigc.models.gan import GANModule, discriminator_loss, generator_loss, sample_latent
 from aigc.models.text import Tokenizer
+from aigc.training.trainer import build_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"base_channels": 8, "latent_dim": 8, "cond_dim": 8, "text": {"dim": 16, "layers": 1, "heads": 2}}
@@ -99,17 +100,8 @@ def test_optimisers_split_players_and_schedule_in_optimiser_steps(tokenizer: Tok
     assert len(scheds) == 2
 
 
-def _trainer(max_steps: int) -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=False,
-    )
+def _trainer(gan: GANModule, max_steps: int) -> pl.Trainer:
+    return build_trainer(gan, max_steps=max_steps)
 
 
 @pytest.mark.timeout(60)
@@ -128,7 +120,7 @@ def test_training_steps_count_both_optimisers_and_d_learns(tokenizer: Tokenizer,
 
     before = d_loss()
     ema_before = [p.clone() for p in gan.generator_ema.parameters()]
-    trainer = _trainer(max_steps=60)
+    trainer = _trainer(gan, max_steps=60)
     trainer.fit(gan, DataLoader([batch] * 100, batch_size=None))
     # global_step counts every optimiser step: 60 steps = 20 batches of 2 D + 1 G updates.
     assert trainer.global_step == 60
@@ -143,7 +135,7 @@ def test_training_steps_count_both_optimisers_and_d_learns(tokenizer: Tokenizer,
 
 def test_validation_logs_val_loss(tokenizer: Tokenizer, bar_batch) -> None:
     gan = make(tokenizer)
-    trainer = _trainer(max_steps=1)
+    trainer = _trainer(gan, max_steps=1)
     trainer.validate(gan, DataLoader([bar_batch()] * 2, batch_size=None), verbose=False)
     first = trainer.callback_metrics["val/loss"].item()
     assert first > 0

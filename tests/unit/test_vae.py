@@ -16,6 +16,7 @@ from aigc.models import build_module
 from aigc.models.export import export_model, load_export
 from aigc.models.text import Tokenizer
 from aigc.models.vae import VAEModule, gaussian_nll, kl_per_dim
+from aigc.training.trainer import build_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"base_channels": 8, "latent_dim": 4, "cond_dim": 8, "text": {"dim": 16, "layers": 1, "heads": 2}}
@@ -106,17 +107,7 @@ def test_a_few_steps_lower_the_loss(tokenizer: Tokenizer, bar_batch) -> None:
             return (recon.mean() + kl.sum(1).mean()).item()
 
     before = neg_elbo()
-    trainer = pl.Trainer(
-        max_steps=30,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=1,
-        val_check_interval=10,
-    )
+    trainer = build_trainer(vae, limit_val_batches=1, val_check_interval=10)
     trainer.fit(vae, DataLoader([batch] * 40, batch_size=None), DataLoader([batch], batch_size=None))
     assert trainer.global_step == 30
     assert neg_elbo() < before - 10  # nats per image (87 -> 62 here)
@@ -135,7 +126,7 @@ def test_validation_ignores_padding_rows(tokenizer: Tokenizer, bar_batch) -> Non
         caption=batch["caption"] + batch["caption"][:4],
         valid=torch.cat([batch["valid"], torch.zeros(4, dtype=torch.bool)]),
     )
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    trainer = build_trainer(vae)
     trainer.validate(vae, DataLoader([batch], batch_size=None), verbose=False)
     clean = trainer.callback_metrics["val/loss"].item()
     trainer.validate(vae, DataLoader([padded], batch_size=None), verbose=False)
