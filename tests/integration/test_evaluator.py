@@ -140,11 +140,26 @@ def test_evaluate_model_is_deterministic_and_the_cli_reports_the_same(evaluator,
         "--cache-dir",
         str(cache),
     ]
+    # --run records the figures in an MLflow run, as aigc train's final evaluation does (one
+    # function: aigc.evaluation.final), with the provenance that makes them comparable.
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from aigc.tracking import start_job_run
+
+    run_id = start_job_run(uri, "evaluate-test")
+    args += ["--run", run_id, "--tracking-uri", uri, "--threads", "1"]
     run = CliRunner().invoke(app, args)
     assert run.exit_code == 0, run.output
     assert "eval/fd" in run.output and "evaluator_hash" in run.output
+    assert "evaluating: 60 samples (seed 1)" in run.output  # progress (stderr is mixed in)
     written = json.loads(out.read_text())
     assert written["eval/fd"] == pytest.approx(a["eval/fd"], rel=1e-9) and comparable(written, a)
+    recorded = MlflowClient(uri).get_run(run_id).data
+    assert recorded.metrics["eval/fd"] == pytest.approx(a["eval/fd"], rel=1e-9)
+    assert recorded.metrics["eval/cond_accuracy"] == pytest.approx(a["eval/cond_accuracy"])
+    assert recorded.tags["aigc.eval.evaluator_hash"] == a["evaluator_hash"]
+    assert recorded.tags["aigc.eval.num_samples"] == "60" and recorded.tags["aigc.eval.seed"] == "1"
 
     bad = CliRunner().invoke(
         app,

@@ -87,7 +87,7 @@ def tiny_overrides(family: str, tmp: Path, dataset: Path, steps: int = 20, worke
 def ray_local():
     import ray
 
-    from aigc.training.launcher import init_ray
+    from aigc.training.cluster import init_ray
 
     init_ray(None)
     yield
@@ -100,7 +100,7 @@ def losses(uri: str, run_id: str, key: str = "train/loss") -> dict[int, float]:
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("family", ["diffusion", "gan", "vae", "autoregressive"])
-def test_every_family_trains_on_two_workers(family, ray_local, digits_dataset, tmp_path, monkeypatch):
+def test_every_family_trains_on_two_workers(family, ray_local, digits_dataset, tmp_path, monkeypatch, capsys):
     from aigc.training import train
 
     keys_dir = tmp_path / "keys"
@@ -151,7 +151,14 @@ def test_every_family_trains_on_two_workers(family, ray_local, digits_dataset, t
     ]
     assert seen[0] and seen[1]
     assert not seen[0] & seen[1]
+    # The final grid is made once, by rank 0 at the end of training, and logged as an artifact.
+    assert result.sample_grid == f"{tmp_path / 'runs'}/t-{family}/samples-final.png"
+    assert "samples-final.png" in [a.path for a in client.list_artifacts(result.run_id)]
     if evaluate:
+        # The long step after training says what it is doing, on the cores the job was given.
+        err = capsys.readouterr().err
+        assert f"final evaluation of step 20 on {min(os.cpu_count() or 1, 2)} thread(s)" in err, err
+        assert "evaluating: 100 samples" in err and "evaluated in" in err, err
         figures = json.loads(metrics_out.read_text())
         for key in ("eval/fd", "eval/clip_score", "eval/cond_accuracy"):
             assert key in figures
@@ -213,27 +220,92 @@ def test_seeded_runs_are_deterministic(ray_local, digits_dataset, tmp_path):
 def test_resume_continues_a_stopped_run_into_the_same_mlflow_run(
     ray_local, digits_dataset, tmp_path, monkeypatch
 ):
+    from aigc.data.manifest import DatasetError
     from aigc.training import TrainError, train
 
     # A project root with no datasets/: the resumed job must stream the data its saved config names.
     monkeypatch.setenv("AIGC_PROJECT_ROOT", str(tmp_path))
+    data = _copy_dataset(digits_dataset, tmp_path)
 
-    overrides = tiny_overrides("autoregressive", tmp_path, digits_dataset, steps=10, workers=1)
+    overrides = tiny_overrides("autoregressive", tmp_path, data, steps=10, workers=1)
     first = train(None, overrides, name="cont", evaluate=False)
     with pytest.raises(TrainError, match="already exists"):
         train(None, overrides, name="cont", evaluate=False)
-    # --resume finds the run under the configured storage path and keeps its saved config.
-    second = train(
-        None,
-        [f"scaling.storage_path={tmp_path / 'runs'}", "trainer.max_steps=20"],
-        resume="cont",
-        evaluate=False,
-    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    resume_args = [f"scaling.storage_path={tmp_path / 'runs'}", "trainer.max_steps=20"]
+
+    # A resume that fails after reopening the run (here: a val shard went bad, read for the sample
+    # grid prompts) ends the run FAILED with the error, never RUNNING.
+    shard = _val_shard(data)
+    good = _truncate(shard)
+    with pytest.raises(DatasetError, match=shard.name):
+        train(None, resume_args, resume="cont", evaluate=False, messages=None)
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FAILED"
+    assert shard.name in run.data.tags["aigc.error"]
+    shard.write_bytes(good)
+
+    # --resume finds the run under the configured storage path and keeps its saved config; it
+    # reaches the store its job file names, not a dead server the environment now points at.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
+    second = train(None, resume_args, resume="cont", evaluate=False)
     assert second.run_id == first.run_id
     assert second.global_step == 20
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert MlflowClient(uri).get_run(first.run_id).info.status == "FINISHED"
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert "aigc.error" not in run.data.tags  # the failed attempt is history
     assert sorted(losses(uri, first.run_id)) == [5, 10, 15, 20]
+    # The job file now records the resumed config: a later --resume continues from max_steps=20.
+    job = json.loads((tmp_path / "runs" / "cont" / "aigc-job.json").read_text())
+    assert job["run"]["trainer"]["max_steps"] == 20
+    assert job["run_id"] == first.run_id and job["tracking_uri"] == uri
+
+
+def _copy_dataset(dataset: Path, tmp: Path) -> Path:
+    """A private copy of the session's digits shards, for tests that damage them."""
+    import shutil
+
+    return Path(shutil.copytree(dataset, tmp / "data" / dataset.name))
+
+
+def _truncate(shard: Path) -> bytes:
+    """Cut a tar inside its first member's data (tarfile reads a tar cut at a member boundary as a
+    shorter, valid one); returns the original bytes."""
+    good = shard.read_bytes()
+    shard.write_bytes(good[:700])
+    return good
+
+
+def _val_shard(dataset: Path) -> Path:
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    return dataset / manifest["splits"]["val"]["shards"][0]["name"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("point", ["sample prompts", "job file"])
+def test_a_failure_after_the_run_opens_ends_it_failed(point, digits_dataset, tmp_path):
+    """Once the MLflow run is open every failure ends it FAILED with aigc.error, before Ray starts:
+    a corrupt val shard (read for the sample-grid prompts), an unwritable storage path (job file)."""
+    from aigc.training import train
+
+    data = _copy_dataset(digits_dataset, tmp_path)
+    overrides = tiny_overrides("diffusion", tmp_path, data)
+    if point == "sample prompts":
+        shard = _val_shard(data)
+        _truncate(shard)
+        expected = shard.name
+    else:
+        (tmp_path / "a-file").write_text("not a folder")
+        overrides.append(f"scaling.storage_path={tmp_path / 'a-file' / 'runs'}")
+        expected = "a-file"
+    with pytest.raises(Exception, match=expected):
+        train(None, overrides, name="doomed", evaluate=False, messages=None)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_name for r in runs] == ["doomed"]
+    assert runs[0].info.status == "FAILED"
+    assert expected in runs[0].data.tags["aigc.error"]
 
 
 def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 120):
@@ -308,8 +380,8 @@ def test_two_node_cluster_on_loopback_places_one_worker_per_node(digits_dataset,
     port = _free_port()
     address = f"127.0.0.1:{port}"
     ray_bin = str(Path(sys.executable).parent / "ray")
-    # STACK-NOTES: this keeps every Ray process on 127.0.0.1 on Linux; and `ray start` turns token
-    # authentication on, so clients must send the token.
+    # docs/stack-pitfalls.md: this keeps every Ray process on 127.0.0.1 on Linux; and `ray start`
+    # turns token authentication on, so clients must send the token.
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
     # With that variable `ray start --address` refuses to join; the wrapper lifts only the refusal.
     join = [sys.executable, str(Path(__file__).with_name("ray_loopback_node.py"))]

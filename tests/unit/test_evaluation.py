@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from aigc.data.manifest import FORMAT, compute_digest
+from aigc.data.version import version as data_version
 from aigc.evaluation import (
     EvaluatorConfig,
     ReferenceEvaluator,
@@ -26,7 +27,7 @@ from aigc.evaluation import (
     evaluate_images,
     reference_evaluator,
 )
-from aigc.evaluation.data import data_version, read_split
+from aigc.evaluation.data import read_split
 from aigc.evaluation.metrics import (
     frechet_distance,
     group_diversity,
@@ -83,6 +84,7 @@ def write_tiny_dataset(folder: Path, n_train: int = 32, n_val: int = 12, labels:
                     _add(tar, f"{key}.pyd", b"\x80\x04 not to be unpickled")
         data = (folder / name).read_bytes()
         splits[split] = {
+            "num_samples": n,
             "shards": [
                 {
                     "name": name,
@@ -90,7 +92,7 @@ def write_tiny_dataset(folder: Path, n_train: int = 32, n_val: int = 12, labels:
                     "bytes": len(data),
                     "sha256": hashlib.sha256(data).hexdigest(),
                 }
-            ]
+            ],
         }
     manifest = {
         "format": FORMAT,
@@ -321,8 +323,13 @@ def test_training_uses_its_own_thread_count_and_restores_the_callers(tiny, monke
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        # The caller's thread count (aigc train passes the cores its job was given) ...
+        monkeypatch.delenv("AIGC_EVALUATOR_THREADS", raising=False)
+        assert train_evaluator(tiny, TINY, threads=3).info["torch_threads"] == 3
+        assert torch.get_num_threads() == 2
+        # ... unless the operator's variable says otherwise.
         monkeypatch.setenv("AIGC_EVALUATOR_THREADS", "1")
-        ev = train_evaluator(tiny, TINY)
+        ev = train_evaluator(tiny, TINY, threads=3)
         assert ev.info["torch_threads"] == 1 and torch.get_num_threads() == 2
         assert ev.path is None and ev.hash is None  # not saved
         monkeypatch.setenv("AIGC_EVALUATOR_THREADS", "many")

@@ -63,10 +63,21 @@ def register(app: typer.Typer) -> None:
         cache_dir: Path | None = typer.Option(
             None, "--cache-dir", help="evaluator cache; default .cache/evaluators"
         ),
+        threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads; default torch's"),
+        run_id: str | None = typer.Option(
+            None,
+            "--run",
+            help="also record the figures (eval/* metrics, aigc.eval.* tags) in this run",
+        ),
+        tracking_uri: str | None = typer.Option(
+            None,
+            "--tracking-uri",
+            help="store of --run; default MLFLOW_TRACKING_URI or mlflow/mlflow.db",
+        ),
     ) -> None:
         """Generate images from the evaluation prompts and measure FD, CLIP score, accuracy and guards."""
         from aigc import project_root
-        from aigc.evaluation import evaluate_model, reference_evaluator
+        from aigc.evaluation.final import final_evaluation, log_evaluation
         from aigc.models.export import load_model
 
         dataset = data if data is not None else project_root() / "datasets" / "digits"
@@ -75,20 +86,31 @@ def register(app: typer.Typer) -> None:
         try:
             options = parse_options(set_)
             module = load_model(model)
-            evaluator = reference_evaluator(
-                dataset, cache_dir=cache_dir, progress=lambda m: typer.echo(m, err=True)
-            )
-            result = evaluate_model(
+            result = final_evaluation(
                 module,
-                evaluator,
                 dataset,
                 num_samples=num_samples,
                 seed=seed,
                 batch_size=batch_size,
+                threads=threads,
+                cache_dir=cache_dir,
+                progress=lambda m: typer.echo(m, err=True),
                 **options,
             )
         except (FileNotFoundError, KeyError, ValueError) as err:
             fail(str(err).strip("'\""))
+        if run_id is not None:
+            from mlflow.exceptions import MlflowException
+
+            from aigc.tracking import TrackingUnavailable, ensure_tracking_store, resolve_tracking_uri
+
+            uri = resolve_tracking_uri(tracking_uri)
+            try:
+                ensure_tracking_store(uri)
+                log_evaluation(uri, run_id, result)
+            except (TrackingUnavailable, MlflowException) as err:
+                fail(f"could not record the figures in run {run_id} of {uri}: {err}")
+            typer.echo(f"recorded in MLflow run {run_id} ({uri})", err=True)
         result = {"model": str(model), "data": str(dataset), **result}
         typer.echo(format_report(result))
         if json_out is not None:

@@ -24,7 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aigc import project_root
-from aigc.evaluation.data import SplitData, data_version, read_manifest, read_split
+from aigc.data.manifest import read_manifest
+from aigc.data.version import version as data_version
+from aigc.evaluation.data import SplitData, read_split
 from aigc.evaluation.nets import DualEncoder, EvaluatorConfig, ImageClassifier
 from aigc.evaluation.training import accuracy, to_float, train_classifier, train_dual_encoder
 from aigc.models.text import Tokenizer
@@ -191,14 +193,15 @@ def config_for(train: SplitData, base: EvaluatorConfig | None = None) -> Evaluat
     return EvaluatorConfig.from_dict(d)
 
 
-def training_threads() -> int:
-    """Intra-op threads for training: ``AIGC_EVALUATOR_THREADS``, default 1.
+def training_threads(default: int = 1) -> int:
+    """Intra-op threads for training: ``AIGC_EVALUATOR_THREADS`` if set, else ``default`` (1 unless
+    the caller knows the cores are free: ``aigc train`` passes the cores its job was given).
 
     The networks are small (batches of 8x8 images), so extra threads gain little, and on a
     machine shared with other jobs they cost a lot: on the 2-core development machine under load,
     2 threads took 373 s where 1 thread took 37 s (OpenMP threads spin waiting for each other).
     """
-    value = os.environ.get("AIGC_EVALUATOR_THREADS", "1")
+    value = os.environ.get("AIGC_EVALUATOR_THREADS", str(default))
     try:
         threads = int(value)
     except ValueError:
@@ -212,13 +215,14 @@ def train_evaluator(
     dataset_dir: str | Path,
     config: EvaluatorConfig | None = None,
     progress: Callable[[str], None] | None = None,
+    threads: int = 1,
 ) -> ReferenceEvaluator:
     """Train a (not yet saved) evaluator on ``dataset_dir``'s train split; figures on its val split.
 
-    Runs on the CPU with :func:`training_threads` threads (restored afterwards).
+    Runs on the CPU with ``training_threads(threads)`` threads (restored afterwards).
     """
     previous = torch.get_num_threads()
-    torch.set_num_threads(training_threads())
+    torch.set_num_threads(training_threads(threads))
     try:
         return _train(dataset_dir, config, progress)
     finally:
@@ -238,7 +242,7 @@ def _train(
     classifier = None
     info: dict[str, Any] = {
         "data_version": data_version(dataset_dir),
-        "dataset": read_manifest(dataset_dir).get("name", Path(str(dataset_dir)).name),
+        "dataset": read_manifest(dataset_dir)["name"],
         "train_images": len(train),
         "val_images": len(val),
     }
@@ -265,12 +269,14 @@ def reference_evaluator(
     cache_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     config: EvaluatorConfig | None = None,
+    threads: int = 1,
 ) -> ReferenceEvaluator:
     """The evaluator of ``dataset_dir``: loaded from ``cache_dir/<data version>/``, else trained and saved.
 
-    ``cache_dir`` defaults to :func:`default_cache_dir`. Training writes to a temporary
-    folder renamed into place, so a concurrent process never loads a half-written evaluator; if two
-    train at once, the first rename wins and the other loads it.
+    ``cache_dir`` defaults to :func:`default_cache_dir`; training runs on ``threads`` torch threads
+    (see :func:`training_threads`) and reports every 100 steps through ``progress``. Training
+    writes to a temporary folder renamed into place, so a concurrent process never loads a
+    half-written evaluator; if two train at once, the first rename wins and the other loads it.
     """
     version = data_version(dataset_dir)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -281,7 +287,7 @@ def reference_evaluator(
     folder = root / name
     evaluator = _try_load(folder, version, progress)
     if evaluator is None:
-        evaluator = _train_and_save(dataset_dir, config, progress, root, name, version)
+        evaluator = _train_and_save(dataset_dir, config, progress, root, name, version, threads)
     evaluator.dataset_dir = str(dataset_dir)
     return evaluator
 
@@ -293,11 +299,15 @@ def _train_and_save(
     root: Path,
     name: str,
     version: str,
+    threads: int,
 ) -> ReferenceEvaluator:
     folder = root / name
     if progress:
-        progress(f"training the reference evaluator of {dataset_dir} (data version {version})")
-    evaluator = train_evaluator(dataset_dir, config, progress)
+        progress(
+            f"training the reference evaluator of {dataset_dir} (data version {version}, once per "
+            f"dataset version) on {training_threads(threads)} thread(s)"
+        )
+    evaluator = train_evaluator(dataset_dir, config, progress, threads)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,8 @@ Driver::
     with job_run(uri, cfg.tracking.experiment, cfg.tracking.run_name, flatten_params(cfg), tags) as run:
         log_dataset_input(MlflowClient(run.uri), run.run_id, data_name, shard_dir, dvc_md5)
         launch(run.uri, run.run_id)                       # FINISHED / FAILED / KILLED on the way out
+    with resumed_job_run(uri, run_id) as run:             # --resume: the same run, RUNNING again
+        launch(run.uri, run.run_id)
 
 Worker::
 
@@ -28,6 +30,7 @@ _EXPORTS = {
     "get_or_create_experiment": "job",
     "guard_run": "job",
     "reopen_job_run": "job",
+    "resumed_job_run": "job",
     "job_run": "job",
     "start_job_run": "job",
     "TAG_DATA_NAME": "lineage",
@@ -71,6 +74,7 @@ __all__ = [
     "get_or_create_experiment",
     "guard_run",
     "reopen_job_run",
+    "resumed_job_run",
     "git_sha",
     "job_run",
     "lineage_tags",
@@ -96,7 +100,16 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from aigc.tracking.job import JobRun, end_job_run, get_or_create_experiment, job_run, start_job_run
+    from aigc.tracking.job import (
+        JobRun,
+        end_job_run,
+        get_or_create_experiment,
+        guard_run,
+        job_run,
+        reopen_job_run,
+        resumed_job_run,
+        start_job_run,
+    )
     from aigc.tracking.lineage import (
         TAG_DATA_NAME,
         TAG_DATA_VERSION,

@@ -153,7 +153,9 @@ def guard_run(uri: str, run_id: str) -> Iterator[None]:
 
 
 def reopen_job_run(uri: str, run_id: str) -> None:
-    """Mark an ended run RUNNING again (``aigc train --resume`` continues into the same run)."""
+    """Mark an ended run RUNNING again (``aigc train --resume`` continues into the same run).
+
+    Prefer :func:`resumed_job_run`, which also guards the run."""
     ensure_tracking_store(uri)
     client = MlflowClient(uri)
     client.get_run(run_id)  # a clear MlflowException if the run is gone
@@ -175,6 +177,16 @@ def job_run(
     Creates the run, then behaves as :func:`guard_run`: no run is left RUNNING.
     """
     run_id = start_job_run(uri, experiment, run_name, params, tags)
+    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    with guard_run(uri, run_id):
+        yield JobRun(uri=uri, run_id=run_id, experiment_id=experiment_id)
+
+
+@contextmanager
+def resumed_job_run(uri: str, run_id: str) -> Iterator[JobRun]:
+    """The driver's run when a job is resumed: reopens ``run_id`` (:func:`reopen_job_run`), then
+    behaves as :func:`guard_run`, so a resume that fails leaves the run FAILED, never RUNNING."""
+    reopen_job_run(uri, run_id)
     experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
     with guard_run(uri, run_id):
         yield JobRun(uri=uri, run_id=run_id, experiment_id=experiment_id)

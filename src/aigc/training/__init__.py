@@ -1,5 +1,7 @@
-"""Distributed training: the Ray Train launcher (driver side), the per-worker loop, callbacks."""
+"""Distributed training: the launcher (driver side), the job record, Ray start-up, the per-worker
+loop, the one Trainer builder and the Lightning callbacks."""
 
-from aigc.training.launcher import TrainError, TrainResult, train
+from aigc.training.job import TrainError, TrainJob
+from aigc.training.launcher import TrainResult, train
 
-__all__ = ["TrainError", "TrainResult", "train"]
+__all__ = ["TrainError", "TrainJob", "TrainResult", "train"]

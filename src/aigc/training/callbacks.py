@@ -3,9 +3,10 @@
 - :class:`StepCheckpoint`: a Lightning checkpoint every N optimiser steps and at the end, written
   by rank 0 and reported to Ray Train by every rank (``ray.train.report`` is a barrier: all ranks
   must call it the same number of times). Ray's own ``RayTrainReportCallback`` saves at epoch end
-  only and has every rank upload the same file (STACK-NOTES).
+  only and has every rank upload the same file (ray 2.60).
 - :class:`MlflowMetrics`: rank-0 metrics (``train/*``, ``val/*``, ``perf/samples_per_s``, ``lr``) and
-  sample grids, sent through the non-blocking :class:`aigc.tracking.RunLogger`.
+  sample grids, sent through the non-blocking :class:`aigc.tracking.RunLogger`; the final grid is
+  also written beside the checkpoints and logged as the run's ``samples-final.png`` artifact.
 - :class:`RngState`: saves each rank's RNG state in the checkpoint so a resumed run continues the
   same random stream (the rank-0 state is what the checkpoint holds; see ``training/README``).
 """
@@ -109,22 +110,25 @@ class RngState(pl.Callback):
 class MlflowMetrics(pl.Callback):
     """Rank-0 logging to the job's MLflow run; never blocks on the network (RunLogger queues)."""
 
+    #: images per prompt in every sample grid (one row per prompt)
+    SAMPLES_PER_PROMPT = 8
+
     def __init__(
         self,
         logger,
         log_every: int,
         sample_every: int,
-        samples_per_sample_grid: int,
         prompts: list[str],
         samples_per_rank_step: int,
         world_size: int,
+        final_grid: str | None = None,
     ):
         self.logger = logger
         self.log_every = log_every
         self.sample_every = sample_every
-        self.grid_n = samples_per_sample_grid
         self.prompts = prompts
         self.samples_per_step = samples_per_rank_step * world_size
+        self.final_grid = final_grid  # local path or fsspec URL of the final grid's PNG
         self._t0: float | None = None
         self._step0 = 0
 
@@ -154,14 +158,29 @@ class MlflowMetrics(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_rank == 0:
-            self.log_samples(trainer, pl_module)
+            grid = self.log_samples(trainer, pl_module)
+            if self.final_grid:
+                self._save_final(grid)
             self.logger.flush()
 
-    def log_samples(self, trainer: pl.Trainer, pl_module) -> None:
+    def log_samples(self, trainer: pl.Trainer, pl_module):
+        """Generate the grid (one row per prompt, seed 0), log it at this step and return it."""
         from aigc.training.grid import image_grid
 
-        images = pl_module.generate(self.prompts, num_samples=self.grid_n, seed=0)
-        self.logger.log_image(image_grid(images, nrow=self.grid_n), key="samples", step=trainer.global_step)
+        n = self.SAMPLES_PER_PROMPT
+        grid = image_grid(pl_module.generate(self.prompts, num_samples=n, seed=0), nrow=n)
+        self.logger.log_image(grid, key="samples", step=trainer.global_step)
+        return grid
+
+    def _save_final(self, grid) -> None:
+        import fsspec
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / Path(self.final_grid).name
+            grid.save(local)
+            with open(local, "rb") as src, fsspec.open(self.final_grid, "wb") as dst:
+                dst.write(src.read())
+            self.logger.log_artifact(local)  # synchronous: uploaded before the folder goes
 
 
 class StartupTimer(pl.Callback):

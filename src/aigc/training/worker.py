@@ -1,9 +1,10 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
-Everything arrives in ``config`` as plain JSON (resolved by the driver: absolute paths, the MLflow
-URI and run id, the tokenizer), because workers run in Ray's session folder on possibly other
-machines. Distributed concerns stay here: rank-zero logging, the Ray strategy and environment,
-resuming from ``ray.train.get_checkpoint()``.
+Everything arrives in ``config`` as the job's :class:`~aigc.training.job.TrainJob` in plain JSON
+(resolved by the driver: absolute paths, the MLflow URI and run id, the tokenizer), because
+workers run in Ray's session folder on possibly other machines. Distributed concerns stay here:
+rank-zero logging, the Ray strategy (through ``build_trainer(distributed=True)``), resuming from
+``ray.train.get_checkpoint()``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ FAULT_ENV = "AIGC_FAULT_EXIT_AT_STEP"  # "<rank>:<step>"
 # Tests of data parallelism and placement: each rank appends the sample keys it trained on and its
 # Ray node id to files in this folder.
 RECORD_ENV = "AIGC_RECORD_KEYS_DIR"
+# The run's final sample grid, written once by rank 0 when training ends, beside the checkpoints.
+FINAL_GRID = "samples-final.png"
 
 
 class _FaultInjection:
@@ -42,8 +45,10 @@ class _FaultInjection:
                 hit = trainer.global_rank == outer.rank and trainer.global_step == outer.step
                 if hit and not outer.marker.exists():
                     outer.marker.write_text(str(outer.step))
-                    # Ray needs every rank's report of the last checkpoint before a crash, and polls
-                    # workers every 2 s (STACK-NOTES): die well after it, as a real crash would.
+                    # Ray needs every rank's report of the last checkpoint before a crash and polls
+                    # workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): a checkpoint reported
+                    # less than ~2 s before a crash can be lost. Die well after it, as a real crash
+                    # of a long step would.
                     time.sleep(3.0)
                     log.warning("fault injection: rank %d exits at step %d", outer.rank, outer.step)
                     os._exit(17)
@@ -77,13 +82,12 @@ def _key_recorder(folder: str):
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train entry point: build data and model from ``config``, fit with the Ray DDP strategy."""
+    """Ray Train entry point: ``config`` is a :class:`~aigc.training.job.TrainJob` as JSON; build data
+    and model from it and fit with the Ray DDP strategy (see :func:`build_trainer`)."""
     import pytorch_lightning as pl
     import ray.train
     import torch
-    from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
-    from aigc.config import RunConfig, lightning_precision
     from aigc.data.loader import ShardDataModule
     from aigc.models import build_module
     from aigc.models.text import Tokenizer
@@ -95,11 +99,14 @@ def train_loop(config: dict[str, Any]) -> None:
         StartupTimer,
         StepCheckpoint,
     )
+    from aigc.training.job import TrainJob
+    from aigc.training.trainer import build_trainer
 
     # Lightning logs "weights_only was not set" at INFO on every checkpoint *save*; it is not a load.
     logging.getLogger("pytorch_lightning.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
     worker_t0 = time.time()
-    cfg = RunConfig.model_validate(config["run"])
+    job = TrainJob.from_json(config)
+    cfg = job.run
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tc, sc = cfg.trainer, cfg.scaling
@@ -109,57 +116,35 @@ def train_loop(config: dict[str, Any]) -> None:
     # Same seed on every rank for the initial weights (DDP also broadcasts rank 0's), then a
     # per-rank stream for noise and dropout.
     pl.seed_everything(tc.seed, workers=True, verbose=False)
-    tokenizer = Tokenizer.from_dict(config["tokenizer"])
-    module = build_module(cfg, tokenizer, config["image_size"], config["channels"])
+    module = build_module(cfg, Tokenizer.from_dict(job.tokenizer), job.image_size, job.channels)
     torch.manual_seed(tc.seed + 1000 * rank)
 
-    datamodule = ShardDataModule(cfg.data, location=config["data_location"], seed=tc.seed)
+    datamodule = ShardDataModule(cfg.data, location=job.data_location, seed=tc.seed)
     logger = RunLogger.for_rank(
-        rank, config["tracking_uri"], config["run_id"], system_metrics=cfg.tracking.system_metrics
+        rank, job.tracking_uri, job.run_id, system_metrics=cfg.tracking.system_metrics
     )
 
     callbacks: list[pl.Callback] = [
         StepCheckpoint(tc.checkpoint_every_steps),
         RngState(),
-        StartupTimer(logger, config.get("driver_t0", worker_t0), worker_t0),
+        StartupTimer(logger, job.launched_at or worker_t0, worker_t0),
         MlflowMetrics(
             logger,
             log_every=tc.log_every_steps,
             sample_every=tc.sample_every_steps,
-            samples_per_sample_grid=config.get("grid_samples", 8),
-            prompts=config["sample_prompts"],
+            prompts=job.sample_prompts,
             samples_per_rank_step=cfg.data.batch_size * tc.accumulate_grad_batches,
             world_size=world,
+            final_grid=f"{job.run_dir}/{FINAL_GRID}",
         ),
     ]
     fault = os.environ.get(FAULT_ENV)
     if fault:
-        callbacks.append(_FaultInjection(fault, Path(config["run_dir"]) / ".fault-injected").callback())
+        callbacks.append(_FaultInjection(fault, Path(job.run_dir) / ".fault-injected").callback())
     if os.environ.get(RECORD_ENV):
         callbacks.append(_key_recorder(os.environ[RECORD_ENV]))
 
-    manual = not module.automatic_optimization  # the GAN steps its own two optimisers
-    trainer = pl.Trainer(
-        max_steps=tc.max_steps,
-        accelerator="gpu" if sc.use_gpu else "cpu",
-        devices="auto",
-        strategy=RayDDPStrategy(),
-        plugins=[RayLightningEnvironment()],
-        precision=lightning_precision(tc.precision, sc.use_gpu),
-        gradient_clip_val=None if manual else tc.grad_clip,
-        accumulate_grad_batches=1 if manual else tc.accumulate_grad_batches,
-        val_check_interval=tc.val_every_steps,
-        check_val_every_n_epoch=None,
-        limit_val_batches=tc.limit_val_batches,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=callbacks,
-    )
-    trainer = prepare_trainer(trainer)
+    trainer = build_trainer(module, use_gpu=sc.use_gpu, distributed=True, callbacks=callbacks)
 
     try:
         checkpoint = ray.train.get_checkpoint()

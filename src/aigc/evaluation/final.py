@@ -1,0 +1,96 @@
+"""The final evaluation of a model, and recording it in the model's MLflow run.
+
+One function for every caller: ``aigc train`` on its last checkpoint, ``aigc evaluate`` on any
+checkpoint or export (``--run`` records the figures in a run), and the registry's gate when it must
+re-measure two versions the same way::
+
+    report = final_evaluation(module, "datasets/digits", num_samples=500, seed=0, threads=2,
+                              progress=print)
+    log_evaluation(tracking_uri, run_id, report, step=global_step)
+
+It reports what it is doing through ``progress`` (training the dataset's reference evaluator when
+it is not cached yet can take minutes on a new dataset) and runs on ``threads`` torch threads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aigc.evaluation.evaluate import PROVENANCE, evaluate_model
+from aigc.evaluation.evaluator import reference_evaluator
+
+#: Run tags holding each figure's provenance: aigc.eval.evaluator_hash, .data_version, .num_samples,
+#: .seed (figures of two runs are comparable only when all four match, DESIGN §3), and the guards
+#: aigc.eval.collapse and .copying ("True"/"False"; the registry's gate refuses a flagged model).
+EVAL_TAG_PREFIX = "aigc.eval."
+GUARDS = ("collapse", "copying")
+
+
+def final_evaluation(
+    module: Any,
+    dataset: str | Path,
+    *,
+    num_samples: int = 500,
+    seed: int = 0,
+    batch_size: int = 100,
+    threads: int | None = None,
+    cache_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    **generate_options: Any,
+) -> dict[str, Any]:
+    """The dataset's reference evaluator (trained and cached on first use), then
+    :func:`~aigc.evaluation.evaluate.evaluate_model` of ``module``: every ``eval/*`` figure with its
+    provenance. ``threads`` torch threads for both (default: as many as torch uses now; the
+    ``AIGC_EVALUATOR_THREADS`` variable still overrides the evaluator's training threads)."""
+    say = progress or (lambda _msg: None)
+    previous = torch.get_num_threads()
+    threads = max(1, int(threads or previous))
+    torch.set_num_threads(threads)
+    try:
+        evaluator = reference_evaluator(dataset, cache_dir=cache_dir, progress=progress, threads=threads)
+        say(f"evaluating: {num_samples} samples (seed {seed}) against evaluator {evaluator.hash[:12]}")
+        start = time.perf_counter()
+        report = evaluate_model(
+            module,
+            evaluator,
+            dataset,
+            num_samples=num_samples,
+            seed=seed,
+            batch_size=batch_size,
+            **generate_options,
+        )
+    finally:
+        torch.set_num_threads(previous)
+    figures = ", ".join(
+        f"{k.removeprefix('eval/')} {report[k]:.4g}"
+        for k in ("eval/fd", "eval/clip_score", "eval/cond_accuracy")
+        if k in report
+    )
+    say(f"evaluated in {time.perf_counter() - start:.0f} s: {figures}")
+    return report
+
+
+def eval_figures(report: dict[str, Any]) -> dict[str, float]:
+    """The numeric ``eval/*`` figures of a report (what is logged as MLflow metrics)."""
+    return {
+        k: float(v)
+        for k, v in report.items()
+        if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def log_evaluation(tracking_uri: str, run_id: str, report: dict[str, Any], step: int = 0) -> None:
+    """Record a report in run ``run_id``: ``eval/*`` metrics at ``step``, the provenance tags
+    (``aigc.eval.evaluator_hash``, ``data_version``, ``num_samples``, ``seed``) and the guards."""
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, int(step)) for k, v in eval_figures(report).items()]
+    tags = [RunTag(f"{EVAL_TAG_PREFIX}{k}", str(report[k])) for k in (*PROVENANCE, *GUARDS) if k in report]
+    MlflowClient(tracking_uri).log_batch(run_id, metrics=metrics, tags=tags)

@@ -1,0 +1,154 @@
+"""One training job's record, and the config resolution that leads to it.
+
+:class:`TrainJob` is the driver -> worker contract and the job file in one typed object: the
+driver resolves everything a worker needs (absolute data location and tracking URI, the MLflow run,
+the tokenizer, the sample-grid prompts) into a ``TrainJob``, writes it to
+``<storage>/<name>/aigc-job.json``, and hands the same JSON to every Ray worker;
+``aigc train --resume NAME`` reads it back. Workers run in Ray's session folder, possibly on other
+machines, so every path in it is absolute and every value plain JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from aigc.config import ConfigError, RunConfig, StrictModel, apply_overrides, load_config, validate
+
+JOB_FILE = "aigc-job.json"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class TrainError(RuntimeError):
+    """A training job could not start or did not finish; the message says why."""
+
+
+class TrainJob(StrictModel):
+    """Everything one training job is: written to ``aigc-job.json``, passed to every worker."""
+
+    name: str = Field(description="run name: the folder under the storage path")
+    run_id: str = Field(description="the job's MLflow run")
+    experiment_id: str
+    tracking_uri: str = Field(description="absolute MLflow tracking URI (workers log here)")
+    run: RunConfig = Field(description="the resolved run config (the checkpoint was written with it)")
+    tokenizer: dict[str, Any] = Field(description="Tokenizer.to_dict() built from the train captions")
+    image_size: int
+    channels: int
+    data_location: str = Field(description="absolute shard folder or fsspec URL")
+    data_version: str = Field(description="DVC md5 of the shard folder, else the manifest digest")
+    run_dir: str = Field(description="<storage>/<name>: checkpoints, the job file, the final grid")
+    sample_prompts: list[str] = Field(description="prompts of every sample grid of the run")
+    launched_at: float = Field(0.0, description="time.time() of this launch's train() call")
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainJob:
+        return cls.model_validate(data)
+
+
+# ------------------------------------------------------------------------------- resolution
+
+
+def resolve_config(
+    config: str | Path | RunConfig | None,
+    overrides: list[str] | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    ray_address: str | None = None,
+) -> RunConfig:
+    """The run config with the command-line options applied; errors name the key."""
+    if isinstance(config, RunConfig):
+        cfg = validate(RunConfig, apply_overrides(config.model_dump(mode="json"), overrides))
+    else:
+        cfg = load_config(config, overrides)
+    if workers is not None:
+        if workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {workers}")
+        cfg.scaling.num_workers = workers
+    if gpus_per_worker is not None:
+        cfg.scaling.gpus_per_worker = gpus_per_worker
+        cfg.scaling.use_gpu = gpus_per_worker > 0
+    if ray_address is not None:
+        cfg.scaling.ray_address = ray_address
+    return cfg
+
+
+def absolute(path: str, root: Path) -> str:
+    """Absolute local path, or a URI left as it is (s3://, gs://, file://...)."""
+    if "://" in path:
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (root / p).resolve())
+
+
+def storage_location(cfg: RunConfig, root: Path) -> str:
+    """Where the job's run folder lives: ``scaling.storage_path`` made absolute."""
+    return absolute(cfg.scaling.storage_path, root).rstrip("/")
+
+
+def new_run_name(cfg: RunConfig, name: str | None) -> str:
+    """``name``, checked, or ``<family>-<UTC timestamp>``."""
+    name = name or f"{cfg.model.family}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S-%f')}"
+    if not _NAME_RE.match(name):
+        raise TrainError(f"run name {name!r}: use letters, digits, '.', '_' and '-' (max 128)")
+    return name
+
+
+def run_exists(storage: str, name: str) -> bool:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(f"{storage}/{name}")
+    return fs.exists(path)
+
+
+def sample_prompts(location: str, n: int = 8) -> list[str]:
+    """The first ``n`` distinct val captions: the prompts of every sample grid of the run."""
+    from aigc.data.captions_io import read_captions
+
+    prompts: list[str] = []
+    for caption in read_captions(location, "val"):
+        if caption not in prompts:
+            prompts.append(caption)
+        if len(prompts) == n:
+            break
+    return prompts or [""]
+
+
+# --------------------------------------------------------------------------------- job file
+
+
+def read_job(storage: str, name: str) -> TrainJob:
+    """The job file of run ``name``; a ``TrainError`` when there is none to resume."""
+    import fsspec
+
+    url = f"{storage}/{name}/{JOB_FILE}"
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise TrainError(f"nothing to resume: no run {name!r} under {storage} ({url} is missing)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise TrainError(f"{url}: not a readable job file: {err}") from None
+    try:
+        return TrainJob.from_json(data)
+    except ValueError as err:
+        raise TrainError(f"{url}: not an aigc job file of this version: {err}") from None
+
+
+def write_job(job: TrainJob) -> str:
+    """Write ``job`` to ``<run_dir>/aigc-job.json``; returns its URL."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(job.run_dir)
+    fs.makedirs(path, exist_ok=True)
+    url = f"{job.run_dir}/{JOB_FILE}"
+    with fsspec.open(url, "wt", encoding="utf-8") as f:
+        json.dump(job.to_json(), f, indent=2)
+    return url
