@@ -1,7 +1,7 @@
 """``ray start --address ...`` for a second node on this machine, kept on 127.0.0.1.
 
 Ray 2.60 on Linux binds to the interface address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
-(STACK-NOTES), but with that setting `ray start --address` refuses to join ("Multi-node Ray
+(docs/stack-pitfalls.md), but with that setting `ray start --address` refuses to join ("Multi-node Ray
 clusters are not supported on Windows and OSX"). This wrapper runs the real `ray start` with the
 variable at 0 (so every process it spawns resolves loopback) and lifts only that refusal.
 Used by the two-node test; run as ``python ray_loopback_node.py start --address=127.0.0.1:PORT ...``.
