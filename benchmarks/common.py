@@ -51,7 +51,7 @@ def bench_overrides(work: Path, dataset: Path, steps: int, workers: int, threads
 
 def run_aigc_train(config: Path, overrides: list[str], name: str) -> tuple[str, str, float]:
     """Run the real CLI; returns (tracking uri, run id, wall seconds)."""
-    args = [AIGC, "train", str(config), "--name", name, "--no-eval"]
+    args = [AIGC, "train", str(config), "--name", name, "--no-eval", "--no-register"]
     for o in overrides:
         args += ["--set", o]
     uri = next(o.split("=", 1)[1] for o in overrides if o.startswith("tracking.uri="))

@@ -154,6 +154,13 @@ def test_every_family_trains_on_two_workers(family, ray_local, digits_dataset, t
     # The final grid is made once, by rank 0 at the end of training, and logged as an artifact.
     assert result.sample_grid == f"{tmp_path / 'runs'}/t-{family}/samples-final.png"
     assert "samples-final.png" in [a.path for a in client.list_artifacts(result.run_id)]
+    # aigc train registered the final model: it loads as an MLflow pyfunc in a fresh process
+    # where aigc is not importable (the package ships in the model), with no unpickling at all.
+    assert result.registered == f"aigc-{family}/1"
+    from aigc.registry.gate import promote
+
+    assert promote(f"aigc-{family}", force=True, tracking_uri=uri).promoted  # eligible or not
+    _load_pyfunc_without_aigc(uri, f"models:/aigc-{family}@production", size=8, channels=1)
     if evaluate:
         # The long step after training says what it is doing, on the cores the job was given.
         err = capsys.readouterr().err
@@ -166,6 +173,46 @@ def test_every_family_trains_on_two_workers(family, ray_local, digits_dataset, t
         assert run.data.tags["aigc.eval.num_samples"] == "100"
 
 
+_FRESH_PROCESS = """
+import sys, json
+# No aigc on the path: drop the editable install's src folder before anything imports it.
+sys.path = [p for p in sys.path if p != {src!r}]
+import importlib.util
+assert importlib.util.find_spec("aigc") is None, "aigc is importable"
+found = []
+def hook(event, args):
+    if event == "pickle.find_class":
+        found.append(args)
+sys.addaudithook(hook)
+import mlflow.pyfunc, pandas as pd
+mlflow.set_tracking_uri({uri!r})
+model = mlflow.pyfunc.load_model({model_uri!r})
+out = model.predict(pd.DataFrame({{"prompt": ["a handwritten digit one", "the digit 2"]}}),
+                    params={{"num_samples": 2, "seed": 1}})
+import aigc
+print(json.dumps({{"images": list(out), "unpickled": [str(a) for a in found], "aigc": aigc.__file__}}))
+"""
+
+
+def _load_pyfunc_without_aigc(uri: str, model_uri: str, size: int, channels: int) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    src = str(ROOT / "src")
+    code = _FRESH_PROCESS.format(src=src, uri=uri, model_uri=model_uri)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert out.returncode == 0, out.stderr[-4000:]
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    assert answer["unpickled"] == []  # no pickle.find_class during load and predict
+    assert not answer["aigc"].startswith(src)  # the aigc shipped in the model's code/ folder
+    assert len(answer["images"]) == 4
+    for b64 in answer["images"]:
+        with Image.open(io.BytesIO(base64.b64decode(b64))) as img:
+            assert img.size == (size, size) and img.mode == ("L" if channels == 1 else "RGB")
+
+
 @pytest.mark.timeout(900)
 def test_worker_failure_resumes_from_checkpoint(ray_local, digits_dataset, tmp_path, monkeypatch):
     """Rank 1 dies at step 25 (3 s after the step-20 checkpoint); the group restarts and resumes."""
@@ -176,10 +223,10 @@ def test_worker_failure_resumes_from_checkpoint(ray_local, digits_dataset, tmp_p
         "scaling.max_failures=1",
         "trainer.lr_schedule=constant",
     ]
-    reference = train(None, base, name="uninterrupted", evaluate=False)
+    reference = train(None, base, name="uninterrupted", evaluate=False, register=False)
 
     monkeypatch.setenv("AIGC_FAULT_EXIT_AT_STEP", "1:25")
-    result = train(None, base, name="crashy", evaluate=False)
+    result = train(None, base, name="crashy", evaluate=False, register=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     assert client.get_run(result.run_id).info.status == "FINISHED"
@@ -209,8 +256,8 @@ def test_seeded_runs_are_deterministic(ray_local, digits_dataset, tmp_path):
     from aigc.training import train
 
     overrides = tiny_overrides("vae", tmp_path, digits_dataset, steps=15, workers=1)
-    a = train(None, overrides, name="det-a", evaluate=False)
-    b = train(None, overrides, name="det-b", evaluate=False)
+    a = train(None, overrides, name="det-a", evaluate=False, register=False)
+    b = train(None, overrides, name="det-b", evaluate=False, register=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     la, lb = losses(uri, a.run_id), losses(uri, b.run_id)
     assert la and la == lb
@@ -228,9 +275,9 @@ def test_resume_continues_a_stopped_run_into_the_same_mlflow_run(
     data = _copy_dataset(digits_dataset, tmp_path)
 
     overrides = tiny_overrides("autoregressive", tmp_path, data, steps=10, workers=1)
-    first = train(None, overrides, name="cont", evaluate=False)
+    first = train(None, overrides, name="cont", evaluate=False, register=False)
     with pytest.raises(TrainError, match="already exists"):
-        train(None, overrides, name="cont", evaluate=False)
+        train(None, overrides, name="cont", evaluate=False, register=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     resume_args = [f"scaling.storage_path={tmp_path / 'runs'}", "trainer.max_steps=20"]
@@ -240,7 +287,7 @@ def test_resume_continues_a_stopped_run_into_the_same_mlflow_run(
     shard = _val_shard(data)
     good = _truncate(shard)
     with pytest.raises(DatasetError, match=shard.name):
-        train(None, resume_args, resume="cont", evaluate=False, messages=None)
+        train(None, resume_args, resume="cont", evaluate=False, register=False, messages=None)
     run = client.get_run(first.run_id)
     assert run.info.status == "FAILED"
     assert shard.name in run.data.tags["aigc.error"]
@@ -249,7 +296,7 @@ def test_resume_continues_a_stopped_run_into_the_same_mlflow_run(
     # --resume finds the run under the configured storage path and keeps its saved config; it
     # reaches the store its job file names, not a dead server the environment now points at.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
-    second = train(None, resume_args, resume="cont", evaluate=False)
+    second = train(None, resume_args, resume="cont", evaluate=False, register=False)
     assert second.run_id == first.run_id
     assert second.global_step == 20
     run = client.get_run(first.run_id)
@@ -300,7 +347,7 @@ def test_a_failure_after_the_run_opens_ends_it_failed(point, digits_dataset, tmp
         overrides.append(f"scaling.storage_path={tmp_path / 'a-file' / 'runs'}")
         expected = "a-file"
     with pytest.raises(Exception, match=expected):
-        train(None, overrides, name="doomed", evaluate=False, messages=None)
+        train(None, overrides, name="doomed", evaluate=False, register=False, messages=None)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.run_name for r in runs] == ["doomed"]
@@ -427,6 +474,7 @@ def test_two_node_cluster_on_loopback_places_one_worker_per_node(digits_dataset,
             "--name",
             "two-node",
             "--no-eval",
+            "--no-register",
         ]
         for o in tiny_overrides("vae", tmp_path, digits_dataset, steps=10):
             args += ["--set", o]

@@ -10,6 +10,7 @@ import typer
 from aigc.cli import data as data_cmds
 from aigc.cli import evaluate as evaluate_cmds
 from aigc.cli import quickstart as quickstart_cmds
+from aigc.cli import registry as registry_cmds
 from aigc.cli import runs as runs_cmds
 from aigc.cli import train as train_cmds
 
@@ -23,6 +24,7 @@ app = typer.Typer(
 app.add_typer(data_cmds.app, name="data")
 evaluate_cmds.register(app)
 quickstart_cmds.register(app)
+registry_cmds.register(app)
 runs_cmds.register(app)
 train_cmds.register(app)
 

@@ -22,6 +22,9 @@ def register(app: typer.Typer) -> None:
         metrics_out: Path | None = typer.Option(None, "--metrics-out", help="write eval/* figures as JSON"),
         evaluate: bool = typer.Option(True, "--eval/--no-eval", help="evaluate the final checkpoint"),
         eval_samples: int = typer.Option(500, "--eval-samples", help="samples for the final evaluation"),
+        register: bool = typer.Option(
+            True, "--register/--no-register", help="register the final model as aigc-<family>@candidate"
+        ),
     ) -> None:
         """Train a model family with Ray Train; every run lands in MLflow."""
         from aigc.config import ConfigError
@@ -43,6 +46,7 @@ def register(app: typer.Typer) -> None:
                 metrics_out=metrics_out,
                 evaluate=evaluate,
                 eval_samples=eval_samples,
+                register=register,
             )
         except (ConfigError, TrainError, TrackingUnavailable) as err:
             fail(str(err))
@@ -68,3 +72,6 @@ def print_summary(r) -> None:
     typer.echo(f"run folder {r.run_dir}")
     if r.sample_grid:
         typer.echo(f"samples    {r.sample_grid}")
+    if r.registered:
+        name, version = r.registered.split("/")
+        typer.echo(f"registered {name} v{version} as candidate: aigc promote {name}")

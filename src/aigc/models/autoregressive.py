@@ -50,7 +50,7 @@ class AutoregressiveModule(GenerativeModule):
     """Text-prefixed GPT over quantised pixels. Options: ``temperature``, ``top_k``, ``guidance``."""
 
     family: ClassVar[str] = "autoregressive"
-    generate_options: ClassVar[tuple[str, ...]] = ("temperature", "top_k", "guidance")
+    generate_options: ClassVar[dict[str, type]] = {"temperature": float, "top_k": int, "guidance": float}
 
     def __init__(
         self,

@@ -95,8 +95,11 @@ class GenerativeModule(pl.LightningModule):
     """Base of the four family modules. Subclasses build their nets in ``__init__`` after super()."""
 
     family: ClassVar[str]
-    #: family options accepted by generate(); anything else is an error naming the allowed ones.
-    generate_options: ClassVar[tuple[str, ...]] = ()
+    #: family options accepted by generate() and their types (the registry's pyfunc signature and
+    #: the server's request schema come from here); anything else is an error naming them.
+    generate_options: ClassVar[dict[str, type]] = {}
+    #: the model-config field holding an option's default, where its name differs from the option's
+    option_config_fields: ClassVar[dict[str, str]] = {}
 
     def __init__(
         self,
@@ -134,6 +137,12 @@ class GenerativeModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------------------- generation
+    def option_defaults(self) -> dict[str, Any]:
+        """Each family option's default: the value in this model's config (None: decided per call)."""
+        return {
+            k: getattr(self.model_cfg, self.option_config_fields.get(k, k)) for k in self.generate_options
+        }
+
     @torch.no_grad()
     def generate(
         self, prompts: list[str] | str, num_samples: int = 1, seed: int | None = None, **options: Any

@@ -41,7 +41,8 @@ class DiffusionModule(GenerativeModule):
     """DDPM / DDIM text-to-image model; ``generate(..., steps, guidance, sampler)``."""
 
     family = "diffusion"
-    generate_options = ("steps", "guidance", "sampler")
+    generate_options = {"steps": int, "guidance": float, "sampler": str}
+    option_config_fields = {"steps": "sample_steps"}
 
     def __init__(
         self,

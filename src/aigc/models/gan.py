@@ -89,7 +89,7 @@ class GANModule(GenerativeModule):
     """Conditional GAN family (see the module docstring and ``models/gan.md``)."""
 
     family = "gan"
-    generate_options = ("truncation",)
+    generate_options = {"truncation": float}
 
     def __init__(
         self,

@@ -58,7 +58,7 @@ class VAEModule(GenerativeModule):
     """Conditional VAE family (see the module docstring and ``models/vae.md``)."""
 
     family = "vae"
-    generate_options = ("temperature",)
+    generate_options = {"temperature": float}
 
     def __init__(
         self,

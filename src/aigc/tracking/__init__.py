@@ -42,6 +42,7 @@ _EXPORTS = {
     "git_sha": "lineage",
     "lineage_tags": "lineage",
     "log_dataset_input": "lineage",
+    "logged_dataset": "lineage",
     "NullRunLogger": "logger",
     "RunLogger": "logger",
     "flatten_params": "params",
@@ -80,6 +81,7 @@ __all__ = [
     "lineage_tags",
     "list_runs",
     "log_dataset_input",
+    "logged_dataset",
     "mlflow_server_command",
     "resolve_tracking_uri",
     "start_job_run",
@@ -120,6 +122,7 @@ if TYPE_CHECKING:
         git_sha,
         lineage_tags,
         log_dataset_input,
+        logged_dataset,
     )
     from aigc.tracking.logger import NullRunLogger, RunLogger
     from aigc.tracking.params import flatten_params, truncate

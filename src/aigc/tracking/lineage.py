@@ -112,3 +112,23 @@ def log_dataset_input(
             )
         ],
     )
+
+
+def logged_dataset(run) -> tuple[str, str, str] | None:
+    """``(name, location, digest)`` of the first dataset :func:`log_dataset_input` recorded in
+    ``run`` (an MLflow ``Run``), or None. The location is the source's URI (MLflow stores the
+    source as JSON, e.g. ``{"uri": "/abs/datasets/digits"}``)."""
+    import json
+
+    inputs = run.inputs.dataset_inputs if run.inputs else []
+    if not inputs:
+        return None
+    dataset = inputs[0].dataset
+    location = dataset.source
+    try:
+        parsed = json.loads(location)
+        if isinstance(parsed, dict) and parsed.get("uri"):
+            location = parsed["uri"]
+    except ValueError:
+        pass
+    return dataset.name, location, dataset.digest

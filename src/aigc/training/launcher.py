@@ -64,6 +64,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
     sample_grid: str | None = None
+    registered: str | None = None  # "aigc-<family>/<version>" when the run was registered
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,6 +102,7 @@ def train(
     metrics_out: str | Path | None = None,
     evaluate: bool = True,
     eval_samples: int = 500,
+    register: bool = True,
     progress: Callable[[dict[str, Any]], None] | None = None,
     messages: Callable[[str], None] | None = _stderr,
 ) -> TrainResult:
@@ -108,7 +110,9 @@ def train(
 
     ``progress`` receives the step dicts of :class:`~aigc.training.progress.ProgressPoller` (default:
     one line on stderr); ``messages`` the lines of the long steps after training (evaluator training,
-    evaluation), default stderr, None for silence.
+    evaluation), default stderr, None for silence. With ``register`` the finished run's final
+    checkpoint becomes the ``candidate`` version of ``aigc-<family>`` (``aigc.registry``); a failed
+    registration raises ``TrainError`` after the run is recorded FINISHED.
     """
     from aigc import tracking
     from aigc.data.version import version
@@ -215,6 +219,8 @@ def train(
             out.sample_grid = _final_grid(run_dir)
             if evaluate:
                 out.eval = _final_evaluation(job, out, eval_samples, say)
+    if register and out.checkpoint:
+        out.registered = _register(out, say)
     out.seconds = time.perf_counter() - t0
     if metrics_out:
         Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
@@ -291,6 +297,20 @@ def _log_startup(job: TrainJob, t_ray: float, ray_s: float) -> None:
 def _checkpoint_path(result) -> str | None:
     ckpt = getattr(result, "checkpoint", None)
     return None if ckpt is None else f"{ckpt.path.rstrip('/')}/checkpoint.ckpt"
+
+
+def _register(out: TrainResult, say: Callable[[str], None]) -> str:
+    """Register the finished run (``aigc register``); the run stays FINISHED whatever happens here."""
+    from aigc.registry.register import register_run
+
+    try:
+        r = register_run(out.run_id, out.tracking_uri, progress=say)
+    except Exception as err:  # noqa: BLE001 - reported with the way to retry
+        raise TrainError(
+            f"run {out.name} ({out.run_id}) FINISHED, but registering it failed: {err}. "
+            f"Retry with `aigc register {out.run_id}`."
+        ) from err
+    return f"{r.name}/{r.version}"
 
 
 def _final_grid(run_dir: str) -> str | None:

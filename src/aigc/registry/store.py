@@ -1,0 +1,129 @@
+"""Registered models: names, references (``aigc-diffusion@production``), and loading a version.
+
+A model of family F is registered as ``aigc-F``. A reference names a version by alias
+(``aigc-F@production``), by number (``aigc-F/3``) or as an MLflow URI (``models:/aigc-F@production``).
+Loading goes through the version's export folder (safetensors + JSON): no pickle on this path.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODEL_PREFIX = "aigc-"
+ALIAS_CANDIDATE = "candidate"
+ALIAS_PRODUCTION = "production"
+ALIAS_PREVIOUS = "previous"
+
+# Version tags (DESIGN §3): where a version came from, and what the gate decided.
+TAG_RUN_ID = "aigc.run_id"
+TAG_ELIGIBLE = "aigc.gate.eligible"
+TAG_INELIGIBLE_REASON = "aigc.gate.ineligible_reason"
+
+_REF = re.compile(
+    r"^(?:models:/)?(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))?$"
+)
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    def __str__(self) -> str:
+        if self.alias:
+            return f"{self.name}@{self.alias}"
+        return f"{self.name}/{self.version}" if self.version else self.name
+
+
+def model_name(family: str) -> str:
+    """The registered model name of a family: ``aigc-<family>``."""
+    return f"{MODEL_PREFIX}{family}"
+
+
+def parse_ref(ref: str, default_alias: str | None = ALIAS_PRODUCTION) -> ModelRef:
+    """``aigc-F@alias`` | ``aigc-F/N`` | ``models:/...`` | ``aigc-F`` (-> ``default_alias``)."""
+    m = _REF.match(ref.strip())
+    if not m:
+        raise RegistryError(
+            f"model reference {ref!r}: expected NAME@ALIAS, NAME/VERSION or models:/NAME@ALIAS, "
+            "e.g. aigc-diffusion@production"
+        )
+    alias, version = m["alias"], m["version"]
+    if alias is None and version is None:
+        alias = default_alias
+    return ModelRef(m["name"], alias, version)
+
+
+def client_for(tracking_uri: str | None = None):
+    """An ``MlflowClient`` on the resolved store (registry and tracking are the same store)."""
+    from mlflow import MlflowClient
+
+    from aigc.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def resolve_version(client: Any, ref: ModelRef | str):
+    """The ``ModelVersion`` a reference names; ``RegistryError`` naming what exists when it is absent."""
+    from mlflow.exceptions import MlflowException
+
+    ref = parse_ref(ref) if isinstance(ref, str) else ref
+    try:
+        if ref.version is not None:
+            return client.get_model_version(ref.name, ref.version)
+        if ref.alias is None:
+            raise RegistryError(f"{ref}: name a version (NAME/N) or an alias (NAME@ALIAS)")
+        return client.get_model_version_by_alias(ref.name, ref.alias)
+    except MlflowException as err:
+        try:
+            model = client.get_registered_model(ref.name)
+        except MlflowException:
+            raise RegistryError(
+                f"no registered model {ref.name!r} (register one: aigc register RUN)"
+            ) from None
+        aliases = ", ".join(f"{a}->v{v}" for a, v in sorted(model.aliases.items())) or "none"
+        raise RegistryError(f"{ref}: not found ({err.message}); aliases of {ref.name}: {aliases}") from None
+
+
+def download_export(client: Any, version: Any, dst: str | Path) -> Path:
+    """Download a version's export folder (``weights.safetensors``, ``config.json``,
+    ``tokenizer.json``) into the folder ``dst``; returns the export folder."""
+    import mlflow.artifacts
+
+    from aigc.registry.pyfunc import EXPORT_ARTIFACT
+
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"{model_location(client, version)}/artifacts/{EXPORT_ARTIFACT}",
+        dst_path=str(dst),
+        tracking_uri=client.tracking_uri,
+    )
+    return Path(local)
+
+
+def model_location(client: Any, version: Any) -> str:
+    """The artifact URI of a version's logged model (the folder holding ``MLmodel``).
+
+    A version registered from MLflow 3's ``models:/m-<id>`` URI is looked up as that logged model
+    (``download_artifacts`` would read ``m-<id>`` as a registered model's name)."""
+    source = version.source.rstrip("/")
+    if source.startswith("models:/m-"):
+        return client.get_logged_model(source.removeprefix("models:/")).artifact_location.rstrip("/")
+    return source
+
+
+def load_version(client: Any, version: Any, map_location: str = "cpu"):
+    """The family module of a registered version, from its export (safetensors + JSON only)."""
+    from aigc.models.export import load_export
+
+    with tempfile.TemporaryDirectory(prefix="aigc-export-") as tmp:
+        return load_export(download_export(client, version, tmp), map_location)
