@@ -52,7 +52,8 @@ def prompts_of(model_input: Any) -> list[str]:
         values = [values] if isinstance(values, str) else list(values)
     else:
         values = [r["prompt"] if isinstance(r, dict) else r for r in model_input]
-    return ["" if v is None else str(v) for v in values]
+    # A missing prompt (None, or NaN once pandas has seen it) is the unconditional prompt "".
+    return ["" if v is None or (isinstance(v, float) and v != v) else str(v) for v in values]
 
 
 def generate_params(params: dict[str, Any] | None, options: dict[str, type]) -> tuple[int, int | None, dict]:
