@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from aigc.models.base import GenerativeModule, drop_captions
+from aigc.models.base import GenerativeModule, drop_captions, valid_rows
 from aigc.models.nets.transformer import GPT, GPTConfig
 
 MAX_IMAGE_SIZE = 32
@@ -113,10 +113,7 @@ class AutoregressiveModule(GenerativeModule):
         Padding repeats (``batch["valid"] == False``) are left out, so each val image counts once.
         Every image has the same N tokens, so the token mean over the kept rows is their row mean.
         """
-        x, captions = batch["image"], batch["caption"]
-        if "valid" in batch:  # the loader's padding repeats: count each val image once
-            keep = batch["valid"].bool()
-            x, captions = x[keep], [c for c, k in zip(captions, keep.tolist(), strict=True) if k]
+        x, captions = valid_rows(batch)
         if not captions:
             return None
         loss = self.loss(x, captions)

@@ -81,6 +81,16 @@ def ema_update(
     return decay
 
 
+def valid_rows(batch: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
+    """A val batch's images ``(B', C, H, W)`` and captions without the loader's padding repeats
+    (``batch["valid"] == False``), so every val image counts once in a metric."""
+    images, captions = batch["image"], list(batch["caption"])
+    if "valid" in batch:
+        keep = batch["valid"].bool()
+        images, captions = images[keep], [c for c, k in zip(captions, keep.tolist(), strict=True) if k]
+    return images, captions
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     """A generator on ``device``: seeded when ``seed`` is given, else from fresh OS entropy."""
     g = torch.Generator(device=device)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from aigc.models.base import GenerativeModule, ema_update, make_generator, warmup_cosine
+from aigc.models.base import GenerativeModule, ema_update, make_generator, valid_rows, warmup_cosine
 from aigc.models.nets.gan import Generator, ProjectionDiscriminator
 
 
@@ -193,10 +193,7 @@ class GANModule(GenerativeModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         m = self.model_cfg
-        real, captions = batch["image"], batch["caption"]
-        if "valid" in batch:  # the loader's padding repeats: count each val image once
-            keep = batch["valid"].bool()
-            real, captions = real[keep], [c for c, k in zip(captions, keep.tolist(), strict=True) if k]
+        real, captions = valid_rows(batch)
         if not captions:
             return None
         text = self.encode_text(captions)[2]

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from aigc.models.base import GenerativeModule, make_generator
+from aigc.models.base import GenerativeModule, make_generator, valid_rows
 from aigc.models.nets.vae import VAEDecoder, VAEEncoder
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -108,10 +108,7 @@ class VAEModule(GenerativeModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        x, captions = batch["image"], batch["caption"]
-        if "valid" in batch:  # the loader's padding repeats: count each val image once
-            keep = batch["valid"].bool()
-            x, captions = x[keep], [c for c, k in zip(captions, keep.tolist(), strict=True) if k]
+        x, captions = valid_rows(batch)
         if not captions:
             return None
         g = make_generator(batch_idx, self.device)  # the same noise at every validation
