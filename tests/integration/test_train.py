@@ -94,6 +94,15 @@ def ray_local():
     ray.shutdown()
 
 
+def test_embedded_ray_stays_on_loopback(ray_local):
+    """init_ray keeps the embedded cluster on 127.0.0.1 although ray was imported before it ran."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    assert [n["NodeManagerAddress"] for n in nodes] == ["127.0.0.1"]
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+
+
 def losses(uri: str, run_id: str, key: str = "train/loss") -> dict[int, float]:
     return {m.step: m.value for m in MlflowClient(uri).get_metric_history(run_id, key)}
 

@@ -4,7 +4,9 @@ The facts this relies on (ray 2.60 on Linux, see ``docs/stack-pitfalls.md``):
 
 - ``ray.init(_node_ip_address="127.0.0.1")`` is ignored on Linux: Ray binds to the machine's
   interface address unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` makes it treat the machine as a
-  laptop-style single-node cluster, which stays on 127.0.0.1.
+  laptop-style single-node cluster, which stays on 127.0.0.1. Ray reads that variable once, when
+  ``ray`` is first imported (``ray._private.ray_constants.ENABLE_RAY_CLUSTER``), and by the time
+  ``init_ray`` runs the driver has usually imported ray already: the constant is re-read here.
 - ``ray start`` turns token authentication on and writes ``~/.ray/auth_token``; a client sends the
   token only with ``RAY_AUTH_MODE=token`` in its environment, else joining fails.
 """
@@ -49,7 +51,12 @@ def init_ray(address: str | None) -> None:
                 )
             raise TrainError(f"cannot join the Ray cluster at {address}: {err}.{hint}") from err
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback: see the module doc
+    # Loopback (see the module doc): the variable for the processes Ray starts, the constant for
+    # this one, whose ray was imported before the variable was set.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false")
     # address="local": always a new embedded instance, never a cluster that `ray start` left behind.
     ray.init(address="local", include_dashboard=False, log_to_driver=to_driver, configure_logging=False)
 
