@@ -12,6 +12,7 @@ from aigc.cli import evaluate as evaluate_cmds
 from aigc.cli import quickstart as quickstart_cmds
 from aigc.cli import registry as registry_cmds
 from aigc.cli import runs as runs_cmds
+from aigc.cli import serve as serve_cmds
 from aigc.cli import train as train_cmds
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ evaluate_cmds.register(app)
 quickstart_cmds.register(app)
 registry_cmds.register(app)
 runs_cmds.register(app)
+serve_cmds.register(app)
 train_cmds.register(app)
 
 

@@ -87,7 +87,11 @@ def resolve_version(client: Any, ref: ModelRef | str):
     except MlflowException as err:
         try:
             model = client.get_registered_model(ref.name)
-        except MlflowException:
+        except MlflowException as missing:
+            if missing.error_code != "RESOURCE_DOES_NOT_EXIST":  # the store itself failed: say so
+                raise RegistryError(
+                    f"the registry at {client.tracking_uri} failed: {missing.message}"
+                ) from None
             raise RegistryError(
                 f"no registered model {ref.name!r} (register one: aigc register RUN)"
             ) from None

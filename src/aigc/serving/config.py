@@ -1,0 +1,54 @@
+"""The configuration of ``aigc serve``, importable without Ray (the CLI must set Ray's environment
+before anything imports ``ray``: see ``aigc.serving.server``)."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from aigc.config import StrictModel
+from aigc.serving.limits import RequestLimits
+
+#: How long one registry request of the alias-following thread may take. MLflow's client retries an
+#: unreachable tracking server for minutes by default; the replica sets
+#: MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 so a dead server costs one timeout per poll instead.
+REGISTRY_TIMEOUT_S = 5
+
+
+class ServeConfig(StrictModel):
+    """Everything ``aigc serve`` sets; the replicas get it as JSON."""
+
+    ref: str = Field(description="model reference, e.g. aigc-diffusion@production")
+    tracking_uri: str | None = Field(None, description="MLflow store (absolute; resolved by the driver)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    ray_address: str | None = None
+    replicas: int = Field(1, ge=1)
+    # Replicas default to a whole CPU in Ray Serve; on a 2-core machine half a CPU each leaves room
+    # for the proxy, the controller and a second replica.
+    cpus_per_replica: float = Field(0.5, gt=0)
+    threads_per_replica: int = Field(1, ge=1, description="torch threads of each replica")
+    poll_interval_s: float = Field(2.0, ge=0, description="seconds between alias polls (0: never)")
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_ongoing_requests: int = Field(16, ge=1, description="requests a replica holds at once")
+    max_queued_requests: int = Field(64, ge=1, description="requests queued beyond those (503 above)")
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+
+    @model_validator(mode="after")
+    def _room_for_a_batch(self) -> ServeConfig:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                f"({self.max_batch_size}), or batches never fill"
+            )
+        return self
+
+
+def replica_env(cfg: ServeConfig) -> dict[str, str]:
+    """Environment of each replica process (the deployment's ``runtime_env``)."""
+    return {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(REGISTRY_TIMEOUT_S),
+        # torch reads it at import; Ray would set it from the CPU share (1 for a fraction).
+        "OMP_NUM_THREADS": str(cfg.threads_per_replica),
+    }

@@ -1,0 +1,555 @@
+"""``aigc serve``: real Ray Serve on 127.0.0.1 in a subprocess, a real MLflow sqlite registry, models
+really trained (a few dozen steps in this process, with the one Trainer builder; no Ray needed for
+that). The server is started once for the module and stopped by its process group id.
+
+The first tests are pure (the request checks, the batch planner, the alias follower with fakes)
+and take milliseconds; the rest talk HTTP to the running server.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from aigc.registry.store import ModelRef
+from aigc.serving.batching import ModelQueue, plan_calls
+from aigc.serving.follower import AliasFollower
+from aigc.serving.limits import GenerateRequest, RequestLimits, RequestRejected, parse_generate_request
+
+ROOT = Path(__file__).resolve().parents[2]
+AIGC = str(Path(sys.executable).parent / "aigc")
+NAME = "aigc-diffusion"
+OPTIONS = {"steps": int, "guidance": float, "sampler": str}
+
+TINY = [
+    "model.base_channels=16",
+    "model.text.dim=32",
+    "model.text.layers=1",
+    "model.text.heads=2",
+    "model.heads=2",
+    "model.sample_steps=4",
+    "data.num_workers=0",
+    "data.batch_size=32",
+    "trainer.warmup_steps=2",
+    "trainer.lr=3e-3",
+]
+
+
+# ------------------------------------------------------------------------------ pure: the checks
+def test_request_checks_name_the_limit_and_its_value():
+    limits = RequestLimits(max_num_samples=4, max_prompt_chars=10, max_steps=50)
+    ok = parse_generate_request({"prompt": "p", "num_samples": 2, "seed": 3, "guidance": 1}, OPTIONS, limits)
+    assert ok == GenerateRequest("p", 2, 3, (("guidance", 1.0),))
+    assert isinstance(ok.option_dict["guidance"], float)  # an int is a valid float option
+
+    cases = [
+        ({"prompt": "p", "num_samples": 5}, "max_num_samples", 4),
+        ({"prompt": "p" * 11}, "max_prompt_chars", 10),
+        ({"prompt": "p", "steps": 51}, "max_steps", 50),
+        ({"prompt": "p", "steps": 0}, "max_steps", 50),
+        ({"prompt": "p", "bogus": 1}, "options", sorted(OPTIONS)),
+        ({"prompt": "p", "steps": 2.5}, "options", sorted(OPTIONS)),
+        ({"prompt": "p", "guidance": True}, "options", sorted(OPTIONS)),
+        ({"prompt": "p", "guidance": float("nan")}, "options", sorted(OPTIONS)),
+        ({"prompt": "p", "seed": -1}, "seed", None),
+        ({"prompt": "p", "num_samples": True}, "num_samples", None),
+        ({"prompt": None}, "prompt", None),
+        (["p"], "body", None),
+    ]
+    for body, limit, value in cases:
+        with pytest.raises(RequestRejected) as err:
+            parse_generate_request(body, OPTIONS, limits)
+        assert err.value.status == 422, body
+        assert (err.value.body()["limit"], err.value.body()["value"]) == (limit, value), body
+    with pytest.raises(RequestRejected) as err:
+        parse_generate_request({"prompt": "p", "bogus": 1}, OPTIONS, limits)
+    assert err.value.body()["allowed"]["sampler"] == "str"  # the 422 lists what is allowed
+
+
+def test_batches_never_mix_options_or_seeds():
+    r = [
+        GenerateRequest("a", 2),  # 0: merged with 1 and 4 (no seed, default options)
+        GenerateRequest("b", 1),  # 1
+        GenerateRequest("a", 1, seed=5),  # 2: its own call, shared with the identical 5
+        GenerateRequest("a", 1, options=(("steps", 3),)),  # 3: other options, its own call
+        GenerateRequest("c", 3),  # 4
+        GenerateRequest("a", 1, seed=5),  # 5
+        GenerateRequest("b", 1, seed=5),  # 6: same seed, other prompt: its own call
+    ]
+    calls = plan_calls(r)
+    assert [(c.prompts, c.num_samples, c.seed, c.options) for c in calls] == [
+        (["a", "a", "b", "c", "c", "c"], 1, None, {}),
+        (["a"], 1, 5, {}),
+        (["a"], 1, None, {"steps": 3}),
+        (["b"], 1, 5, {}),
+    ]
+    assert calls[0].slices == [(0, 0, 2), (1, 2, 1), (4, 3, 3)]
+    assert calls[1].slices == [(2, 0, 1), (5, 0, 1)]
+    served = sorted(i for c in calls for i, _, _ in c.slices)
+    assert served == list(range(len(r)))
+
+
+def test_the_model_queue_merges_what_arrived_while_the_model_was_busy():
+    import asyncio
+
+    seen: list[list[str]] = []
+
+    def run(requests):
+        seen.append([r.prompt for r in requests])
+        time.sleep(0.05)
+        return [r.prompt.upper() for r in requests]
+
+    async def main():
+        queue = ModelQueue(run, max_requests=3)
+        first = asyncio.ensure_future(queue.submit([GenerateRequest("a")]))
+        await asyncio.sleep(0.02)  # "a" is in the model now
+        rest = [asyncio.ensure_future(queue.submit([GenerateRequest(p)])) for p in "bcde"]
+        return await first, await asyncio.gather(*rest)
+
+    first, rest = asyncio.run(main())
+    assert first == ["A"] and rest == [["B"], ["C"], ["D"], ["E"]]
+    assert seen == [["a"], ["b", "c", "d"], ["e"]]  # at most max_requests per model batch
+
+
+def test_the_model_queue_waits_briefly_for_the_clients_it_just_answered():
+    """Four clients sending one request after another: without the refill wait, model batches
+    alternate between the one client that missed a batch and the other three."""
+    import asyncio
+
+    def sizes(refill_wait_s: float) -> list[int]:
+        seen: list[int] = []
+
+        def run(requests):
+            seen.append(len(requests))
+            time.sleep(0.02)
+            return [r.prompt for r in requests]
+
+        async def client(queue, i):
+            await asyncio.sleep(0.001 * i)
+            for k in range(6):
+                await queue.submit([GenerateRequest(f"{i}-{k}")])
+                await asyncio.sleep(0.002)  # the client's round trip
+
+        async def main():
+            queue = ModelQueue(run, max_requests=4, refill_wait_s=refill_wait_s)
+            await asyncio.gather(*(client(queue, i) for i in range(4)))
+
+        asyncio.run(main())
+        return seen
+
+    assert sizes(0.0)[:4] == [1, 3, 1, 3]
+    assert sizes(0.05)[1:5] == [4, 4, 4, 4]
+
+
+def test_follower_keeps_serving_when_the_registry_fails_and_swaps_when_the_alias_moves():
+    alias = {"version": "1"}
+    loads: list[str] = []
+
+    def resolve(ref):
+        if alias["version"] is None:
+            raise ConnectionError("tracking server unreachable")
+        return SimpleNamespace(version=alias["version"])
+
+    def load(version):
+        if version.version == "bad":
+            raise OSError("artifact missing")
+        loads.append(version.version)
+        return f"module-{version.version}"
+
+    f = AliasFollower(ModelRef(NAME, "production"), resolve, load, poll_interval_s=0)
+    assert f.start().module == "module-1" and f.healthy()
+    alias["version"] = None
+    f.poll_once()
+    h = f.health()
+    assert f.current.version == "1" and not h["following"]["healthy"]
+    assert "unreachable" in h["following"]["last_error"] and h["following"]["last_success_at"]
+    alias["version"] = "bad"
+    f.poll_once()
+    f.poll_once()  # a failed load is not retried at every poll
+    assert f.current.version == "1" and "artifact missing" in f.health()["following"]["last_error"]
+    alias["version"] = "2"
+    f.poll_once()
+    assert (f.current.module, f.current.version, f.swaps, f.healthy()) == ("module-2", "2", 1, True)
+    assert loads == ["1", "2"]
+
+
+def test_replicas_never_retry_a_dead_registry_for_minutes_and_configs_are_checked():
+    from pydantic import ValidationError
+
+    from aigc.serving.app import app_builder
+    from aigc.serving.config import ServeConfig, replica_env
+
+    env = replica_env(ServeConfig(ref=f"{NAME}@production"))
+    assert env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0" and int(env["MLFLOW_HTTP_REQUEST_TIMEOUT"]) <= 10
+    with pytest.raises(ValidationError, match="max_ongoing_requests"):
+        ServeConfig(ref="x", max_batch_size=32, max_ongoing_requests=16)
+    with pytest.raises(ValidationError):
+        ServeConfig(ref="x", limits={"max_num_samples": 0})
+    with pytest.raises(ValidationError):  # a RayService's args are checked the same way
+        app_builder({"ref": "x", "tracking_uri": "sqlite:////tmp/x.db", "max_steps": "many"})
+
+
+# ------------------------------------------------------------------------ a real server on Ray Serve
+def trained_version(uri: str, tmp: Path, dataset: Path, name: str, steps: int, seed: int) -> str:
+    """A FINISHED run the way aigc train leaves it, registered: returns the new version number."""
+    import pytorch_lightning as pl
+    import torch
+
+    from aigc.config import load_config
+    from aigc.data.captions_io import read_captions
+    from aigc.data.loader import ShardDataModule
+    from aigc.models import build_module
+    from aigc.models.text import Tokenizer
+    from aigc.registry.register import register_run
+    from aigc.tracking import end_job_run, start_job_run
+    from aigc.training.trainer import build_trainer
+
+    cfg = load_config(ROOT / "models" / "diffusion.yaml", [*TINY, f"trainer.max_steps={steps}"])
+    pl.seed_everything(seed, verbose=False)
+    module = build_module(cfg, Tokenizer.build(read_captions(dataset, "train")), 8, 1)
+    trainer = build_trainer(module, limit_val_batches=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 torch threads on a busy 2-core machine run several times slower
+    try:
+        trainer.fit(module, datamodule=ShardDataModule(cfg.data, location=dataset, seed=seed))
+    finally:
+        torch.set_num_threads(threads)
+    run_dir = tmp / "runs" / name
+    trainer.save_checkpoint(run_dir / f"checkpoint-step{steps:08d}" / "checkpoint.ckpt")
+    tags = {"aigc.family": "diffusion", "aigc.storage": str(run_dir), "aigc.run.name": name}
+    run_id = start_job_run(uri, "serving-test", name, tags=tags)
+    end_job_run(uri, run_id)
+    return register_run(run_id, uri).version
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body, timeout: float = 60, raw: bytes | None = None) -> tuple[int, dict]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(f"{url}/generate", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        text = err.read()
+        try:
+            return err.code, json.loads(text)
+        except ValueError:
+            return err.code, {"text": text.decode(errors="replace")}
+
+
+def get(url: str, path: str) -> dict:
+    with urllib.request.urlopen(f"{url}{path}", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def decode(images: list[str]) -> list[Image.Image]:
+    out = []
+    for b64 in images:
+        with Image.open(io.BytesIO(base64.b64decode(b64))) as img:
+            img.load()
+            out.append(img)
+    return out
+
+
+def stop(proc: subprocess.Popen) -> int:
+    """SIGTERM to the server's process group; SIGKILL to it if still running after 30 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        return proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        return -9
+
+
+@pytest.fixture(scope="module")
+def registry(digits_dataset, tmp_path_factory):
+    """Two trained versions of aigc-diffusion; production names the first."""
+    from aigc.registry.store import client_for
+
+    tmp = tmp_path_factory.mktemp("serving")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    v1 = trained_version(uri, tmp, digits_dataset, "first", steps=24, seed=0)
+    client = client_for(uri)
+    client.set_registered_model_alias(NAME, "production", v1)
+    v2 = trained_version(uri, tmp, digits_dataset, "second", steps=24, seed=1)
+    return SimpleNamespace(uri=uri, tmp=tmp, client=client, v1=str(v1), v2=str(v2))
+
+
+@pytest.fixture(scope="module")
+def server(registry):
+    """``aigc serve`` in its own session; small queue limits so overload is cheap to provoke."""
+    port = _free_port()
+    log_path = registry.tmp / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always the embedded Ray
+    args = [AIGC, "serve", f"{NAME}@production", "--tracking-uri", registry.uri, "--port", str(port)]
+    args += ["--poll-interval", "1", "--max-ongoing-requests", "8", "--max-queued-requests", "16"]
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=registry.tmp, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 150
+        while "stop with Ctrl-C" not in log_path.read_text():  # printed once it serves
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            assert time.monotonic() < deadline, log_path.read_text()[-4000:]
+            time.sleep(0.5)
+        yield SimpleNamespace(url=url, proc=proc, log=log_path)
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_serves_pngs_of_the_loaded_version(registry, server):
+    out = server.log.read_text()
+    assert f"model      {NAME} version {registry.v1} (alias production, followed)" in out
+    assert f"serving    {server.url}" in out
+
+    health = get(server.url, "/healthz")
+    assert health["status"] == "ok" and (health["model"], health["alias"]) == (NAME, "production")
+    assert health["version"] == registry.v1 and health["following"]["healthy"] is True
+
+    status, answer = post(server.url, {"prompt": "the digit 3", "num_samples": 3, "seed": 7})
+    assert status == 200, answer
+    assert (answer["model"], answer["version"]) == (NAME, registry.v1)
+    images = decode(answer["images"])
+    assert len(images) == 3 and all(im.size == (8, 8) and im.mode == "L" for im in images)
+    # A seed gives the same images again, and another seed other images.
+    assert (
+        post(server.url, {"prompt": "the digit 3", "num_samples": 3, "seed": 7})[1]["images"]
+        == (answer["images"])
+    )
+    assert (
+        post(server.url, {"prompt": "the digit 3", "num_samples": 3, "seed": 8})[1]["images"]
+        != (answer["images"])
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_everything_listens_on_loopback_but_the_replicas_grpc_server(server):
+    """Ray 2.60 hard-codes each replica's inter-deployment gRPC server to [::]:0; every other socket
+    of the server's process tree (HTTP proxy, GCS, raylet, agents) is on 127.0.0.1."""
+    import psutil
+
+    wide = []
+    procs = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            for c in proc.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN and c.laddr.ip not in ("127.0.0.1", "::ffff:127.0.0.1"):
+                    wide.append((proc.name(), c.laddr.ip))
+    assert all(name.startswith("ray::ServeRepli") for name, _ in wide), wide
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_each_limit_is_a_4xx_naming_it_and_valid_requests_are_still_answered(server):
+    valid = {"prompt": "the digit 1", "steps": 2}
+    rejected = [
+        ({"prompt": "x", "num_samples": 17}, 422, "max_num_samples", 16),
+        ({"prompt": "x" * 257}, 422, "max_prompt_chars", 256),
+        ({"prompt": "x", "steps": 201}, 422, "max_steps", 200),
+        ({"prompt": "x" * 20_000}, 413, "max_body_bytes", 16384),
+        ({"prompt": "x", "temperature": 1.0}, 422, "options", ["guidance", "sampler", "steps"]),
+        ({"prompt": "x", "guidance": "high"}, 422, "options", ["guidance", "sampler", "steps"]),
+        ({"prompt": "x", "sampler": "euler"}, 422, "options", ["guidance", "sampler", "steps"]),
+        ({"prompt": "x", "seed": "seven"}, 422, "seed", None),
+    ]
+    for body, code, limit, value in rejected:
+        status, answer = post(server.url, body)
+        assert status == code, (body, answer)
+        assert (answer["limit"], answer["value"]) == (limit, value), answer
+        assert post(server.url, valid)[0] == 200
+    status, answer = post(server.url, {"prompt": "x", "temperature": 1.0})
+    assert answer["allowed"] == {
+        "prompt": "str",
+        "num_samples": "int",
+        "seed": "int | null",
+        "steps": "int",
+        "guidance": "float",
+        "sampler": "str",
+    }
+    assert post(server.url, None, raw=b"{not json")[0] == 400
+    # A chunked body (no Content-Length) is cut off at the limit too.
+    big = urllib.request.Request(
+        f"{server.url}/generate",
+        data=iter([b'{"prompt": "', b"x" * 9000, b"x" * 9000, b'"}']),
+        headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(big, timeout=30)
+    assert err.value.code == 413 and json.loads(err.value.read())["limit"] == "max_body_bytes"
+    assert post(server.url, valid)[0] == 200
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_mixed_batch_is_split_by_options_and_seed(server):
+    """Concurrent requests with different options and seeds: each gets its own count of images,
+    and a seeded request gets exactly the images it gets alone."""
+    alone = post(server.url, {"prompt": "the digit 5", "num_samples": 2, "seed": 11})[1]["images"]
+    bodies = [
+        {"prompt": "the digit 1", "num_samples": 2},
+        {"prompt": "the digit 2", "num_samples": 1},
+        {"prompt": "the digit 5", "num_samples": 2, "seed": 11},
+        {"prompt": "the digit 1", "num_samples": 3, "steps": 2},
+        {"prompt": "the digit 5", "num_samples": 2, "seed": 11},
+        {"prompt": "the digit 9", "num_samples": 1, "guidance": 1.0},
+    ]  # 6 at once: well within --max-ongoing-requests 8 + --max-queued-requests 16
+    answers: list = [None] * len(bodies)
+
+    def send(i: int) -> None:
+        answers[i] = post(server.url, bodies[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for body, (status, answer) in zip(bodies, answers, strict=True):
+        assert status == 200, answer
+        assert len(answer["images"]) == body["num_samples"]
+        if body.get("seed") == 11:
+            assert answer["images"] == alone
+    stats = get(server.url, "/stats")
+    assert stats["requests"] >= len(bodies) and max(int(k) for k in stats["batch_sizes"]) > 1, stats
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_overload_is_503_and_the_server_recovers(server):
+    heavy = {"prompt": "the digit 8", "num_samples": 16, "steps": 20}
+    codes: list[int] = []
+    lock = threading.Lock()
+
+    def send() -> None:
+        status, _ = post(server.url, heavy, timeout=120)
+        with lock:
+            codes.append(status)
+
+    threads = [threading.Thread(target=send) for _ in range(60)]  # 8 ongoing + 16 queued at most
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0, codes
+    assert post(server.url, {"prompt": "the digit 1"})[0] == 200
+
+
+CLIENT = r"""
+import json, sys, time, urllib.error, urllib.request
+url, max_requests, max_seconds, new_version = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+body = json.dumps({"prompt": "the digit 4", "steps": 2}).encode()
+headers = {"Content-Type": "application/json"}
+results, start, seen_new = [], time.monotonic(), 0
+def done():
+    return len(results) >= max_requests or (len(results) >= 150 and seen_new >= 40)
+while not done() and time.monotonic() - start < max_seconds:
+    t0 = time.perf_counter()
+    try:
+        req = urllib.request.Request(url + "/generate", data=body, headers=headers)
+        with urllib.request.urlopen(req, timeout=10) as r:
+            answer = json.loads(r.read())
+            results.append([r.status, answer["version"], time.perf_counter() - t0])
+    except Exception as err:
+        results.append([getattr(err, "code", -1), repr(err)[:200], time.perf_counter() - t0])
+    seen_new += results[-1][1] == new_version
+    if len(results) == 20:
+        print("ready", flush=True)
+print(json.dumps(results), flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_promotion_switches_versions_with_zero_failed_requests(registry, server):
+    """A client in another process sends requests while the alias moves to the second version."""
+    assert get(server.url, "/healthz")["version"] == registry.v1
+    client = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, server.url, "400", "30", registry.v2],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        registry.client.set_registered_model_alias(NAME, "production", registry.v2)
+        out, _ = client.communicate(timeout=60)
+    finally:
+        if client.poll() is None:
+            os.killpg(client.pid, signal.SIGKILL)
+            client.wait(timeout=10)
+    results = json.loads(out.strip().splitlines()[-1])
+    assert len(results) >= 150
+    print(f"{len(results)} requests, max latency {max(r[2] for r in results):.3f} s")
+    failed = [r for r in results if r[0] != 200]
+    assert not failed, failed[:5]
+    versions = [r[1] for r in results]
+    switch = versions.index(registry.v2)
+    assert set(versions[:switch]) == {registry.v1} and set(versions[switch:]) == {registry.v2}, versions
+    assert max(r[2] for r in results) < 5.0  # no request waited for the load
+
+    health = get(server.url, "/healthz")
+    assert health["version"] == registry.v2 and health["following"]["swaps"] == 1
+    assert health["status"] == "ok"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_lost_alias_keeps_the_version_served_and_healthz_says_so(registry, server):
+    served = get(server.url, "/healthz")["version"]
+    registry.client.delete_registered_model_alias(NAME, "production")
+    try:
+        deadline = time.monotonic() + 20
+        while (health := get(server.url, "/healthz"))["status"] == "ok":
+            assert time.monotonic() < deadline, health
+            time.sleep(0.5)
+        assert health["status"] == "degraded" and health["following"]["healthy"] is False
+        assert "production" in health["following"]["last_error"]
+        status, answer = post(server.url, {"prompt": "the digit 6", "steps": 2})
+        assert status == 200 and answer["version"] == served
+    finally:
+        registry.client.set_registered_model_alias(NAME, "production", served)
+    deadline = time.monotonic() + 20
+    while get(server.url, "/healthz")["status"] != "ok":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_sigterm_to_the_process_group_shuts_down_within_30_s(server):
+    t0 = time.monotonic()
+    rc = stop(server.proc)
+    log = server.log.read_text()
+    assert rc == 0 and "stopped" in log, log[-3000:]
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{server.url}/healthz", timeout=2)
