@@ -24,6 +24,11 @@ from typing import Any
 from pydantic import Field
 
 from aigc.config import StrictModel
+
+# The provenance that makes two figures comparable and the tags holding it (aigc.eval.<key>) are
+# defined once, where the final evaluation records them.
+from aigc.evaluation.evaluate import PROVENANCE as PROVENANCE_TAGS
+from aigc.evaluation.final import EVAL_TAG_PREFIX
 from aigc.registry.store import (
     ALIAS_CANDIDATE,
     ALIAS_PREVIOUS,
@@ -38,7 +43,6 @@ from aigc.registry.store import (
     resolve_version,
 )
 
-PROVENANCE_TAGS = ("evaluator_hash", "data_version", "num_samples", "seed")
 FD, ACCURACY = "eval/fd", "eval/cond_accuracy"
 
 
@@ -97,8 +101,11 @@ def figures_of(version: Any) -> Figures:
     """The ``eval/*`` figures and their provenance recorded on a version's tags."""
     tags = version.tags
     metrics = {k: float(v) for k, v in tags.items() if k.startswith("eval/")}
-    provenance = {k: tags[f"aigc.eval.{k}"] for k in PROVENANCE_TAGS if f"aigc.eval.{k}" in tags}
-    return Figures(str(version.version), metrics, provenance, tags.get("aigc.eval.source", "registration"))
+    keys = {k: f"{EVAL_TAG_PREFIX}{k}" for k in PROVENANCE_TAGS}
+    provenance = {k: tags[tag] for k, tag in keys.items() if tag in tags}
+    return Figures(
+        str(version.version), metrics, provenance, tags.get(f"{EVAL_TAG_PREFIX}source", "registration")
+    )
 
 
 def measured_alike(a: Figures, b: Figures) -> bool:
@@ -161,8 +168,8 @@ def _reevaluate(client: Any, name: str, versions: list[Any], gate: GateConfig, p
         for k, value in figures.metrics.items():
             client.set_model_version_tag(name, v.version, k, repr(value))
         for k, value in figures.provenance.items():
-            client.set_model_version_tag(name, v.version, f"aigc.eval.{k}", value)
-        client.set_model_version_tag(name, v.version, "aigc.eval.source", "gate re-evaluation")
+            client.set_model_version_tag(name, v.version, f"{EVAL_TAG_PREFIX}{k}", value)
+        client.set_model_version_tag(name, v.version, f"{EVAL_TAG_PREFIX}source", "gate re-evaluation")
         out.append(figures)
     return out
 

@@ -85,7 +85,9 @@ def eligibility(run: Any) -> tuple[bool, str | None]:
     tags, metrics = run.data.tags, run.data.metrics
     if "eval/fd" not in metrics:
         return False, "the run has no final evaluation (eval/fd); re-run it with aigc evaluate --run"
-    flagged = [g for g in ("collapse", "copying") if tags.get(f"aigc.eval.{g}") == "True"]
+    from aigc.evaluation.final import EVAL_TAG_PREFIX, GUARDS
+
+    flagged = [g for g in GUARDS if tags.get(f"{EVAL_TAG_PREFIX}{g}") == "True"]
     if flagged:
         return False, f"the final evaluation's guards flagged {' and '.join(flagged)}"
     return True, None
