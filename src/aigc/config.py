@@ -12,6 +12,7 @@ its own class below so the CLI can validate a config without importing torch.
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
@@ -257,6 +258,9 @@ def _format_errors(err: ValidationError, prefix: str = "") -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
             allowed = _allowed_keys(e["loc"][:-1], prefix)
+            close = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
+            if close:  # the usual cause is a typo: name the key the user most likely meant
+                msg += f"; did you mean `{'.'.join([*key.split('.')[:-1], close[0]])}`?"
             if allowed:
                 msg += f"; allowed keys here: {', '.join(allowed)}"
         elif e["type"] == "union_tag_invalid":

@@ -180,6 +180,10 @@ def test_every_family_trains_on_two_workers(family, ray_local, digits_dataset, t
             assert key in figures
             assert run.data.metrics[key] == pytest.approx(figures[key])
         assert run.data.tags["aigc.eval.num_samples"] == "100"
+        # The run's description (the UI's "Description") carries every eval/* figure.
+        note = run.data.tags["mlflow.note.content"]
+        for key in ("eval/fd", "eval/clip_score", "eval/cond_accuracy"):
+            assert f"| {key} | {figures[key]:.4g} |" in note, note
 
 
 _FRESH_PROCESS = """
@@ -292,11 +296,19 @@ def test_resume_continues_a_stopped_run_into_the_same_mlflow_run(
     resume_args = [f"scaling.storage_path={tmp_path / 'runs'}", "trainer.max_steps=20"]
 
     # A resume that fails after reopening the run (here: a val shard went bad, read for the sample
-    # grid prompts) ends the run FAILED with the error, never RUNNING.
+    # grid prompts; allowed past the start-up size check) ends the run FAILED with the error.
     shard = _val_shard(data)
     good = _truncate(shard)
     with pytest.raises(DatasetError, match=shard.name):
-        train(None, resume_args, resume="cont", evaluate=False, register=False, messages=None)
+        train(
+            None,
+            resume_args,
+            resume="cont",
+            evaluate=False,
+            register=False,
+            messages=None,
+            allow_modified_data=True,
+        )
     run = client.get_run(first.run_id)
     assert run.info.status == "FAILED"
     assert shard.name in run.data.tags["aigc.error"]
@@ -356,12 +368,183 @@ def test_a_failure_after_the_run_opens_ends_it_failed(point, digits_dataset, tmp
         overrides.append(f"scaling.storage_path={tmp_path / 'a-file' / 'runs'}")
         expected = "a-file"
     with pytest.raises(Exception, match=expected):
-        train(None, overrides, name="doomed", evaluate=False, register=False, messages=None)
+        # allow_modified_data: the truncated shard must pass the start-up size check to be read.
+        train(
+            None,
+            overrides,
+            name="doomed",
+            evaluate=False,
+            register=False,
+            messages=None,
+            allow_modified_data=True,
+        )
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.run_name for r in runs] == ["doomed"]
     assert runs[0].info.status == "FAILED"
     assert expected in runs[0].data.tags["aigc.error"]
+
+
+def _train_shard(dataset: Path, i: int = 0) -> Path:
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    return dataset / manifest["splits"]["train"]["shards"][i]["name"]
+
+
+def _cut_to_a_third(shard: Path) -> int:
+    """Truncate a shard to a third of its bytes, as in issue 14; returns how many of its samples are
+    no longer whole in the file (a sample is readable only if all its members end before the cut)."""
+    import tarfile
+
+    data = shard.read_bytes()
+    cut = len(data) // 3
+    ends: dict[str, int] = {}
+    with tarfile.open(shard) as tar:
+        for m in tar.getmembers():
+            key = m.name.split(".", 1)[0]
+            ends[key] = max(ends.get(key, 0), m.offset_data + m.size)
+    shard.write_bytes(data[:cut])
+    return sum(1 for end in ends.values() if end > cut)
+
+
+class _Stopped(Exception):
+    """Raised by a test where it stops a job."""
+
+
+@pytest.mark.timeout(180)
+def test_a_shard_changed_after_its_manifest_fails_the_job_before_ray_starts(
+    digits_dataset, tmp_path, monkeypatch
+):
+    """A shard shortened after the manifest was written fails the job at the size check, naming it,
+    before Ray starts and before any MLflow run exists; a change that keeps the size needs
+    --verify-data (the re-hash) to be caught."""
+    import aigc.training.launcher as launcher
+    from aigc.data.manifest import read_manifest
+    from aigc.training import TrainError, train
+
+    def no_ray(*_args, **_kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(launcher, "init_ray", no_ray)
+    data = _copy_dataset(digits_dataset, tmp_path)
+    shard = _train_shard(data)
+    good = shard.read_bytes()
+    _cut_to_a_third(shard)
+    with pytest.raises(TrainError) as err:
+        train(
+            None,
+            tiny_overrides("diffusion", tmp_path, data),
+            name="changed",
+            evaluate=False,
+            register=False,
+            messages=None,
+        )
+    msg = str(err.value)
+    assert f"{shard.name}: {len(good) // 3} bytes, the manifest lists {len(good)}" in msg
+    assert "no MLflow run was created" in msg and "--allow-modified-data" in msg
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "runs").exists()
+
+    # Same size, different bytes: the size check passes it, `aigc train --verify-data` does not.
+    shard.write_bytes(good)
+    other = _train_shard(data, 1)
+    raw = bytearray(other.read_bytes())
+    raw[520] ^= 0xFF  # inside the first member's data
+    other.write_bytes(bytes(raw))
+    assert (
+        launcher.check_data(str(data), read_manifest(data), verify=False, allow=False, resuming=False) == []
+    )
+    args = ["train", str(ROOT / "models" / "diffusion.yaml"), "--verify-data", "--no-eval", "--no-register"]
+    for o in tiny_overrides("diffusion", tmp_path, data):
+        args += ["--set", o]
+    out = run_cli(args)
+    assert out.returncode == 2, out.stderr
+    assert f"{other.name}: sha256 or size differs from the manifest" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.timeout(300)
+def test_a_truncated_shard_under_the_threshold_is_reported_on_a_run_the_mlflow_ui_can_show(
+    ray_local, digits_dataset, tmp_path, monkeypatch, capsys
+):
+    """Issue 14's run: a train shard cut to a third (66 of its 100 samples unreadable), under
+    data.max_bad_fraction=0.1, 2 workers with a DataLoader worker process each, trained with
+    --allow-modified-data. It FINISHES, and its metrics (per epoch, summed over ranks), tags, the
+    terminal and the summary name what was skipped. The same run carries MLflow's own source, user
+    and commit tags, a description and the experiment kind the UI's model-training view needs."""
+    import getpass
+
+    import aigc.training.launcher as launcher
+    from aigc.cli.train import print_summary
+    from aigc.tracking import command_line, git_sha
+    from aigc.training import train
+
+    data = _copy_dataset(digits_dataset, tmp_path)
+    shard = _train_shard(data)
+    lost = _cut_to_a_third(shard)
+    assert lost == 66
+    samples = json.loads((data / "manifest.json").read_text())["splits"]["train"]["num_samples"]
+    said: list[str] = []
+    overrides = tiny_overrides("diffusion", tmp_path, data) + [
+        "data.max_bad_fraction=0.1",
+        "data.num_workers=1",
+    ]
+    result = train(
+        None,
+        overrides,
+        name="skips",
+        evaluate=False,
+        register=False,
+        allow_modified_data=True,
+        messages=said.append,
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    # One epoch end (the run stops at step 20 of its first 26-batch epoch): both ranks' counts.
+    assert losses(uri, result.run_id, "data/bad_samples") == {20: lost}
+    assert losses(uri, result.run_id, "data/bad_fraction") == pytest.approx({20: lost / samples})
+    tags = run.data.tags
+    assert tags["aigc.data.bad_shards"] == f"{shard.name} ({lost})"
+    # The shard no longer matched the manifest: the data version is flagged, not trusted.
+    assert tags["aigc.data.modified"] == "true"
+    assert shard.name in tags["aigc.data.modified_shards"]
+    # The terminal says it when training ends, and the summary lists it.
+    assert any(f"skipped {lost} unreadable" in m and shard.name in m for m in said), said
+    assert (result.bad_samples, result.bad_shards) == (lost, f"{shard.name} ({lost})")
+    print_summary(result)
+    summary = capsys.readouterr().out
+    assert f"skipped {lost} unreadable train samples" in summary and shard.name in summary
+    assert "differs from its manifest" in summary
+
+    # MLflow's own tags: "Source", "Created by", the commit, the description; the experiment kind.
+    assert tags["mlflow.source.name"] == command_line()
+    assert tags["mlflow.source.type"] == "LOCAL"
+    sha = git_sha(ROOT)
+    if sha:
+        assert tags["mlflow.source.git.commit"] == sha.removesuffix("-dirty")
+    assert tags["mlflow.user"] == run.info.user_id == getpass.getuser()
+    note = tags["mlflow.note.content"]
+    assert "**diffusion**" in note and "20 of 20 steps" in note, note
+    assert "Final sample grid: artifact `samples-final.png`" in note, note
+    assert f"skipped {lost} unreadable" in note, note
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+    # --resume keeps --allow-modified-data from the job record: the modified shard passes the check.
+    job = json.loads((tmp_path / "runs" / "skips" / "aigc-job.json").read_text())
+    assert job["allow_modified_data"] is True
+
+    real_check = launcher.check_data
+
+    def check_then_stop(*args, **kwargs):  # the real check, then stop before the run reopens
+        raise _Stopped(real_check(*args, **kwargs))
+
+    monkeypatch.setattr(launcher, "check_data", check_then_stop)
+    with pytest.raises(_Stopped) as stopped:
+        train(None, [f"scaling.storage_path={tmp_path / 'runs'}"], resume="skips", messages=None)
+    assert [p.split(":")[0] for p in stopped.value.args[0]] == [shard.name]
 
 
 def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 120):
@@ -381,6 +564,7 @@ def test_bad_config_fails_before_ray_starts(digits_dataset, tmp_path):
     out = run_cli(args)
     assert out.returncode == 2, out.stderr
     assert "trainer.max_stepz" in out.stderr and "unknown key" in out.stderr
+    assert "did you mean `trainer.max_steps`?" in out.stderr
     assert "Traceback" not in out.stderr
     assert time.monotonic() - t0 < 60  # never reached Ray
     assert not (tmp_path / "mlflow.db").exists()  # and never opened a run

@@ -44,6 +44,31 @@ def test_unknown_key_names_dotted_key_and_allowed(tmp_path: Path) -> None:
     assert "max_steps" in msg  # the allowed keys are listed
 
 
+@pytest.mark.parametrize(
+    ("override", "meant"),
+    [
+        ("trainer.max_stepz=5", "trainer.max_steps"),
+        ("trainr.max_steps=5", "trainer"),
+        ("model.sampelr=ddim", "model.sampler"),
+        ("model.text.encodr=minilm", "model.text.encoder"),
+        ("data.imagesize=16", "data.image_size"),
+    ],
+)
+def test_unknown_key_says_the_closest_allowed_key(override: str, meant: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    msg = str(err.value)
+    assert f"did you mean `{meant}`?" in msg
+    assert "allowed keys here:" in msg  # the full list stays
+
+
+def test_unknown_key_far_from_every_allowed_key_suggests_nothing() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["trainer.zzzz=1"])
+    assert "did you mean" not in str(err.value)
+    assert "max_steps" in str(err.value)
+
+
 def test_unknown_key_inside_family(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, {"model": {"family": "gan", "stepz": 1}}))

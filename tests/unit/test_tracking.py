@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import subprocess
 import sys
@@ -137,6 +138,79 @@ def test_git_sha_of_a_real_repo_marks_dirty_worktrees(tmp_path: Path) -> None:
     assert git_sha(repo) == head  # untracked files do not make it dirty
     (repo / "a.txt").write_text("two\n")
     assert git_sha(repo) == f"{head}-dirty"
+
+
+# ------------------------------------------------------------------------- MLflow's own run context
+
+
+def test_source_tags_are_what_the_mlflow_ui_shows_as_source_commit_and_creator() -> None:
+    from aigc.tracking import source_tags
+
+    tags = source_tags("aigc train models/vae.yaml", "0123abcd-dirty", user="ada")
+    assert tags == {
+        "mlflow.source.name": "aigc train models/vae.yaml",
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.git.commit": "0123abcd",  # MLflow expects a commit id: no "-dirty" mark
+        "mlflow.user": "ada",
+    }
+    # Unknown values are left out; the user defaults to the login name.
+    unknown = source_tags("aigc train", None)
+    assert "mlflow.source.git.commit" not in unknown
+    assert unknown["mlflow.user"] == getpass.getuser()
+
+
+def test_command_line_reads_as_typed() -> None:
+    from aigc.tracking import command_line
+
+    assert command_line(["/venv/bin/aigc", "train", "--set", "trainer.max_steps=5", "a b"]) == (
+        "aigc train --set trainer.max_steps=5 'a b'"
+    )
+    assert command_line(["/venv/lib/pytest/__main__.py", "-q"]) == "python -m pytest -q"
+
+
+def test_run_description_while_running_and_when_done() -> None:
+    from aigc.tracking import run_description
+
+    planned = run_description("gan", max_steps=200, workers=2, data="`digits` version `abc`")
+    assert planned == (
+        "**gan** trained with `aigc train`: 200 steps planned on 2 Ray worker(s), "
+        "data `digits` version `abc`."
+    )
+    done = run_description(
+        "gan",
+        max_steps=200,
+        workers=2,
+        data="`digits`",
+        steps=200,
+        eval_figures={"eval/fd": 12.34567, "eval/clip_score": 0.5, "evaluator_hash": "x", "seed": 0},
+        sample_grid="samples-final.png",
+        notes=["Data: 3 samples skipped"],
+    )
+    lines = done.splitlines()
+    assert lines[0].startswith("**gan** trained with `aigc train`: 200 of 200 steps")
+    # Every eval/* figure in a Markdown table, in name order; provenance keys are not figures.
+    table = lines[lines.index("| figure | value |") :]
+    assert table[1:4] == ["| --- | --- |", "| eval/clip_score | 0.5 |", "| eval/fd | 12.35 |"]
+    assert "evaluator_hash" not in done
+    assert "Final sample grid: artifact `samples-final.png`." in lines
+    assert lines[-1] == "- Data: 3 samples skipped"
+
+
+@pytest.mark.parametrize(
+    ("current", "set_it"),
+    [
+        (None, True),
+        ("", True),
+        ("genai_development_inferred", True),  # what the UI guessed: not a choice
+        ("no_inferred_type", True),
+        ("genai_development", False),  # somebody chose it in the UI
+        ("custom_model_development", False),
+    ],
+)
+def test_experiment_kind_replaces_only_a_missing_or_guessed_kind(current: str | None, set_it: bool) -> None:
+    from aigc.tracking.context import needs_experiment_kind
+
+    assert needs_experiment_kind(current) is set_it
 
 
 # --------------------------------------------------------------------------------------------- URIs

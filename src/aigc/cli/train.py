@@ -19,11 +19,27 @@ def register(app: typer.Typer) -> None:
         ray_address: str | None = typer.Option(None, "--ray-address", help="join this Ray cluster"),
         name: str | None = typer.Option(None, "--name", help="run name (must be new)"),
         resume: str | None = typer.Option(None, "--resume", help="continue the run with this name"),
-        metrics_out: Path | None = typer.Option(None, "--metrics-out", help="write eval/* figures as JSON"),
+        params: Path | None = typer.Option(
+            None, "--params", help="YAML whose train.<family> section overrides the config (dvc.yaml)"
+        ),
+        metrics_out: Path | None = typer.Option(
+            None, "--metrics-out", help="write the run id, step and eval/* figures as JSON"
+        ),
+        loss_out: Path | None = typer.Option(
+            None, "--loss-out", help="write the train/loss curve as step,value CSV (dvc plots)"
+        ),
         evaluate: bool = typer.Option(True, "--eval/--no-eval", help="evaluate the final checkpoint"),
         eval_samples: int = typer.Option(500, "--eval-samples", help="samples for the final evaluation"),
         register: bool = typer.Option(
             True, "--register/--no-register", help="register the final model as aigc-<family>@candidate"
+        ),
+        allow_modified_data: bool = typer.Option(
+            False,
+            "--allow-modified-data",
+            help="train on shards that differ from the manifest; the run is tagged aigc.data.modified",
+        ),
+        verify_data: bool = typer.Option(
+            False, "--verify-data", help="re-hash every shard against the manifest before training"
         ),
     ) -> None:
         """Train a model family with Ray Train; every run lands in MLflow."""
@@ -35,6 +51,13 @@ def register(app: typer.Typer) -> None:
         if config is None and resume is None:
             fail("give a config (e.g. models/diffusion.yaml) or --resume NAME")
         try:
+            if params is not None:
+                if config is None:
+                    fail("--params needs the config it overrides, e.g. models/diffusion.yaml")
+                from aigc.pipeline import train_overrides
+
+                # params.yaml first, so a --set on the command line still wins.
+                set_ = train_overrides(params, config) + list(set_)
             result = run_train(
                 config,
                 set_,
@@ -47,11 +70,17 @@ def register(app: typer.Typer) -> None:
                 evaluate=evaluate,
                 eval_samples=eval_samples,
                 register=register,
+                allow_modified_data=allow_modified_data,
+                verify_data=verify_data,
             )
         except (ConfigError, TrainError, TrackingUnavailable) as err:
             fail(str(err))
         except KeyboardInterrupt:
             fail("interrupted: the MLflow run is marked KILLED; continue with --resume", code=130)
+        if loss_out is not None:
+            from aigc.pipeline import write_loss_curve
+
+            write_loss_curve(result.tracking_uri, result.run_id, loss_out)
         print_summary(result)
 
 
@@ -68,6 +97,13 @@ def print_summary(r) -> None:
     for k, v in sorted(r.eval.items()):
         if k.startswith("eval/"):
             typer.echo(f"  {k:<24} {v:.4f}")
+    if r.bad_samples:
+        typer.echo(
+            f"data       skipped {r.bad_samples} unreadable train samples in an epoch "
+            f"({r.bad_fraction:.2%}); worst shards: {r.bad_shards}"
+        )
+    if r.data_modified:
+        typer.echo(f"data       differs from its manifest (allowed): {'; '.join(r.data_modified)}")
     typer.echo(f"checkpoint {r.checkpoint}")
     typer.echo(f"run folder {r.run_dir}")
     if r.sample_grid:

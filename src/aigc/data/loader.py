@@ -29,7 +29,9 @@ Bad data: a truncated tar, an undecodable image, a missing caption or bad json i
 and key), skipped and counted per process (a DataLoader worker, or the main process when
 ``num_workers=0``). When that process's bad count exceeds ``max_bad_fraction`` of the samples it
 was assigned this epoch, it raises :class:`BadDataError` naming the fraction, threshold and the worst
-shards.
+shards. Below the threshold the counts still reach the rank's main process:
+:meth:`ShardStream.bad_per_shard` (and :meth:`ShardDataModule.bad_per_shard`) gives this epoch's
+bad samples per shard over all the rank's DataLoader workers, for the trainer to report.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 0,
         seed: int = 0,
         max_bad_fraction: float = 0.0,
+        loader_workers: int = 0,
     ) -> None:
         if len(urls) != len(sizes):
             raise ValueError(f"{len(urls)} shard URLs but {len(sizes)} sizes")
@@ -130,6 +133,14 @@ class ShardStream(IterableDataset):
         self.stats = ReadStats()
         self.resume_epoch: int | None = None
         self.resume_batches = 0
+        # Bad samples per shard this epoch, one row per DataLoader worker (``loader_workers``; one
+        # row for the main process). A worker's ReadStats die with it, so it publishes its counts
+        # here, in shared memory allocated before the workers start, and the rank's main process
+        # sums the rows. Each worker writes only its own row: no lock.
+        self._shard_index = {url: i for i, url in enumerate(self.urls)}
+        self._bad_table = torch.zeros(max(1, loader_workers), len(self.urls), dtype=torch.int64)
+        self._bad_table.share_memory_()
+        self._bad_row = self._bad_table[0]
 
     def resume_at(self, epoch: int, batches_done: int) -> None:
         """Make the iteration of ``epoch`` start after its first ``batches_done`` batches (a run
@@ -143,9 +154,21 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return batches_per_epoch(sum(self.sizes), self.world, self.batch_size)
 
+    def bad_per_shard(self) -> torch.Tensor:
+        """Samples skipped so far this epoch per shard (int64, ``(len(urls),)``, in ``urls`` order),
+        over every DataLoader worker of this rank; read it in the process that iterates the loader."""
+        return self._bad_table.sum(dim=0)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if worker >= len(self._bad_table):
+            raise ValueError(
+                f"ShardStream(loader_workers={len(self._bad_table)}) is read by DataLoader worker "
+                f"{worker}: pass the DataLoader's num_workers as loader_workers"
+            )
+        self._bad_row = self._bad_table[worker]
+        self._bad_row.zero_()  # a new epoch: this worker's row starts again (only it writes there)
         order = epoch_shard_order(len(self.sizes), self.seed, self.epoch, self.shuffle)
         slot = plan_slot(self.sizes, self.world, workers, self.batch_size, self.rank, worker, order)
         self.stats = stats = ReadStats(assigned=slot.num_samples)
@@ -178,7 +201,7 @@ class ShardStream(IterableDataset):
             url = self.urls[piece.shard]
             for key, parts in iter_piece(url, piece.start, piece.stop, stats):
                 yield url, key, parts
-            stats.check(self.max_bad_fraction)
+            self._settle(stats)
 
     def _decoded(self, samples, stats: ReadStats) -> Iterator[tuple[np.ndarray, str, int, str]]:
         mode = "L" if self.channels == 1 else "RGB"
@@ -187,9 +210,16 @@ class ShardStream(IterableDataset):
                 image, caption, label = decode_sample(parts, mode, self.image_size)
             except BadSample as err:
                 stats.record_bad(url, key, str(err))
-                stats.check(self.max_bad_fraction)
+                self._settle(stats)
                 continue
             yield image, caption, label, key
+
+    def _settle(self, stats: ReadStats) -> None:
+        """After bad samples may have been counted: publish this worker's counts (see ``__init__``),
+        then apply the threshold, which may raise."""
+        for url, n in stats.bad.items():
+            self._bad_row[self._shard_index[url]] = n
+        stats.check(self.max_bad_fraction)
 
     def _batches(self, samples, num_batches: int, stats: ReadStats) -> Iterator[dict[str, Any]]:
         b, s, c = self.batch_size, self.image_size, self.channels
@@ -282,6 +312,7 @@ class ShardDataModule(pl.LightningDataModule):
         self._epoch = 0
         self._manifest: dict[str, Any] | None = None
         self._resume: tuple[int, int] | None = None
+        self._streams: dict[str, ShardStream] = {}  # the stream each split's last loader reads
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -335,6 +366,18 @@ class ShardDataModule(pl.LightningDataModule):
     def _sizes(self, split: str) -> list[int]:
         return [int(s["num_samples"]) for s in self._shards(split)]
 
+    def shard_names(self, split: str) -> list[str]:
+        """The shard file names of ``split``, in manifest order (the order of :meth:`bad_per_shard`)."""
+        return [s["name"] for s in self._shards(split)]
+
+    def bad_per_shard(self, split: str) -> torch.Tensor:
+        """Samples of ``split`` skipped so far this epoch on this rank, per shard in manifest order
+        (int64 ``(num_shards,)``; zeros before its loader is made). Sum it over ranks for the job's."""
+        stream = self._streams.get(split)
+        if stream is None:
+            return torch.zeros(len(self._shards(split)), dtype=torch.int64)
+        return stream.bad_per_shard()
+
     def dataset(self, split: str) -> ShardStream:
         """The :class:`ShardStream` of ``split`` for this process's rank."""
         rank, world = rank_and_world()
@@ -352,6 +395,7 @@ class ShardDataModule(pl.LightningDataModule):
             shuffle_buffer=self.cfg.shuffle_buffer if train else 0,
             seed=self.seed,
             max_bad_fraction=self.cfg.max_bad_fraction,
+            loader_workers=self.cfg.num_workers,
         )
 
     def _loader(self, split: str) -> DataLoader:
@@ -359,6 +403,7 @@ class ShardDataModule(pl.LightningDataModule):
         dataset = self.dataset(split)
         if split == "train" and self._resume is not None:
             dataset.resume_at(*self._resume)
+        self._streams[split] = dataset
         return _EpochDataLoader(
             dataset,
             self._current_epoch,

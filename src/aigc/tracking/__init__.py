@@ -3,7 +3,8 @@
 Driver::
 
     uri = resolve_tracking_uri(cfg.tracking.uri)          # absolute; ensure_tracking_store(uri) runs inside
-    tags = lineage_tags(family, data_name, data_version, workers, git_sha(project_root()))
+    sha = git_sha(project_root())
+    tags = lineage_tags(family, data_name, data_version, workers, sha) | source_tags(command_line(), sha)
     with job_run(uri, cfg.tracking.experiment, cfg.tracking.run_name, flatten_params(cfg), tags) as run:
         log_dataset_input(MlflowClient(run.uri), run.run_id, data_name, shard_dir, dvc_md5)
         launch(run.uri, run.run_id)                       # FINISHED / FAILED / KILLED on the way out
@@ -33,13 +34,26 @@ _EXPORTS = {
     "resumed_job_run": "job",
     "job_run": "job",
     "start_job_run": "job",
+    "EXPERIMENT_KIND": "context",
+    "TAG_EXPERIMENT_KIND": "context",
+    "TAG_RUN_NOTE": "context",
+    "command_line": "context",
+    "run_description": "context",
+    "source_tags": "context",
+    "METRIC_BAD_FRACTION": "lineage",
+    "METRIC_BAD_SAMPLES": "lineage",
+    "TAG_DATA_BAD_SHARDS": "lineage",
+    "TAG_DATA_MODIFIED": "lineage",
+    "TAG_DATA_MODIFIED_SHARDS": "lineage",
     "TAG_DATA_NAME": "lineage",
     "TAG_DATA_VERSION": "lineage",
     "TAG_ERROR": "lineage",
     "TAG_FAMILY": "lineage",
     "TAG_GIT_SHA": "lineage",
     "TAG_RAY_WORKERS": "lineage",
+    "data_modified_tags": "lineage",
     "git_sha": "lineage",
+    "skipped_samples": "lineage",
     "lineage_tags": "lineage",
     "log_dataset_input": "lineage",
     "logged_dataset": "lineage",
@@ -57,16 +71,26 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "EXPERIMENT_KIND",
     "JobRun",
+    "METRIC_BAD_FRACTION",
+    "METRIC_BAD_SAMPLES",
     "NullRunLogger",
     "RunLogger",
+    "TAG_DATA_BAD_SHARDS",
+    "TAG_DATA_MODIFIED",
+    "TAG_DATA_MODIFIED_SHARDS",
     "TAG_DATA_NAME",
     "TAG_DATA_VERSION",
     "TAG_ERROR",
+    "TAG_EXPERIMENT_KIND",
     "TAG_FAMILY",
     "TAG_GIT_SHA",
     "TAG_RAY_WORKERS",
+    "TAG_RUN_NOTE",
     "TrackingUnavailable",
+    "command_line",
+    "data_modified_tags",
     "default_artifact_root",
     "end_job_run",
     "ensure_tracking_store",
@@ -84,6 +108,9 @@ __all__ = [
     "logged_dataset",
     "mlflow_server_command",
     "resolve_tracking_uri",
+    "run_description",
+    "skipped_samples",
+    "source_tags",
     "start_job_run",
     "truncate",
 ]
@@ -102,6 +129,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from aigc.tracking.context import (
+        EXPERIMENT_KIND,
+        TAG_EXPERIMENT_KIND,
+        TAG_RUN_NOTE,
+        command_line,
+        run_description,
+        source_tags,
+    )
     from aigc.tracking.job import (
         JobRun,
         end_job_run,
@@ -113,16 +148,23 @@ if TYPE_CHECKING:
         start_job_run,
     )
     from aigc.tracking.lineage import (
+        METRIC_BAD_FRACTION,
+        METRIC_BAD_SAMPLES,
+        TAG_DATA_BAD_SHARDS,
+        TAG_DATA_MODIFIED,
+        TAG_DATA_MODIFIED_SHARDS,
         TAG_DATA_NAME,
         TAG_DATA_VERSION,
         TAG_ERROR,
         TAG_FAMILY,
         TAG_GIT_SHA,
         TAG_RAY_WORKERS,
+        data_modified_tags,
         git_sha,
         lineage_tags,
         log_dataset_input,
         logged_dataset,
+        skipped_samples,
     )
     from aigc.tracking.logger import NullRunLogger, RunLogger
     from aigc.tracking.params import flatten_params, truncate

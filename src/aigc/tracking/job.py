@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 
+from aigc.tracking.context import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, needs_experiment_kind
 from aigc.tracking.lineage import TAG_ERROR
 from aigc.tracking.params import (
     MAX_PARAMS_PER_BATCH,
@@ -48,8 +49,10 @@ def _slug(name: str) -> str:
 
 
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
-    """The id of experiment ``name``, created if missing.
+    """The id of experiment ``name``, created if missing, tagged as a model-training experiment.
 
+    The ``mlflow.experimentKind`` tag makes the UI open the experiment in its model-training view
+    (see :mod:`aigc.tracking.context`); an existing experiment gets it unless someone chose a kind.
     A new experiment in a local store (sqlite/file) gets its artifacts under the store's artifact
     root (``mlflow/artifacts/<name>`` for the project store, see ``default_artifact_root``), not in
     ``./mlruns`` of whatever directory the driver happens to run in. On a tracking server the
@@ -64,12 +67,16 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
                 f"`mlflow experiments restore --experiment-id {experiment.experiment_id}` or pick another "
                 "tracking.experiment"
             )
+        if needs_experiment_kind(experiment.tags.get(TAG_EXPERIMENT_KIND)):
+            client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return experiment.experiment_id
     uri = client.tracking_uri
     if artifact_location is None and is_local_store(uri):
         artifact_location = f"{default_artifact_root(uri)}/{_slug(name)}"
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(
+            name, artifact_location=artifact_location, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND}
+        )
     except MlflowException as e:
         # Another driver created it between our lookup and create_experiment.
         if e.error_code != "RESOURCE_ALREADY_EXISTS":

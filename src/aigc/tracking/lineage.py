@@ -1,4 +1,5 @@
-"""Lineage of a training run: which code (git sha), which data (DVC md5), how many workers."""
+"""Lineage of a training run: which code (git sha), which data (DVC md5, and how much of it the run
+could not read or found changed), how many workers."""
 
 from __future__ import annotations
 
@@ -18,6 +19,15 @@ TAG_DATA_NAME = "aigc.data.name"
 TAG_DATA_VERSION = "aigc.data.version"
 TAG_RAY_WORKERS = "aigc.ray.workers"
 TAG_ERROR = "aigc.error"
+# What of the data the run did not see as its version describes it. Shards that differed from the
+# manifest when the job started (allowed by --allow-modified-data): "true", and which ones, how.
+TAG_DATA_MODIFIED = "aigc.data.modified"
+TAG_DATA_MODIFIED_SHARDS = "aigc.data.modified_shards"
+# Samples the loader skipped as unreadable: per epoch, summed over ranks (metrics), and the shards
+# that lost the most over the run (tag, "name (count), ...").
+METRIC_BAD_SAMPLES = "data/bad_samples"
+METRIC_BAD_FRACTION = "data/bad_fraction"
+TAG_DATA_BAD_SHARDS = "aigc.data.bad_shards"
 
 # MLflow 3.17 rejects longer dataset digests; a DVC folder md5 ("<32 hex>.dir") is exactly 36.
 MAX_DATASET_DIGEST_LENGTH = 36
@@ -40,6 +50,30 @@ def lineage_tags(
         TAG_RAY_WORKERS: None if workers is None else str(int(workers)),
     }
     return {k: truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in values.items() if v is not None}
+
+
+def data_modified_tags(problems: list[str]) -> dict[str, str]:
+    """The tags of a run that trains on shards differing from their manifest (``problems``: one line
+    per shard, naming it); none when nothing differs."""
+    if not problems:
+        return {}
+    return {
+        TAG_DATA_MODIFIED: "true",
+        TAG_DATA_MODIFIED_SHARDS: truncate("; ".join(problems), MAX_TAG_VALUE_LENGTH),
+    }
+
+
+def skipped_samples(client: MlflowClient, run_id: str) -> tuple[int, float, str | None]:
+    """What a run recorded of the train samples its loader skipped: the most in one epoch (summed
+    over ranks), the highest fraction of the split in one epoch, and the worst shards over the run
+    (``"name (count), ..."``, None when no sample was skipped)."""
+    counts = client.get_metric_history(run_id, METRIC_BAD_SAMPLES)
+    fractions = client.get_metric_history(run_id, METRIC_BAD_FRACTION)
+    return (
+        int(max((m.value for m in counts), default=0)),
+        float(max((m.value for m in fractions), default=0.0)),
+        client.get_run(run_id).data.tags.get(TAG_DATA_BAD_SHARDS),
+    )
 
 
 def git_sha(path: str | Path = ".") -> str | None:

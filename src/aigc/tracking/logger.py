@@ -1,8 +1,8 @@
-"""Rank-0 logging inside a Ray worker: metrics and sample grids that never stall training.
+"""Rank-0 logging inside a Ray worker: metrics, tags and sample grids that never stall training.
 
-``log_metrics``/``log_image`` only put work on a queue; one background thread drains it, coalescing
-metrics into ``log_batch`` calls (at most 1000 per request, MLflow's limit) at most every
-``flush_interval_s``. A slow or dead tracking server therefore costs the training loop nothing;
+``log_metrics``/``log_image``/``set_tags`` only put work on a queue; one background thread drains
+it, coalescing metrics into ``log_batch`` calls (at most 1000 per request, MLflow's limit) at most
+every ``flush_interval_s``. A slow or dead tracking server therefore costs the training loop nothing;
 metrics that do not fit in the bounded queue are dropped and counted rather than blocking.
 """
 
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 
-from aigc.tracking.params import MAX_KEY_LENGTH, chunked
+from aigc.tracking.params import MAX_KEY_LENGTH, MAX_TAG_VALUE_LENGTH, chunked, truncate
 
 _log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ class NullRunLogger:
 
     def log_image(self, image: Any, key: str = "samples", step: int = 0) -> None:
         """Discard ``image``."""
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Discard ``tags``."""
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Do nothing."""
@@ -155,6 +158,15 @@ class RunLogger(NullRunLogger):
             raise TypeError(f"log_image expects a PIL.Image or numpy array, got {type(image).__name__}")
         self._offer(("image", image, _check_key(key), int(step), int(time.time() * 1000)), 1)
 
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Queue run tags (name → text, cut to MLflow's 8000 characters), sent after the metrics
+        queued before them; never blocks. A later value of a tag replaces the earlier one."""
+        if self._closed:
+            raise RuntimeError(f"RunLogger for run {self.run_id} is closed")
+        entries = [RunTag(k, truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()]
+        if entries:
+            self._offer(("tags", entries), len(entries))
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file or folder now (synchronous: callers log artifacts rarely and may delete the
         file afterwards). Raises ``FileNotFoundError`` naming ``path`` if it does not exist."""
@@ -254,6 +266,8 @@ class RunLogger(NullRunLogger):
                 self._call(
                     self._client.log_image, self.run_id, image, key=key, step=step, timestamp=timestamp
                 )
+            elif kind == "tags":
+                self._call(self._client.log_batch, self.run_id, tags=item[1])
             elif kind == "flush":
                 item[1].set()
             elif kind == "stop":

@@ -7,6 +7,10 @@
 - :class:`MlflowMetrics`: rank-0 metrics (``train/*``, ``val/*``, ``perf/samples_per_s``, ``lr``) and
   sample grids, sent through the non-blocking :class:`aigc.tracking.RunLogger`; the final grid is
   also written beside the checkpoints and logged as the run's ``samples-final.png`` artifact.
+- :class:`BadSampleReport`: the train samples the loader skipped, summed over ranks at each epoch's
+  end (an all-reduce) and logged by rank 0 (``data/bad_samples``, ``data/bad_fraction``, the
+  ``aigc.data.bad_shards`` tag): below ``data.max_bad_fraction`` the loader only warns in the
+  worker logs, which nobody reads.
 - :class:`RngState`: saves each rank's RNG state in the checkpoint so a resumed run continues the
   same random stream (the rank-0 state is what the checkpoint holds; see ``training/README``).
 """
@@ -181,6 +185,41 @@ class MlflowMetrics(pl.Callback):
             with open(local, "rb") as src, fsspec.open(self.final_grid, "wb") as dst:
                 dst.write(src.read())
             self.logger.log_artifact(local)  # synchronous: uploaded before the folder goes
+
+
+class BadSampleReport(pl.Callback):
+    """Makes skipped train samples visible in the run: see the module docstring.
+
+    ``datamodule`` is the :class:`~aigc.data.loader.ShardDataModule` being fitted: its
+    ``bad_per_shard("train")`` are this rank's counts of the epoch, per shard in manifest order
+    (the same order on every rank, so they add up element-wise). ``logger`` is the rank's
+    ``RunLogger`` (a no-op off rank 0). The tag names the ``worst`` shards over the whole run.
+    """
+
+    def __init__(self, datamodule, logger, worst: int = 5):
+        self.datamodule, self.logger, self.worst = datamodule, logger, worst
+        self._run_total: torch.Tensor | None = None  # rank 0: bad samples per shard over the run
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        from aigc.tracking.lineage import METRIC_BAD_FRACTION, METRIC_BAD_SAMPLES, TAG_DATA_BAD_SHARDS
+
+        # Every rank ends the same epochs (equal batch counts, the same max_steps), so every rank
+        # reaches this collective. NCCL reduces device tensors only, hence pl_module.device.
+        local = self.datamodule.bad_per_shard("train").to(pl_module.device)
+        total = trainer.strategy.reduce(local, reduce_op="sum").cpu()
+        if trainer.global_rank != 0:
+            return
+        self._run_total = total if self._run_total is None else self._run_total + total
+        bad = int(total.sum())
+        samples = max(1, self.datamodule.num_samples("train"))
+        self.logger.log_metrics(
+            {METRIC_BAD_SAMPLES: bad, METRIC_BAD_FRACTION: bad / samples}, step=trainer.global_step
+        )
+        if bad:
+            per_shard = zip(self._run_total.tolist(), self.datamodule.shard_names("train"), strict=True)
+            ranked = sorted(per_shard, key=lambda item: -item[0])  # stable: ties in manifest order
+            worst = [f"{name} ({n})" for n, name in ranked if n][: self.worst]
+            self.logger.set_tags({TAG_DATA_BAD_SHARDS: ", ".join(worst)})
 
 
 class StartupTimer(pl.Callback):

@@ -1,4 +1,4 @@
-"""One training job's record, and the config resolution that leads to it.
+"""One training job's record, and the config resolution and data check that lead to it.
 
 :class:`TrainJob` is the driver -> worker contract and the job file in one typed object: the
 driver resolves everything a worker needs (absolute data location and tracking URI, the MLflow run,
@@ -44,6 +44,9 @@ class TrainJob(StrictModel):
     run_dir: str = Field(description="<storage>/<name>: checkpoints, the job file, the final grid")
     sample_prompts: list[str] = Field(description="prompts of every sample grid of the run")
     launched_at: float = Field(0.0, description="time.time() of this launch's train() call")
+    allow_modified_data: bool = Field(
+        False, description="train on shards that differ from the manifest (--allow-modified-data)"
+    )
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -119,6 +122,44 @@ def sample_prompts(location: str, n: int = 8) -> list[str]:
         if len(prompts) == n:
             break
     return prompts or [""]
+
+
+def check_data(
+    location: str, manifest: dict[str, Any], *, verify: bool, allow: bool, resuming: bool
+) -> list[str]:
+    """The shards that differ from the manifest, one line each (empty when none do).
+
+    One stat per shard (:func:`~aigc.data.manifest.check_sizes`); with ``verify`` every shard is
+    re-hashed too (:func:`~aigc.data.manifest.verify_dataset`, local folders only). Tars the manifest
+    does not list are left out: the loader never reads them. Unless ``allow``, a difference is a
+    ``TrainError`` naming the shards: the run's data version (the manifest's, or DVC's) would
+    describe data the run does not see. Runs before any MLflow run is opened and before Ray starts.
+    """
+    from aigc.data.manifest import check_sizes, verify_dataset
+    from aigc.tracking.lineage import TAG_DATA_MODIFIED
+
+    if verify:
+        folder = location.removeprefix("file://")
+        if "://" in folder:
+            raise TrainError(
+                f"--verify-data re-hashes local shard folders, not {location}; without the flag every "
+                "shard's size is still checked against the manifest"
+            )
+        report = verify_dataset(folder)
+    else:
+        report = check_sizes(location, manifest)
+    report.extra = []  # tars the manifest does not list are never read
+    problems = report.problems()
+    if problems and not allow:
+        started = "the run was not reopened" if resuming else "no MLflow run was created"
+        raise TrainError(
+            f"{location}: shards differ from the manifest, so the run's data version would not describe "
+            f"the data it trains on: {'; '.join(problems)}. Nothing started ({started}, Ray was not "
+            "started). Restore the shards (e.g. `dvc checkout`), rebuild the dataset with "
+            "`aigc data build --overwrite`, or pass --allow-modified-data to train on them as they are "
+            f"(the run is then tagged {TAG_DATA_MODIFIED})."
+        )
+    return problems
 
 
 # --------------------------------------------------------------------------------- job file

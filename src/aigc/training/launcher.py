@@ -1,20 +1,23 @@
 """The driver side of ``aigc train``: one training job from the command line to MLflow.
 
-    resolve the config -> read the dataset's manifest -> reach the tracking store
-      -> open the MLflow run (or reopen it on --resume), and inside its lifecycle:
-         build the job record -> write aigc-job.json -> Ray Train fit -> final evaluation
+    resolve the config -> read the dataset's manifest -> check the shards against it
+      -> reach the tracking store -> open the MLflow run (or reopen it on --resume), and inside its
+         lifecycle: build the job record -> write aigc-job.json -> Ray Train fit -> final evaluation
+         -> the run's description
 
-Order matters. The config is validated, the manifest read and the tracking store reached (and, for
-sqlite, its schema migrated: two ranks opening a fresh sqlite store race on the migration with
-"duplicate column name") before the run is opened and before Ray starts, so a bad config, a missing
-dataset or an unreachable server fails in seconds and leaves no run behind. Everything after the
-run is opened runs inside one lifecycle (``tracking.job_run`` / ``tracking.resumed_job_run``): any
-failure ends the run FAILED with the ``aigc.error`` tag, an interrupt KILLED, never RUNNING.
+Order matters. The config is validated, the manifest read, every shard's size compared with it and
+the tracking store reached (and, for sqlite, its schema migrated: two ranks opening a fresh sqlite
+store race on the migration with "duplicate column name") before the run is opened and before Ray
+starts, so a bad config, a missing dataset, shards changed since their manifest (the run's data
+version would describe data it did not see) or an unreachable server fail in seconds and leave no
+run behind. Everything after the run is opened runs inside one lifecycle (``tracking.job_run`` /
+``tracking.resumed_job_run``): any failure ends the run FAILED with the ``aigc.error`` tag, an
+interrupt KILLED, never RUNNING.
 
 One MLflow run per job, opened here; workers get its id in the :class:`TrainJob` and only rank 0
-logs to it. The config, job file and naming rules live in :mod:`aigc.training.job`, Ray start-up
-in :mod:`aigc.training.cluster`, the Trainer in :mod:`aigc.training.trainer`, the final evaluation
-in :mod:`aigc.evaluation.final`.
+logs to it. The config, data check, job file and naming rules live in :mod:`aigc.training.job`, Ray
+start-up in :mod:`aigc.training.cluster`, the Trainer in :mod:`aigc.training.trainer`, the final
+evaluation in :mod:`aigc.evaluation.final`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from aigc.training.job import (
     TrainError,
     TrainJob,
     absolute,
+    check_data,
     new_run_name,
     read_job,
     resolve_config,
@@ -66,6 +70,14 @@ class TrainResult:
     sample_grid: str | None = None
     registered: str | None = None  # "aigc-<family>/<version>" when the run was registered
     seconds: float = 0.0
+    # Data the run did not see as its version describes it: the train samples the loader skipped
+    # (most in one epoch, summed over ranks, and that as a fraction of the split), the shards that
+    # lost the most ("name (count), ..."), and the shards that differed from the manifest at start
+    # (trained on with --allow-modified-data).
+    bad_samples: int = 0
+    bad_fraction: float = 0.0
+    bad_shards: str | None = None
+    data_modified: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,10 +115,17 @@ def train(
     evaluate: bool = True,
     eval_samples: int = 500,
     register: bool = True,
+    allow_modified_data: bool = False,
+    verify_data: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
     messages: Callable[[str], None] | None = _stderr,
 ) -> TrainResult:
     """Run one training job end to end and return its summary. See the module docstring.
+
+    Every shard's size is checked against the manifest first, every shard re-hashed with
+    ``verify_data`` (:func:`check_data`); a difference fails the job before anything starts unless
+    ``allow_modified_data`` (kept in the job record, so a resume keeps it), which tags the run
+    ``aigc.data.modified``.
 
     ``progress`` receives the step dicts of :class:`~aigc.training.progress.ProgressPoller` (default:
     one line on stderr); ``messages`` the lines of the long steps after training (evaluator training,
@@ -145,14 +164,35 @@ def train(
     same_data = saved is not None and cfg.data == saved.run.data
     location = saved.data_location if same_data else data_location(cfg, root)
     manifest = _dataset_manifest(location)
+    # Once allowed, a job keeps training on the data as it is: its first part already did.
+    allow_modified_data = allow_modified_data or (saved is not None and saved.allow_modified_data)
+    modified = check_data(
+        location, manifest, verify=verify_data, allow=allow_modified_data, resuming=saved is not None
+    )
+    if modified:
+        say(
+            f"warning: training on shards that differ from the manifest (--allow-modified-data): "
+            f"{'; '.join(modified)}; the run is tagged {tracking.TAG_DATA_MODIFIED}"
+        )
     # A resumed job's run lives in the store its job file names, whatever the environment says now.
     tracking_uri = saved.tracking_uri if saved else tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.ensure_tracking_store(tracking_uri)  # a dead server fails here within ~10 s
     dversion = saved.data_version if same_data else version(location)
     run_dir = f"{storage}/{name}"
+    data_name = manifest.get("name", cfg.data.name)
+    modified_tags = tracking.data_modified_tags(modified)
+
+    def description(**done: Any) -> str:
+        return tracking.run_description(
+            cfg.model.family,
+            max_steps=cfg.trainer.max_steps,
+            workers=cfg.scaling.num_workers,
+            data=f"`{data_name}` version `{dversion}`" + (" (modified, see the tags)" if modified else ""),
+            **done,
+        )
 
     if saved is None:
-        data_name = manifest.get("name", cfg.data.name)
+        sha = tracking.git_sha(root)
         lifecycle = tracking.job_run(
             tracking_uri,
             cfg.tracking.experiment,
@@ -163,21 +203,26 @@ def train(
                 data_name=data_name,
                 data_version=dversion,
                 workers=cfg.scaling.num_workers,
-                git_sha=tracking.git_sha(root),
+                git_sha=sha,
             )
-            | {"aigc.run.name": name, "aigc.storage": run_dir},
+            | tracking.source_tags(tracking.command_line(), sha)
+            | modified_tags
+            | {"aigc.run.name": name, "aigc.storage": run_dir, tracking.TAG_RUN_NOTE: description()},
         )
     else:
         lifecycle = tracking.resumed_job_run(tracking_uri, saved.run_id)
 
     with lifecycle as run:
-        if saved is None:
-            from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient
 
+        client = MlflowClient(tracking_uri)
+        if saved is not None and modified_tags:
+            for key, value in modified_tags.items():
+                client.set_tag(run.run_id, key, value)
+        if saved is None:
             from aigc.data.captions_io import read_captions
             from aigc.models.text import Tokenizer
 
-            client = MlflowClient(tracking_uri)
             tracking.log_dataset_input(client, run.run_id, name=data_name, source=location, digest=dversion)
             tokenizer = Tokenizer.build(read_captions(location, "train")).to_dict()
         else:
@@ -196,6 +241,7 @@ def train(
             run_dir=run_dir,
             sample_prompts=sample_prompts(location),
             launched_at=launched_at,
+            allow_modified_data=allow_modified_data,
         )
         write_job(job)
         result = _fit(job, progress)
@@ -214,20 +260,50 @@ def train(
                 for k, v in (result.metrics or {}).items()
                 if isinstance(v, (int, float)) and k not in ("step", "epoch")
             },
+            data_modified=modified,
         )
+        out.bad_samples, out.bad_fraction, out.bad_shards = tracking.skipped_samples(client, run.run_id)
+        if out.bad_samples:
+            say(f"warning: {bad_samples_line(out, cfg.data.max_bad_fraction)}")
         if checkpoint:
             out.sample_grid = _final_grid(run_dir)
             if evaluate:
                 out.eval = _final_evaluation(job, out, eval_samples, say)
+        notes = [f"Data: {bad_samples_line(out, cfg.data.max_bad_fraction)}"] if out.bad_samples else []
+        if modified:
+            notes.append(f"Data: shards differed from the manifest: {'; '.join(modified)}")
+        client.set_tag(
+            run.run_id,
+            tracking.TAG_RUN_NOTE,
+            description(
+                steps=out.global_step,
+                eval_figures=out.eval,
+                sample_grid=FINAL_GRID if out.sample_grid else None,
+                notes=notes,
+            ),
+        )
     if register and out.checkpoint:
         out.registered = _register(out, say)
     out.seconds = time.perf_counter() - t0
     if metrics_out:
         Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(metrics_out).write_text(
-            json.dumps({**out.eval, "run_id": out.run_id, "step": out.global_step}, indent=2, sort_keys=True)
-        )
+        # What DVC compares across experiments (`dvc metrics diff`, `dvc exp show`): the numeric
+        # figures and the guards; their provenance stays in the run's aigc.eval.* tags.
+        from aigc.evaluation.final import GUARDS, eval_figures
+
+        record = {"run_id": out.run_id, "step": out.global_step, **eval_figures(out.eval)}
+        record.update({g: out.eval[g] for g in GUARDS if g in out.eval})
+        Path(metrics_out).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def bad_samples_line(out: TrainResult, max_bad_fraction: float) -> str:
+    """One line on the samples the loader skipped, for the terminal and the run's description."""
+    return (
+        f"the loader skipped {out.bad_samples} unreadable train samples in an epoch "
+        f"({out.bad_fraction:.2%} of the split, under data.max_bad_fraction {max_bad_fraction}); "
+        f"worst shards: {out.bad_shards or 'unknown'}"
+    )
 
 
 def _fit(job: TrainJob, progress: Callable[[dict[str, Any]], None] | None):

@@ -4,7 +4,8 @@ Everything arrives in ``config`` as the job's :class:`~aigc.training.job.TrainJo
 (resolved by the driver: absolute paths, the MLflow URI and run id, the tokenizer), because
 workers run in Ray's session folder on possibly other machines. Distributed concerns stay here:
 rank-zero logging, the Ray strategy (through ``build_trainer(distributed=True)``), resuming from
-``ray.train.get_checkpoint()``.
+``ray.train.get_checkpoint()``, and (in its callbacks) checkpoint reports and the skipped-sample
+counts summed over ranks.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from aigc.tracking import RunLogger
     from aigc.training.callbacks import (
         CHECKPOINT_NAME,
+        BadSampleReport,
         MlflowMetrics,
         RngState,
         StartupTimer,
@@ -137,6 +139,7 @@ def train_loop(config: dict[str, Any]) -> None:
             world_size=world,
             final_grid=f"{job.run_dir}/{FINAL_GRID}",
         ),
+        BadSampleReport(datamodule, logger),
     ]
     fault = os.environ.get(FAULT_ENV)
     if fault:
