@@ -117,3 +117,48 @@ def register(app: typer.Typer) -> None:
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
             typer.echo(f"wrote {json_out}", err=True)
+
+    @app.command()
+    def reference(
+        data: Path | None = typer.Argument(None, help="shard folder; default <project>/datasets/digits"),
+        json_out: Path | None = typer.Option(None, "--json", help="also write the evaluator's record here"),
+        cache_dir: Path | None = typer.Option(
+            None, "--cache-dir", help="evaluator cache; default AIGC_EVALUATOR_CACHE or .cache/evaluators"
+        ),
+        threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads; default torch's"),
+    ) -> None:
+        """Train the dataset's reference evaluator once (cached by data version) and print its record.
+
+        Every later evaluation of this data version (aigc train, aigc evaluate, the gate) loads it."""
+        import time
+
+        import torch
+
+        from aigc import project_root
+        from aigc.evaluation.evaluator import reference_evaluator
+
+        dataset = data if data is not None else project_root() / "datasets" / "digits"
+        start = time.perf_counter()
+        try:
+            evaluator = reference_evaluator(
+                dataset,
+                cache_dir=cache_dir,
+                progress=lambda m: typer.echo(m, err=True),
+                threads=threads or torch.get_num_threads(),
+            )
+        except (FileNotFoundError, ValueError) as err:  # DatasetError is a ValueError
+            fail(str(err).strip("'\""))
+        # What DVC tracks (pipeline/reference.json): which evaluator every eval/* figure of this data
+        # version is measured with, and how well its classifier reads held-out digits.
+        record = {
+            "data_version": evaluator.data_version,
+            "evaluator_hash": evaluator.hash,
+            **{k: evaluator.info[k] for k in ("val_accuracy", "train_seconds") if k in evaluator.info},
+        }
+        typer.echo(format_report({"data": str(dataset), "evaluator": str(evaluator.path), **record}))
+        typer.echo(f"ready in {time.perf_counter() - start:.1f} s", err=True)
+        if json_out is not None:
+            from aigc.pipeline import write_json
+
+            write_json(json_out, record)
+            typer.echo(f"wrote {json_out}", err=True)

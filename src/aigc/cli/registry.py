@@ -20,20 +20,57 @@ def register(app: typer.Typer) -> None:
 
     @app.command("register")
     def register_cmd(
-        run: str = typer.Argument(..., help="training run id or name (aigc runs lists them)"),
+        run: str = typer.Argument(
+            ..., help="run id or name (aigc runs lists them), or the --metrics-out JSON of aigc train"
+        ),
+        then_promote: bool = typer.Option(
+            False, "--promote", help="then promote it through the gate (a refusal is reported, exit 0)"
+        ),
+        params: Path | None = typer.Option(
+            None, "--params", help="YAML whose register: section sets the --promote gate (dvc.yaml)"
+        ),
+        json_out: Path | None = typer.Option(None, "--json", help="write the version and decision as JSON"),
         tracking_uri: str | None = tracking,
     ) -> None:
         """Export a finished run and register it as a new `candidate` version of aigc-<family>."""
+        from aigc.config import ConfigError, validate
+        from aigc.registry.gate import GateConfig, promote
         from aigc.registry.register import register_run
         from aigc.registry.store import RegistryError
 
         try:
+            if run.endswith(".json") and Path(run).is_file():
+                from aigc.pipeline import run_of
+
+                run = run_of(run)
+            gate = None
+            if then_promote and params is not None:
+                from aigc.pipeline import params_section
+
+                gate = validate(GateConfig, params_section(params, "register"), prefix="register")
             r = register_run(run, tracking_uri, progress=_say)
-        except (RegistryError, FileNotFoundError, ValueError) as err:
+            typer.echo(f"{r.name} v{r.version}  alias candidate  run {r.run_id}  ({r.seconds:.1f} s)")
+            if not r.eligible:
+                typer.echo(f"  not eligible for production: {r.reason}")
+            decision = None
+            if then_promote:
+                decision = promote(r.name, r.version, gate=gate, tracking_uri=tracking_uri, progress=_say)
+                typer.echo(decision.report())
+        except (ConfigError, RegistryError, FileNotFoundError, ValueError) as err:
             fail(str(err))
-        typer.echo(f"{r.name} v{r.version}  alias candidate  run {r.run_id}  ({r.seconds:.1f} s)")
-        if not r.eligible:
-            typer.echo(f"  not eligible for production: {r.reason}")
+        if json_out is not None:
+            from aigc.pipeline import write_json
+
+            record = {
+                "model": r.name,
+                "version": int(r.version),
+                "run_id": r.run_id,
+                "eligible": r.eligible,
+                **r.figures,
+            }
+            if decision is not None:
+                record.update(promoted=decision.promoted, gate=decision.reason)
+            write_json(json_out, record)
 
     @app.command()
     def promote(

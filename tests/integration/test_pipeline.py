@@ -1,0 +1,189 @@
+"""The whole DVC pipeline in a real temporary git + DVC repo: data -> reference -> train@<family> ->
+register@<family>, with the real `aigc` commands, the embedded Ray and a real MLflow sqlite store.
+
+The repo gets the project's own dvc.yaml, params.yaml, models/ and a copy of src/aigc (so touching a
+model file there is what a user's edit is), with params.yaml's train sections shrunk to tiny models
+and a few steps. One module-scoped `dvc repro` is shared by the checks, in the order a user meets
+them: the full run, the no-op rerun, metrics and plots, then an edit and an experiment.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+# The tiny per-family model overrides, kept in one place for every integration test that trains.
+from test_train import TINY
+
+PROJECT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+FAMILY_ORDER = ["diffusion", "gan", "vae", "autoregressive"]
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def run(repo: Path, env: dict[str, str], *args: str, timeout: float = 600) -> str:
+    proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+def dvc(repo: Path, env: dict[str, str], *args: str) -> str:
+    return run(repo, env, str(BIN / "dvc"), *args)
+
+
+def ran_stages(output: str) -> list[str]:
+    """The stages `dvc repro` / `dvc exp run` really ran, from its "Running stage 'x':" lines."""
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def tiny_section(family: str) -> dict:
+    """params.yaml's train.<family> for the test: the project's section plus tiny, fast settings."""
+    section = yaml.safe_load((PROJECT / "params.yaml").read_text())["train"][family]
+    tree: dict = {}
+    for item in TINY[family] + [
+        "data.batch_size=32",
+        "data.num_workers=0",
+        "trainer.max_steps=20",
+        "trainer.warmup_steps=2",
+        "trainer.log_every_steps=2",
+        "trainer.val_every_steps=10",
+        "trainer.limit_val_batches=1",
+        "trainer.checkpoint_every_steps=20",
+        "trainer.sample_every_steps=1000",
+        "scaling.num_workers=1",
+    ]:
+        key, value = item.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return {**section, **tree}
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> tuple[Path, dict[str, str], str]:
+    """A git + DVC repo with the project's pipeline after a first full `dvc repro`."""
+    assert (BIN / "dvc").is_file() and (BIN / "aigc").is_file()
+    base = tmp_path_factory.mktemp("pipeline")
+    repo = base / "repo"
+    repo.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("AIGC_PROJECT_ROOT", "MLFLOW_TRACKING_URI")}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        DVC_SITE_CACHE_DIR=str(base / "site-cache"),
+        XDG_CONFIG_HOME=str(base / "config"),
+        OMP_NUM_THREADS="1",
+        GIT_CONFIG_NOSYSTEM="1",
+    )
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(PROJECT / name, repo / name)
+    shutil.copytree(PROJECT / "models", repo / "models")
+    shutil.copytree(
+        PROJECT / "src" / "aigc", repo / "src" / "aigc", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["train"] = {family: tiny_section(family) for family in params["train"]}
+    params["register"]["num_samples"] = 100
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    assert stages["train"]["foreach"] == FAMILY_ORDER == list(params["train"])
+    run(repo, env, "git", "init", "-q")
+    run(repo, env, "git", "config", "user.email", "test@example.invalid")
+    run(repo, env, "git", "config", "user.name", "aigc test")
+    dvc(repo, env, "init", "-q")
+    run(repo, env, "git", "add", "-A")
+    run(repo, env, "git", "commit", "-q", "-m", "pipeline")
+    sha = run(repo, env, "git", "rev-parse", "HEAD").strip()
+    out = dvc(repo, env, "repro")
+    expected = (
+        ["data", "reference"] + [f"train@{f}" for f in FAMILY_ORDER] + [f"register@{f}" for f in FAMILY_ORDER]
+    )
+    assert sorted(ran_stages(out)) == sorted(expected), out[-3000:]
+    # As the project does after a full run: commit dvc.lock (the records stay in DVC's cache).
+    run(repo, env, "git", "add", "-A")
+    run(repo, env, "git", "commit", "-q", "-m", "full run")
+    return repo, env, sha
+
+
+def test_repro_runs_every_stage_and_records_lineage(pipeline):
+    repo, env, sha = pipeline
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    (data_out,) = lock["data"]["outs"]
+    data_md5 = data_out["md5"]
+    assert data_md5.endswith(".dir")
+    reference = json.loads((repo / "pipeline" / "reference.json").read_text())
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}")
+    for family in FAMILY_ORDER:
+        record = json.loads((repo / "pipeline" / family / "train.json").read_text())
+        assert record["step"] >= 20 and record["eval/fd"] > 0  # a GAN step counts both optimisers
+        run_ = client.get_run(record["run_id"])
+        assert run_.info.status == "FINISHED"
+        assert client.get_experiment(run_.info.experiment_id).name == "aigc-pipeline"
+        tags = run_.data.tags
+        # The DVC data version and the git sha: a registered version leads back to shards and code.
+        assert tags["aigc.data.version"] == data_md5
+        assert tags["aigc.git_sha"].startswith(sha)
+        assert tags["aigc.eval.evaluator_hash"] == reference["evaluator_hash"]
+        with (repo / "pipeline" / family / "loss.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        assert [int(r["step"]) for r in rows] == sorted(int(r["step"]) for r in rows) and len(rows) >= 3
+        assert all(float(r["train/loss"]) == float(r["train/loss"]) for r in rows)  # no NaN
+        registered = json.loads((repo / "pipeline" / family / "registered.json").read_text())
+        assert registered["run_id"] == record["run_id"] and registered["version"] == 1
+        assert registered["promoted"] is True, registered
+        assert str(client.get_model_version_by_alias(f"aigc-{family}", "production").version) == "1"
+    lineage = run(repo, env, str(BIN / "aigc"), "lineage", "aigc-diffusion@production")
+    assert data_md5 in lineage and sha[:12] in lineage, lineage
+
+
+def test_second_repro_is_a_no_op_and_metrics_and_plots_show(pipeline):
+    repo, env, _ = pipeline
+    runs_before = len(list((repo / "runs").iterdir()))
+    out = dvc(repo, env, "repro")
+    assert ran_stages(out) == [], out
+    assert len(list((repo / "runs").iterdir())) == runs_before
+    shown = json.loads(dvc(repo, env, "metrics", "show", "--json"))
+    text = json.dumps(shown)
+    for family in FAMILY_ORDER:
+        assert f"pipeline/{family}/train.json" in text
+    assert "eval/fd" in text and "val_accuracy" in text
+    dvc(repo, env, "plots", "show", "-o", "plots-html")
+    page = (repo / "plots-html" / "index.html").read_text()
+    assert "pipeline/diffusion/loss.csv" in page and "train/loss" in page
+
+
+def test_editing_one_model_file_stales_that_family_only_and_an_experiment_reruns_it(pipeline):
+    repo, env, _ = pipeline
+    model_file = repo / "src" / "aigc" / "models" / "diffusion.py"
+    model_file.write_text(model_file.read_text() + "\n# an edit\n")
+    status = json.loads(dvc(repo, env, "status", "--json"))
+    assert sorted(status) == ["train@diffusion"], status
+    baseline = json.loads((repo / "pipeline" / "diffusion" / "train.json").read_text())
+
+    out = dvc(repo, env, "exp", "run", "-S", "train.diffusion.trainer.max_steps=30")
+    # The edited family and what follows it, nothing else.
+    assert sorted(ran_stages(out)) == ["register@diffusion", "train@diffusion"], out[-3000:]
+    record = json.loads((repo / "pipeline" / "diffusion" / "train.json").read_text())
+    assert record["step"] == 30 and record["run_id"] != baseline["run_id"]
+    registered = json.loads((repo / "pipeline" / "diffusion" / "registered.json").read_text())
+    assert registered["version"] == 2 and "promoted" in registered and registered["gate"]
+
+    # dvc exp show: the experiment's metrics next to the baseline's.
+    shown = dvc(repo, env, "exp", "show", "--csv")
+    rows = list(csv.DictReader(shown.splitlines()))
+    fds = {r["Experiment"] or r["rev"]: r.get("pipeline/diffusion/train.json:eval/fd") for r in rows}
+    assert len([v for v in fds.values() if v]) >= 2, shown
+    diff = json.loads(dvc(repo, env, "metrics", "diff", "--json"))
+    assert "pipeline/diffusion/train.json" in diff and "step" in diff["pipeline/diffusion/train.json"]
