@@ -59,3 +59,56 @@ def bar_batch():
         }
 
     return make
+
+
+#: `aigc quickstart` options that keep a test's quickstart short: a tiny diffusion model, 1 worker,
+#: 40 steps, 100 evaluation samples (the command and every step are the real ones).
+QUICKSTART_TEST_ARGS = [
+    "--steps=40",
+    "--workers=1",
+    "--eval-samples=100",
+    *(
+        f"--set={kv}"
+        for kv in (
+            "model.base_channels=16",
+            "model.text.dim=32",
+            "model.text.heads=2",
+            "model.heads=2",
+            "model.sample_steps=8",
+            "data.batch_size=32",
+            "data.num_workers=0",
+            "trainer.warmup_steps=2",
+            "trainer.log_every_steps=2",
+            "trainer.val_every_steps=20",
+            "trainer.limit_val_batches=1",
+            "trainer.sample_every_steps=20",
+            "trainer.checkpoint_every_steps=40",
+        )
+    ),
+]
+
+
+@pytest.fixture(scope="session")
+def quickstart_project(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A project folder after a real `aigc quickstart` (subprocess, embedded Ray, sqlite MLflow store
+    in <project>/mlflow/): used by the quickstart test and by the dashboard's browser test. Returns
+    ``{"root", "env", "output", "seconds"}``."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    project = Path(__file__).resolve().parents[1]
+    root = tmp_path_factory.mktemp("quickstart-project")
+    shutil.copytree(project / "models", root / "models")
+    shutil.copy(project / "params.yaml", root / "params.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(AIGC_PROJECT_ROOT=str(root), OMP_NUM_THREADS="1")
+    aigc = str(Path(sys.executable).parent / "aigc")
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [aigc, "quickstart", *QUICKSTART_TEST_ARGS], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, f"aigc quickstart failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return {"root": root, "env": env, "output": proc.stdout, "seconds": time.perf_counter() - start}

@@ -19,7 +19,6 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from aigc.cli import app
-from aigc.cli.quickstart import run_quickstart
 from aigc.config import DataConfig
 from aigc.data import (
     DatasetError,
@@ -29,6 +28,7 @@ from aigc.data import (
     read_manifest,
     verify_dataset,
 )
+from aigc.quickstart import prepare_data
 
 
 def read_split(folder: Path, split: str, *handlers: str) -> list[dict]:
@@ -199,17 +199,17 @@ def test_cli_build_show_and_preview(tmp_path):
 
 def test_quickstart_builds_then_verifies(tmp_path):
     lines: list[str] = []
-    first = run_quickstart(tmp_path, echo=lines.append)
+    first = prepare_data(tmp_path, echo=lines.append)
     assert first.built and first.report.ok and first.dataset == tmp_path / "datasets" / "digits"
     assert first.preview.is_file() and first.data_version == read_manifest(first.dataset)["digest"]
     assert first.preview == tmp_path / "outputs" / "quickstart" / "digits-preview.png"
     assert any(digit_caption(1, "digits-000001") in line for line in lines)
-    second = run_quickstart(tmp_path, echo=lines.append)
+    second = prepare_data(tmp_path, echo=lines.append)
     assert not second.built and second.report.ok
     shard = first.dataset / "val-000000.tar"
     shard.write_bytes(shard.read_bytes()[:-1])
     with pytest.raises(DatasetError, match="val-000000.tar"):
-        run_quickstart(tmp_path, echo=lines.append)
+        prepare_data(tmp_path, echo=lines.append)
     assert json.loads((first.dataset / "manifest.json").read_text())["splits"]["val"]["num_samples"] == 180
 
 

@@ -1,100 +1,68 @@
-"""``aigc quickstart``: run every step that exists on the embedded defaults."""
+"""``aigc quickstart``: data -> evaluator -> train -> register -> promote -> grid, on the defaults."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-
 import typer
 
-from aigc import project_root
-from aigc.cli.data import data_config
-from aigc.config import ConfigError
-from aigc.data.build import build_dataset
-from aigc.data.manifest import DatasetError, VerifyReport, read_manifest, verify_dataset
-from aigc.data.preview import iter_samples, write_preview
-from aigc.data.version import version
-
-
-@dataclass
-class QuickstartResult:
-    dataset: Path
-    built: bool  # False when an existing dataset was verified instead
-    report: VerifyReport
-    preview: Path
-    data_version: str
-
-
-def run_quickstart(root: str | Path, echo: Callable[[str], None] = print) -> QuickstartResult:
-    """Build ``<root>/datasets/digits`` if missing, verify it, print a summary, write a preview.
-
-    The build settings are the ``data`` section of ``<root>/params.yaml`` when it exists (as for
-    ``dvc repro``), else the defaults. Raises :class:`DatasetError` when an existing dataset fails
-    verification (it is not rebuilt silently: rebuild with ``aigc data build digits --overwrite``).
-    """
-    root = Path(root)
-    # The same settings as `dvc repro` (params.yaml's data section) when the project has them.
-    params = root / "params.yaml"
-    cfg = data_config(params if params.is_file() else None, [])
-    dataset = root / cfg.root / cfg.name
-    built = not dataset.exists()
-    if built:
-        echo(f"building {cfg.name} into {dataset}")
-        build_dataset(cfg, dataset, progress=echo)
-    else:
-        echo(f"{dataset} exists; verifying it")
-    report = verify_dataset(dataset)
-    if not report.ok:
-        raise DatasetError(
-            f"{dataset} fails verification: {'; '.join(report.problems())}; "
-            f"rebuild with `aigc data build {cfg.name} --overwrite`"
-        )
-    manifest = read_manifest(dataset)
-    counts = ", ".join(f"{s} {e['num_samples']}" for s, e in manifest["splits"].items())
-    data_version = version(dataset)
-    echo(
-        f"{cfg.name}: {counts} samples, {manifest['image_size']}x{manifest['image_size']}, "
-        f"{report.checked} shards verified, data version {data_version}"
-    )
-    for s in iter_samples(dataset, limit=4):
-        echo(f"  {s.key}: {s.caption}")
-    preview = write_preview(dataset, root / "outputs" / "quickstart" / f"{cfg.name}-preview.png")
-    echo(f"preview: {preview}")
-    return QuickstartResult(dataset, built, report, preview, data_version)
+from aigc.cli.common import fail
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def quickstart(
-        train: bool = typer.Option(
-            True, "--train/--no-train", help="train the diffusion model after the data"
-        ),
-        steps: int | None = typer.Option(None, "--steps", help="override trainer.max_steps"),
-        workers: int = typer.Option(2, "--workers", help="Ray Train workers"),
+        family: str = typer.Option("diffusion", "--family", help="diffusion | gan | vae | autoregressive"),
+        steps: int | None = typer.Option(None, "--steps", min=1, help="override trainer.max_steps"),
+        workers: int = typer.Option(2, "--workers", min=1, help="Ray Train workers"),
+        eval_samples: int = typer.Option(500, "--eval-samples", min=2, help="samples for the evaluation"),
+        set_: list[str] = typer.Option([], "--set", help="config override KEY=VALUE (repeatable)"),
+        train: bool = typer.Option(True, "--train/--no-train", help="--no-train: stop after the data"),
     ) -> None:
-        """Build and verify the digits dataset, then train the diffusion model with 2 workers on the
-        embedded Ray and print the run summary."""
-        root = project_root()
-        try:
-            result = run_quickstart(root, echo=typer.echo)
-        except (DatasetError, ConfigError) as err:
-            typer.echo("error: " + " ".join(str(err).split()), err=True)
-            raise typer.Exit(1) from None
-        if not train:
-            return
-        from aigc.cli.train import print_summary
+        """Build and verify the digits shards, train FAMILY on the embedded Ray, evaluate it, register
+        it, promote it through the gate and draw one grid row per digit prompt. A second run reuses
+        what is already built and says so."""
+        from aigc import project_root
+        from aigc.config import FAMILIES, ConfigError
+        from aigc.quickstart import next_commands, prepare_data, quickstart
+        from aigc.registry.store import RegistryError
         from aigc.tracking import TrackingUnavailable
         from aigc.training import TrainError
-        from aigc.training import train as run_train
 
-        overrides = [f"data.location={result.dataset}"]
-        if steps is not None:
-            overrides.append(f"trainer.max_steps={steps}")
-        typer.echo(f"training models/diffusion.yaml with {workers} workers on the embedded Ray")
+        if family not in FAMILIES:
+            fail(f"--family {family!r}: allowed: {', '.join(FAMILIES)}")
+        overrides = [*set_, *([f"trainer.max_steps={steps}"] if steps is not None else [])]
         try:
-            summary = run_train(root / "models" / "diffusion.yaml", overrides, workers=workers)
-        except (ConfigError, TrainError, TrackingUnavailable) as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(1) from None
-        print_summary(summary)
+            if not train:
+                prepare_data(project_root(), echo=typer.echo)
+                return
+            r = quickstart(
+                project_root(),
+                family,
+                workers=workers,
+                overrides=overrides,
+                eval_samples=eval_samples,
+                echo=typer.echo,
+            )
+        except (ConfigError, TrainError, TrackingUnavailable, RegistryError, ValueError) as err:
+            fail(str(err), code=1)  # DatasetError is a ValueError
+        except KeyboardInterrupt:
+            fail("interrupted: a started run is marked KILLED; run aigc quickstart again", code=130)
+        typer.echo("")
+        typer.echo(f"data       {r.dataset}  (version {r.data_version})")
+        typer.echo(f"run        {r.run_name}  ({r.run_id}) in {r.tracking_uri}")
+        figures = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in sorted(r.eval.items()))
+        typer.echo(f"evaluation {figures}")
+        verdict = "promoted" if r.promoted else f"not promoted ({r.gate})"
+        prod = f"production is v{r.production}" if r.production else "no production version"
+        typer.echo(f"model      {r.model} v{r.version}, {verdict}; {prod}")
+        typer.echo(f"samples    {r.grid}")
+        typer.echo(
+            "took       "
+            + ", ".join(f"{t.name} {t.seconds:.0f} s" + (" (reused)" if t.reused else "") for t in r.steps)
+        )
+        typer.echo("")
+        typer.echo("next:")
+        for line in next_commands(r):
+            typer.echo(f"  {line}")
+        typer.echo(
+            f"  the run in the UI: http://127.0.0.1:5000/#/experiments/{r.experiment_id}/runs/{r.run_id}"
+        )

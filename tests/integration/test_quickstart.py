@@ -1,0 +1,80 @@
+"""`aigc quickstart` end to end, as a new user runs it (with a shrunken budget): every artefact it
+promises, and a second run that reuses what is built and says so."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from aigc.data import verify_dataset
+from aigc.quickstart import DIGIT_PROMPTS, GRID_COLUMNS, STEPS
+
+AIGC = str(Path(sys.executable).parent / "aigc")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def test_quickstart_builds_trains_registers_promotes_and_draws_the_grid(quickstart_project):
+    root, out = quickstart_project["root"], quickstart_project["output"]
+    # Every step says what it does and how long it took.
+    for i, name in enumerate(STEPS, 1):
+        assert re.search(rf"^\[{i}/{len(STEPS)}\] {name}: done in [0-9.]+ s$", out, re.M), out
+    dataset = root / "datasets" / "digits"
+    assert verify_dataset(dataset).ok
+
+    state = json.loads((root / "outputs" / "quickstart" / "diffusion.json").read_text())
+    client = MlflowClient(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    run = client.get_run(state["run_id"])
+    assert run.info.status == "FINISHED" and run.data.metrics["eval/fd"] > 0
+    production = client.get_model_version_by_alias("aigc-diffusion", "production")
+    assert production.run_id == state["run_id"] and str(production.version) == str(state["version"])
+    assert f"aigc-diffusion v{production.version}, promoted" in out
+
+    grid = root / "outputs" / "quickstart" / "diffusion-samples.png"
+    assert f"samples    {grid}" in out
+    with Image.open(grid) as img:
+        # image_grid: 8x8 samples drawn 4x (32 px) with 1 px gaps: one row per digit prompt.
+        assert img.size == (GRID_COLUMNS * 33 + 1, len(DIGIT_PROMPTS) * 33 + 1)
+    for command in ("aigc ui", "aigc serve aigc-diffusion@production", "aigc generate --model"):
+        assert command in out
+
+
+def test_a_second_quickstart_reuses_everything_but_the_grid(quickstart_project):
+    from conftest import QUICKSTART_TEST_ARGS
+
+    root, env = quickstart_project["root"], quickstart_project["env"]
+    runs = sorted(p.name for p in (root / "runs").iterdir())
+    grid = root / "outputs" / "quickstart" / "diffusion-samples.png"
+    before = grid.read_bytes()
+    proc = subprocess.run(
+        [AIGC, "quickstart", *QUICKSTART_TEST_ARGS], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for i, name in enumerate(STEPS[:-1], 1):
+        assert re.search(rf"^\[{i}/{len(STEPS)}\] {name}: reused in", proc.stdout, re.M), proc.stdout
+    assert "is production already" in proc.stdout
+    assert sorted(p.name for p in (root / "runs").iterdir()) == runs  # no new training
+    assert grid.read_bytes() == before  # same production model, same seed: the same grid
+
+    # A config change is a new training; the gate then decides (production may stay where it is).
+    changed = [a for a in QUICKSTART_TEST_ARGS if not a.startswith("--steps")] + ["--steps=10"]
+    proc = subprocess.run(
+        [AIGC, "quickstart", *changed], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^\[3/6\] train and evaluate: done in", proc.stdout, re.M), proc.stdout
+    assert re.search(r"aigc-diffusion v2, (promoted|not promoted \(.+\)); production is v[12]", proc.stdout)
+
+
+def test_quickstart_rejects_an_unknown_family(tmp_path):
+    proc = subprocess.run(
+        [AIGC, "quickstart", "--family", "gann"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2 and "diffusion, gan, vae, autoregressive" in proc.stderr
