@@ -22,6 +22,7 @@ from typing import Any
 
 from aigc.data.captions import NUMBER_WORDS, TRAIN_TEMPLATES
 from aigc.data.manifest import DatasetError, VerifyReport, read_manifest, verify_dataset
+from aigc.tracking.server import ui_url
 
 #: One prompt per digit, 0..9: the rows of the quickstart grid.
 DIGIT_PROMPTS = [TRAIN_TEMPLATES[0].format(word=word, digit=d) for d, word in enumerate(NUMBER_WORDS)]
@@ -310,7 +311,7 @@ def next_commands(r: QuickstartResult) -> list[str]:
     prompt = DIGIT_PROMPTS[3]
     ref = f"{r.model}@production"
     commands = [
-        ("aigc ui", "the dashboard: http://127.0.0.1:5000"),
+        ("aigc ui", f"the dashboard: {ui_url('experiments')}"),
         (f"aigc serve {ref}", "HTTP on 127.0.0.1:8000, follows the alias"),
         (f'aigc generate --model {ref} --prompt "{prompt}" -n 8 --out samples.png', "a grid, in-process"),
         (f"aigc lineage {ref}", "which run, data version and git commit"),

@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 from e2e_browser import SCREENSHOTS, VIEWPORT, launch, require_browser, screenshot, screenshot_dir
 
+from aigc.tracking.server import ui_url
+
 AIGC = str(Path(sys.executable).parent / "aigc")
 MODEL = "aigc-diffusion"
 ALIAS = "production"
@@ -95,7 +97,7 @@ def _read(path: Path) -> str:
 class Dashboard:
     """The UI under test and what the store says it should show."""
 
-    base: str  # http://127.0.0.1:PORT
+    port: int  # aigc ui on http://127.0.0.1:PORT
     page: object  # one playwright Page (browser tab) for every test: the app loads once
     shots: Path  # screenshot folder
     run_id: str
@@ -108,8 +110,12 @@ class Dashboard:
     page_errors: list[str] = field(default_factory=list)
 
     @property
-    def run_url(self) -> str:
-        return f"{self.base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+    def run_path(self) -> str:
+        return f"experiments/{self.experiment_id}/runs/{self.run_id}"
+
+    def link(self, path: str) -> str:
+        """The UI's page ``path`` as aigc prints its links (in the model-training view)."""
+        return ui_url(path, "127.0.0.1", self.port)
 
     def open(self, url: str):
         """The tab at ``url``: a hash route of the loaded app, as when a user follows a link."""
@@ -171,7 +177,7 @@ def dashboard(request, tmp_path_factory, quickstart_project):
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(f"{page.url}: {e}"))
         board = Dashboard(
-            base=f"http://127.0.0.1:{port}",
+            port=port,
             page=page,
             shots=shots,
             run_id=run.info.run_id,
@@ -237,7 +243,7 @@ def test_run_overview_shows_the_runs_source_user_and_description(dashboard: Dash
     from playwright.sync_api import expect
 
     checked, absent = [], []
-    with opened(dashboard, dashboard.run_url, "01-run-overview") as page:
+    with opened(dashboard, dashboard.link(dashboard.run_path), "01-run-overview") as page:
         expect(_field(page, "Run ID")).to_contain_text(dashboard.run_id)
         # The fields are there whether or not the run has the tags behind them.
         for label in ("Source", "Created by"):
@@ -270,7 +276,7 @@ def test_run_overview_shows_the_runs_source_user_and_description(dashboard: Dash
 def test_train_loss_chart_is_drawn_from_the_runs_history(dashboard: Dashboard):
     from playwright.sync_api import expect
 
-    with opened(dashboard, f"{dashboard.run_url}/model-metrics", "02-model-metrics") as page:
+    with opened(dashboard, dashboard.link(f"{dashboard.run_path}/model-metrics"), "02-model-metrics") as page:
         page.get_by_placeholder("Search metric charts").fill(METRIC)
         # A chart card is titled with the metric key; cards render once in view.
         card = page.get_by_test_id("experiment-view-compare-runs-card").filter(
@@ -310,7 +316,7 @@ def test_sample_grid_image_is_displayed(dashboard: Dashboard):
     from playwright.sync_api import expect
 
     # The artifacts tab opens a file from its path in the URL and previews images as <img>.
-    url = f"{dashboard.run_url}/artifacts/{dashboard.sample}"
+    url = dashboard.link(f"{dashboard.run_path}/artifacts/{dashboard.sample}")
     with opened(dashboard, url, "03-sample-grid") as page:
         img = page.locator(f'img[alt="{dashboard.sample}"]').first
         expect(img).to_be_visible()
@@ -323,7 +329,7 @@ def test_registered_model_shows_the_production_alias(dashboard: Dashboard):
     from playwright.sync_api import expect
 
     alias = re.compile(rf"@\s*{ALIAS}")
-    with opened(dashboard, f"{dashboard.base}/#/models/{MODEL}", "04-registered-model") as page:
+    with opened(dashboard, dashboard.link(f"models/{MODEL}"), "04-registered-model") as page:
         row = (
             page.get_by_test_id("model-version-table")
             .get_by_role("row")
@@ -332,9 +338,21 @@ def test_registered_model_shows_the_production_alias(dashboard: Dashboard):
         expect(row).to_have_count(1)
         expect(row.locator(f'[title="{ALIAS}"]')).to_have_text(alias)
 
-    url = f"{dashboard.base}/#/models/{MODEL}/versions/{dashboard.version}"
+    url = dashboard.link(f"models/{MODEL}/versions/{dashboard.version}")
     with opened(dashboard, url, "05-model-version") as page:
         aliases = page.get_by_test_id("descriptions-item").filter(
             has=page.get_by_test_id("descriptions-item-label").filter(has_text="Aliases")
         )
         expect(aliases.locator(f'[title="{ALIAS}"]')).to_have_text(alias)
+
+
+def test_the_experiment_opens_in_the_model_training_view(dashboard: Dashboard):
+    """Through the links aigc prints, the experiment is a list of training runs with the model
+    registry at hand, not MLflow's GenAI view (traces, judges, "Evaluation runs")."""
+    from playwright.sync_api import expect
+
+    with opened(dashboard, dashboard.link(f"experiments/{dashboard.experiment_id}"), "00-experiment") as page:
+        expect(page.get_by_role("link", name="Model registry")).to_be_visible()
+        expect(page.get_by_role("link", name=dashboard.tags["mlflow.runName"])).to_be_visible()
+        expect(page.get_by_role("link", name="Judges")).to_have_count(0)
+        expect(page.get_by_role("link", name="Evaluation runs")).to_have_count(0)

@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
         from aigc.quickstart import next_commands, prepare_data, quickstart
         from aigc.registry.store import RegistryError
         from aigc.tracking import TrackingUnavailable
+        from aigc.tracking.server import ui_url
         from aigc.training import TrainError
 
         if family not in FAMILIES:
@@ -63,6 +64,4 @@ def register(app: typer.Typer) -> None:
         typer.echo("next:")
         for line in next_commands(r):
             typer.echo(f"  {line}")
-        typer.echo(
-            f"  the run in the UI: http://127.0.0.1:5000/#/experiments/{r.experiment_id}/runs/{r.run_id}"
-        )
+        typer.echo(f"  the run in the UI: {ui_url(f'experiments/{r.experiment_id}/runs/{r.run_id}')}")

@@ -46,12 +46,14 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Start the MLflow UI over the local tracking store (Ctrl-C stops it)."""
-        from aigc.tracking.server import exec_mlflow_server
+        from aigc.tracking.server import UI_VIEW, exec_mlflow_server, ui_url
         from aigc.tracking.store import is_local_store, resolve_tracking_uri
 
         resolved = resolve_tracking_uri(uri)
         if not is_local_store(resolved):
-            typer.echo(f"the tracking store is a server already: open {resolved} in a browser")
+            typer.echo(
+                f"the tracking store is a server already: open {resolved.rstrip('/')}/#/experiments?{UI_VIEW}"
+            )
             return
-        typer.echo(f"MLflow UI for {resolved} on http://{host}:{port}", err=True)
+        typer.echo(f"MLflow UI for {resolved}: {ui_url('experiments', host, port)}", err=True)
         exec_mlflow_server(resolved, host=host, port=port)

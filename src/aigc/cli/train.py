@@ -88,10 +88,10 @@ def print_summary(r) -> None:
     typer.echo("")
     typer.echo(f"run        {r.name}  ({r.status}, {r.global_step} steps, {r.seconds:.0f} s)")
     typer.echo(f"mlflow     run {r.run_id} in {r.tracking_uri}")
-    typer.echo(
-        f"           open it: aigc ui   then   http://127.0.0.1:5000/#/experiments/{r.experiment_id}"
-        f"/runs/{r.run_id}"
-    )
+    from aigc.tracking.server import ui_url
+
+    link = ui_url(f"experiments/{r.experiment_id}/runs/{r.run_id}")
+    typer.echo(f"           open it: aigc ui   then   {link}")
     for k, v in sorted(r.metrics.items()):
         typer.echo(f"  {k:<24} {v:.4f}")
     for k, v in sorted(r.eval.items()):

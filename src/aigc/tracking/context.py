@@ -4,8 +4,10 @@ The UI shows a run's "Source" from ``mlflow.source.name`` and ``mlflow.source.ty
 from ``mlflow.user``, its commit from ``mlflow.source.git.commit`` and its description from
 ``mlflow.note.content`` (Markdown). ``mlflow.start_run`` fills the first four in from the process;
 aigc creates runs with ``MlflowClient.create_run`` (see :mod:`aigc.tracking.job`), which does not,
-so they are made here. An experiment without ``mlflow.experimentKind`` opens in the UI's GenAI view
-(traces, judges); ``custom_model_development`` opens the model-training view a training run needs.
+so they are made here. ``mlflow.experimentKind=custom_model_development`` says what the experiment
+is (MLflow otherwise guesses, and a guess of GenAI opens it with traces and judges). The UI of
+MLflow 3.17 also has a browser-wide "GenAI | Model training" switch that wins over the tag; the
+links aigc prints select the model-training view in their URL (:func:`aigc.tracking.server.ui_url`).
 """
 
 from __future__ import annotations

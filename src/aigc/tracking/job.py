@@ -51,8 +51,8 @@ def _slug(name: str) -> str:
 def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
     """The id of experiment ``name``, created if missing, tagged as a model-training experiment.
 
-    The ``mlflow.experimentKind`` tag makes the UI open the experiment in its model-training view
-    (see :mod:`aigc.tracking.context`); an existing experiment gets it unless someone chose a kind.
+    The ``mlflow.experimentKind`` tag marks it as model training for MLflow (see
+    :mod:`aigc.tracking.context`); an existing experiment gets it unless someone chose a kind.
     A new experiment in a local store (sqlite/file) gets its artifacts under the store's artifact
     root (``mlflow/artifacts/<name>`` for the project store, see ``default_artifact_root``), not in
     ``./mlruns`` of whatever directory the driver happens to run in. On a tracking server the

@@ -11,6 +11,18 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 JOB_EXECUTION_ENV = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
 
+# The UI of MLflow 3.17 opens every experiment in its GenAI view (traces, judges, "Evaluation
+# runs") unless the page's URL says otherwise: its "GenAI | Model training" switch is a browser
+# setting (localStorage "mlflow.workflowType", default "genai") that the URL parameter below
+# overrides, and it ignores the experiment's mlflow.experimentKind tag while that switch is shown.
+# Every link aigc prints carries the parameter, so a training run opens as a training run.
+UI_VIEW = "workflowType=machine_learning"
+
+
+def ui_url(path: str = "", host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> str:
+    """A link into the UI in its model-training view, e.g. ``ui_url("experiments/1/runs/<id>")``."""
+    return f"http://{host}:{port}/#/{path.strip('/')}?{UI_VIEW}"
+
 
 def mlflow_server_command(
     uri: str,
