@@ -1,38 +1,26 @@
-"""The DVC pipeline in a real temporary git + DVC repo: repro, no-op repro, push, pull, versions.
+"""The pipeline's data stage in a real temporary git + DVC repo: repro, no-op repro, push, pull,
+versions. (The whole pipeline, training included, is tests/integration/test_pipeline.py.)
 
 The repo gets the project's own dvc.yaml and params.yaml, plus copies of the source files the
-`data` stage depends on (read from dvc.yaml, so a stale deps list fails here). The stage runs
-the real `aigc` console script of this venv.
+`data` stage depends on (read from dvc.yaml, so a stale deps list fails here); `dvc repro data`
+runs that stage alone, with the real `aigc` console script of this venv.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from dvc_repo import BIN, dvc, init_repo, repo_env, run
 
 from aigc.data import read_manifest, verify_dataset, version
 
 PROJECT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def run(repo: Path, env: dict[str, str], *args: str) -> str:
-    proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
-
-
-def dvc(repo: Path, env: dict[str, str], *args: str) -> str:
-    return run(repo, env, str(BIN / "dvc"), *args)
 
 
 def lock_md5(repo: Path) -> str:
@@ -49,15 +37,7 @@ def dvc_repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     base = tmp_path_factory.mktemp("dvc")
     repo = base / "repo"
     repo.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "AIGC_PROJECT_ROOT"}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        DVC_NO_ANALYTICS="1",
-        DVC_SITE_CACHE_DIR=str(base / "site-cache"),
-        XDG_CONFIG_HOME=str(base / "config"),
-        OMP_NUM_THREADS="1",
-        GIT_CONFIG_NOSYSTEM="1",
-    )
+    env = repo_env(base)
     for name in ("dvc.yaml", "params.yaml", ".gitignore"):
         shutil.copy(PROJECT / name, repo / name)
     stage = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]["data"]
@@ -66,13 +46,8 @@ def dvc_repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         assert (PROJECT / dep).is_file(), f"dvc.yaml lists a missing dependency: {dep}"
         (repo / dep).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(PROJECT / dep, repo / dep)
-    run(repo, env, "git", "init", "-q")
-    run(repo, env, "git", "config", "user.email", "test@example.invalid")
-    run(repo, env, "git", "config", "user.name", "aigc test")
-    dvc(repo, env, "init", "-q")
-    run(repo, env, "git", "add", "-A")
-    run(repo, env, "git", "commit", "-q", "-m", "pipeline")
-    out = dvc(repo, env, "repro")
+    init_repo(repo, env)
+    out = dvc(repo, env, "repro", "data")
     assert "Running stage 'data'" in out and "wrote train-000016.tar" in out
     return repo, env
 
@@ -84,7 +59,7 @@ def test_repro_builds_then_is_a_no_op(dvc_repo):
     assert read_manifest(data)["splits"]["train"]["num_samples"] == 1617
     lock = (repo / "dvc.lock").read_bytes()
     mtime = (data / "manifest.json").stat().st_mtime_ns
-    out = dvc(repo, env, "repro")
+    out = dvc(repo, env, "repro", "data")
     assert "Stage 'data' didn't change, skipping" in out and "Running stage" not in out
     assert (repo / "dvc.lock").read_bytes() == lock
     assert (data / "manifest.json").stat().st_mtime_ns == mtime
@@ -114,36 +89,36 @@ def test_version_is_the_md5_dvc_shows(dvc_repo):
 
 def test_push_then_pull_restores_the_data(dvc_repo, tmp_path):
     repo, env = dvc_repo
-    dvc(repo, env, "repro")
+    dvc(repo, env, "repro", "data")
     data = repo / "datasets" / "digits"
     digest = read_manifest(data)["digest"]
     dvc(repo, env, "remote", "add", "-f", "-d", "test", str(tmp_path / "remote"))
-    out = dvc(repo, env, "push")
+    out = dvc(repo, env, "push", "data")
     assert "pushed" in out
     assert any((tmp_path / "remote").rglob("*"))
     shutil.rmtree(data)
     shutil.rmtree(repo / ".dvc" / "cache")
-    out = dvc(repo, env, "pull")
+    out = dvc(repo, env, "pull", "data")
     assert "A" in out.split() or "added" in out.lower()
     assert verify_dataset(data).ok
     assert read_manifest(data)["digest"] == digest
     assert version(data) == lock_md5(repo)
-    assert "didn't change" in dvc(repo, env, "repro")
+    assert "didn't change" in dvc(repo, env, "repro", "data")
 
 
 def test_param_change_rebuilds_and_reverting_restores_the_same_md5(dvc_repo):
     repo, env = dvc_repo
-    dvc(repo, env, "repro")
+    dvc(repo, env, "repro", "data")
     original_params = (repo / "params.yaml").read_text()
     before = lock_md5(repo)
     params = yaml.safe_load(original_params)
     params["data"]["image_size"] = 12
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    out = dvc(repo, env, "repro")
+    out = dvc(repo, env, "repro", "data")
     assert "Running stage 'data'" in out
     data = repo / "datasets" / "digits"
     assert read_manifest(data)["image_size"] == 12 and verify_dataset(data).ok
     assert lock_md5(repo) != before
     (repo / "params.yaml").write_text(original_params)
-    dvc(repo, env, "repro")
+    dvc(repo, env, "repro", "data")
     assert lock_md5(repo) == before  # rebuilt from scratch, byte-identical shards

@@ -11,34 +11,21 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from dvc_repo import BIN, dvc, init_repo, repo_env, run
 from mlflow.tracking import MlflowClient
 
 # The tiny per-family model overrides, kept in one place for every integration test that trains.
 from test_train import TINY
 
 PROJECT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 FAMILY_ORDER = ["diffusion", "gan", "vae", "autoregressive"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def run(repo: Path, env: dict[str, str], *args: str, timeout: float = 600) -> str:
-    proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc.stdout + proc.stderr
-
-
-def dvc(repo: Path, env: dict[str, str], *args: str) -> str:
-    return run(repo, env, str(BIN / "dvc"), *args)
 
 
 def ran_stages(output: str) -> list[str]:
@@ -78,15 +65,7 @@ def pipeline(tmp_path_factory) -> tuple[Path, dict[str, str], str]:
     base = tmp_path_factory.mktemp("pipeline")
     repo = base / "repo"
     repo.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("AIGC_PROJECT_ROOT", "MLFLOW_TRACKING_URI")}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        DVC_NO_ANALYTICS="1",
-        DVC_SITE_CACHE_DIR=str(base / "site-cache"),
-        XDG_CONFIG_HOME=str(base / "config"),
-        OMP_NUM_THREADS="1",
-        GIT_CONFIG_NOSYSTEM="1",
-    )
+    env = repo_env(base)
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(PROJECT / name, repo / name)
     shutil.copytree(PROJECT / "models", repo / "models")
@@ -99,13 +78,7 @@ def pipeline(tmp_path_factory) -> tuple[Path, dict[str, str], str]:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
     assert stages["train"]["foreach"] == FAMILY_ORDER == list(params["train"])
-    run(repo, env, "git", "init", "-q")
-    run(repo, env, "git", "config", "user.email", "test@example.invalid")
-    run(repo, env, "git", "config", "user.name", "aigc test")
-    dvc(repo, env, "init", "-q")
-    run(repo, env, "git", "add", "-A")
-    run(repo, env, "git", "commit", "-q", "-m", "pipeline")
-    sha = run(repo, env, "git", "rev-parse", "HEAD").strip()
+    sha = init_repo(repo, env)
     out = dvc(repo, env, "repro")
     expected = (
         ["data", "reference"] + [f"train@{f}" for f in FAMILY_ORDER] + [f"register@{f}" for f in FAMILY_ORDER]
