@@ -385,6 +385,21 @@ def test_a_failure_after_the_run_opens_ends_it_failed(point, digits_dataset, tmp
     assert expected in runs[0].data.tags["aigc.error"]
 
 
+@pytest.mark.timeout(120)
+def test_a_corrupt_val_shard_is_a_clear_cli_error_not_a_traceback(digits_dataset, tmp_path):
+    """The command line says what failed (the shard's path) and exits 2, as for any other error."""
+    data = _copy_dataset(digits_dataset, tmp_path)
+    shard = _val_shard(data)
+    _truncate(shard)
+    args = ["train", str(ROOT / "models" / "diffusion.yaml"), "--allow-modified-data", "--no-eval"]
+    for o in tiny_overrides("diffusion", tmp_path, data):
+        args += ["--set", o]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = run_cli([*args, "--no-register"], env={"MLFLOW_TRACKING_URI": uri})
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "error:" in out.stderr and shard.name in out.stderr, out.stderr
+
+
 def _train_shard(dataset: Path, i: int = 0) -> Path:
     manifest = json.loads((dataset / "manifest.json").read_text())
     return dataset / manifest["splits"]["train"]["shards"][i]["name"]

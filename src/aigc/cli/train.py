@@ -44,6 +44,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a model family with Ray Train; every run lands in MLflow."""
         from aigc.config import ConfigError
+        from aigc.data.manifest import DatasetError
         from aigc.tracking import TrackingUnavailable
         from aigc.training import TrainError
         from aigc.training import train as run_train
@@ -73,7 +74,9 @@ def register(app: typer.Typer) -> None:
                 allow_modified_data=allow_modified_data,
                 verify_data=verify_data,
             )
-        except (ConfigError, TrainError, TrackingUnavailable) as err:
+        except (ConfigError, TrainError, TrackingUnavailable, DatasetError) as err:
+            # DatasetError: a shard that fails while the run is open (its sample prompts, the final
+            # evaluation); the run is already marked FAILED with the message in aigc.error.
             fail(str(err))
         except KeyboardInterrupt:
             fail("interrupted: the MLflow run is marked KILLED; continue with --resume", code=130)
