@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -161,6 +162,8 @@ def quickstart(
     from aigc.training import train
     from aigc.training.grid import image_grid
 
+    # MLflow's download progress bars would bury the step lines; a user's own setting still wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     root = Path(root)
     steps = _Steps(STEPS, echo)
     out_dir = root / "outputs" / "quickstart"
@@ -316,5 +319,5 @@ def next_commands(r: QuickstartResult) -> list[str]:
         (f'aigc generate --model {ref} --prompt "{prompt}" -n 8 --out samples.png', "a grid, in-process"),
         (f"aigc lineage {ref}", "which run, data version and git commit"),
     ]
-    width = max(len(c) for c, _ in commands)
-    return [f"{c:<{width}}  # {why}" for c, why in commands]
+    # What each does on its own line above it: the commands stay copy-pasteable, however long.
+    return [line for c, why in commands for line in (f"# {why}", c)]
