@@ -92,7 +92,7 @@ QUICKSTART_TEST_ARGS = [
 def quickstart_project(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A project folder after a real `aigc quickstart` (subprocess, embedded Ray, sqlite MLflow store
     in <project>/mlflow/): used by the quickstart test and by the dashboard's browser test. Returns
-    ``{"root", "env", "output", "seconds"}``."""
+    ``{"root", "env", "args", "output", "seconds"}`` (``args``: the command's options)."""
     import os
     import shutil
     import subprocess
@@ -111,4 +111,5 @@ def quickstart_project(tmp_path_factory: pytest.TempPathFactory) -> dict:
         [aigc, "quickstart", *QUICKSTART_TEST_ARGS], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, f"aigc quickstart failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return {"root": root, "env": env, "output": proc.stdout, "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    return {"root": root, "env": env, "args": QUICKSTART_TEST_ARGS, "output": proc.stdout, "seconds": seconds}
