@@ -205,6 +205,32 @@ def test_replicas_never_retry_a_dead_registry_for_minutes_and_configs_are_checke
         app_builder({"ref": "x", "tracking_uri": "sqlite:////tmp/x.db", "max_steps": "many"})
 
 
+def test_the_printed_serve_config_builds_the_application_aigc_serve_would_run(tmp_path):
+    """`aigc serve --print-config` (a RayService's serveConfigV2) carries every setting of the command
+    line: its builder's args give back the same ServeConfig, limits included."""
+    from aigc.serving.app import app_builder
+    from aigc.serving.config import APP_BUILDER, ServeConfig, deploy_config
+
+    cfg = ServeConfig(
+        ref="aigc-vae@production", host="0.0.0.0", port=8100, replicas=2, limits={"max_steps": 50}
+    )
+    config = deploy_config(cfg)
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8100}
+    (app,) = config["applications"]
+    assert (app["name"], app["route_prefix"], app["import_path"]) == ("aigc-vae", "/", APP_BUILDER)
+    assert "tracking_uri" not in app["args"]  # a pod's MLFLOW_TRACKING_URI decides, not this machine's
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bound = app_builder(app["args"])._bound_deployment.init_args[0]
+    assert bound == {
+        **cfg.model_dump(mode="json"),
+        "host": "127.0.0.1",
+        "port": 8000,
+        "tracking_uri": bound["tracking_uri"],
+    }
+    given = deploy_config(cfg.model_copy(update={"tracking_uri": uri}))["applications"][0]["args"]
+    assert app_builder(given)._bound_deployment.init_args[0]["tracking_uri"] == uri
+
+
 # ------------------------------------------------------------------------ a real server on Ray Serve
 def trained_version(uri: str, tmp: Path, dataset: Path, name: str, steps: int, seed: int) -> str:
     """A FINISHED run the way aigc train leaves it, registered: returns the new version number."""

@@ -27,10 +27,17 @@ def register(app: typer.Typer) -> None:
         max_prompt_chars: int = typer.Option(256, "--max-prompt-chars", help="limit: prompt length"),
         max_steps: int = typer.Option(200, "--max-steps", help="limit: sampling steps (diffusion)"),
         max_body_bytes: int = typer.Option(16384, "--max-body-bytes", help="limit: request body (413)"),
+        print_config: bool = typer.Option(
+            False,
+            "--print-config",
+            help="print the Ray Serve config of this application (serve deploy, a RayService's "
+            "serveConfigV2) and exit; starts nothing",
+        ),
     ) -> None:
         """Serve a registered model: POST /generate, GET /healthz, GET /stats. Follows the alias
         (a promotion is picked up within --poll-interval, with no failed request). Stop with
-        Ctrl-C or SIGTERM."""
+        Ctrl-C or SIGTERM. With --print-config, print the same application as a Ray Serve config
+        for a cluster (a KubeRay RayService) instead."""
         from pydantic import ValidationError
 
         from aigc.registry.store import RegistryError
@@ -63,6 +70,17 @@ def register(app: typer.Typer) -> None:
             )
         except ValidationError as err:
             fail("; ".join(_problem(e) for e in err.errors()))
+        if print_config:
+            import yaml
+
+            from aigc.serving.config import deploy_config
+
+            try:
+                config = deploy_config(cfg)
+            except RegistryError as err:
+                fail(str(err))
+            typer.echo(yaml.safe_dump(config, sort_keys=False), nl=False)
+            return
         typer.echo(f"starting Ray Serve for {ref} ...")
         try:
             serving = start_serving(cfg)

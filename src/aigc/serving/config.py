@@ -44,6 +44,34 @@ class ServeConfig(StrictModel):
         return self
 
 
+#: Serve's application builder for ``aigc serve``'s application (``serve run``, ``serve deploy``,
+#: a KubeRay RayService's ``serveConfigV2``).
+APP_BUILDER = "aigc.serving.app:app_builder"
+#: ServeConfig fields that are not the builder's args: the cluster's Serve settings (host, port go to
+#: ``http_options``), the cluster to join, and the tracking URI when unset (a pod's MLFLOW_TRACKING_URI).
+_NOT_ARGS = ("host", "port", "ray_address")
+
+
+def deploy_config(cfg: ServeConfig) -> dict:
+    """The Ray Serve config file that runs ``cfg``'s application on a cluster that already runs Ray:
+    ``serve deploy``'s file, or a RayService's ``serveConfigV2`` (what ``aigc serve --print-config``
+    prints). ``app_builder`` turns its ``args`` back into ``cfg``."""
+    from aigc.registry.store import parse_ref
+
+    exclude = {*_NOT_ARGS, *(("tracking_uri",) if cfg.tracking_uri is None else ())}
+    return {
+        "http_options": {"host": cfg.host, "port": cfg.port},
+        "applications": [
+            {
+                "name": parse_ref(cfg.ref).name,
+                "route_prefix": "/",
+                "import_path": APP_BUILDER,
+                "args": cfg.model_dump(mode="json", exclude=exclude),
+            }
+        ],
+    }
+
+
 def replica_env(cfg: ServeConfig) -> dict[str, str]:
     """Environment of each replica process (the deployment's ``runtime_env``)."""
     return {
