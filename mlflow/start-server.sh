@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Start an MLflow tracking server over the project's store (for a pod, or a shared box).
 #
-#   mlflow/start-server.sh [--host HOST] [--port PORT] [--dry-run] [-- extra mlflow server args]
+#   mlflow/start-server.sh [--host HOST] [--port PORT] [--auth] [--dry-run] [-- extra mlflow server args]
 #
 # Binds to 127.0.0.1 unless told otherwise: --host / MLFLOW_HOST (0.0.0.0 inside a pod).
+# --auth (or MLFLOW_AUTH=1) turns MLflow's basic auth on (`--app-name basic-auth`): every request
+# needs a user and password (clients set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD). Open a
+# server beyond 127.0.0.1 only with it on.
 # Environment (all optional):
 #   MLFLOW_HOST                   interface to bind (default 127.0.0.1)
 #   MLFLOW_PORT                   port (default 5000)
@@ -15,6 +18,15 @@
 #   MLFLOW_BIN                    the mlflow executable (default: mlflow on PATH)
 #   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  MLflow's GenAI job runner (eight extra processes); default
 #                                 false here, training does not use it
+# With --auth (secrets come from the environment, e.g. a Kubernetes Secret; never from this repo):
+#   MLFLOW_AUTH_ADMIN_PASSWORD    required: the admin user's password, used when the user store is new
+#   MLFLOW_AUTH_ADMIN_USERNAME    the admin user (default admin)
+#   MLFLOW_FLASK_SERVER_SECRET_KEY  required: signs the UI's CSRF tokens; the same on every worker/replica
+#   MLFLOW_AUTH_DATABASE_URI      the user/permission store (default sqlite:///<root>/mlflow/basic_auth.db;
+#                                 postgresql://... on Kubernetes)
+#   MLFLOW_AUTH_DEFAULT_PERMISSION  what a user may do on what others made: READ (default), EDIT,
+#                                 MANAGE or NO_PERMISSIONS
+#   MLFLOW_AUTH_CONFIG_PATH       a basic_auth.ini of your own instead of the one generated from the above
 # Artifacts are proxied (--serve-artifacts): clients on other machines upload through the server,
 # so new experiments get mlflow-artifacts:/ locations and workers need no access to this disk.
 set -euo pipefail
@@ -23,6 +35,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 host="${MLFLOW_HOST:-127.0.0.1}"
 port="${MLFLOW_PORT:-5000}"
 dry_run=0
+auth="${MLFLOW_AUTH:-0}"
 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -31,8 +44,9 @@ while [[ $# -gt 0 ]]; do
     --port) port="$2"; shift 2 ;;
     --port=*) port="${1#*=}"; shift ;;
     --dry-run) dry_run=1; shift ;;
+    --auth) auth=1; shift ;;
     --) shift; extra+=("$@"); break ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "start-server.sh: unknown argument '$1' (use -- before extra mlflow server args)" >&2; exit 2 ;;
   esac
 done
@@ -50,10 +64,31 @@ cmd=("${MLFLOW_BIN:-mlflow}" server
 if [[ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]]; then
   cmd+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
 fi
+if [[ "$auth" == 1 ]]; then
+  missing=()
+  [[ -n "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ]] || missing+=(MLFLOW_AUTH_ADMIN_PASSWORD)
+  [[ -n "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]] || missing+=(MLFLOW_FLASK_SERVER_SECRET_KEY)
+  if [[ ${#missing[@]} -gt 0 && "$dry_run" != 1 ]]; then
+    echo "start-server.sh: --auth needs ${missing[*]} in the environment (from a secret store, never the repo)" >&2
+    exit 2
+  fi
+  if [[ -z "${MLFLOW_AUTH_CONFIG_PATH:-}" ]]; then
+    # MLflow reads the auth settings from an ini file only; this one is made from the environment,
+    # and holds no secret (the admin password stays in MLFLOW_AUTH_ADMIN_PASSWORD).
+    MLFLOW_AUTH_CONFIG_PATH="$(mktemp "${TMPDIR:-/tmp}/aigc-mlflow-auth.XXXXXX.ini")"
+    printf '[mlflow]\ndefault_permission = %s\ndatabase_uri = %s\nadmin_username = %s\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n' \
+      "${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}" \
+      "${MLFLOW_AUTH_DATABASE_URI:-sqlite:///${root}/mlflow/basic_auth.db}" \
+      "${MLFLOW_AUTH_ADMIN_USERNAME:-admin}" >"$MLFLOW_AUTH_CONFIG_PATH"
+    export MLFLOW_AUTH_CONFIG_PATH
+  fi
+  cmd+=(--app-name basic-auth)
+fi
 cmd+=(${extra[@]+"${extra[@]}"})
 
 if [[ "$dry_run" == 1 ]]; then
   printf '%q ' "${cmd[@]}"; echo
+  if [[ "$auth" == 1 ]]; then cat "$MLFLOW_AUTH_CONFIG_PATH"; rm -f "$MLFLOW_AUTH_CONFIG_PATH"; fi
   exit 0
 fi
 exec "${cmd[@]}"

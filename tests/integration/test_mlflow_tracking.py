@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -394,7 +395,12 @@ def test_aigc_ui_serves_the_local_store(tmp_path: Path, server_env: dict[str, st
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-def test_start_server_script_proxies_artifacts(tmp_path: Path, server_env: dict[str, str]) -> None:
+def test_start_server_script_with_auth_proxies_artifacts_for_users_it_knows_only(
+    tmp_path: Path, server_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shared server as the Kubernetes Deployment runs it: basic auth on, artifacts proxied."""
+    from aigc.tracking import TrackingUnavailable, ensure_tracking_store
+
     port = free_port()
     destination = tmp_path / "proxied"
     env = {
@@ -402,12 +408,25 @@ def test_start_server_script_proxies_artifacts(tmp_path: Path, server_env: dict[
         "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/server.db",
         "MLFLOW_ARTIFACTS_DESTINATION": str(destination),
         "MLFLOW_WORKERS": "1",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "an-admin-password-1",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-test-secret-key",
+        "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path}/auth.db",
     }
     log = tmp_path / "server.log"
-    proc = _start([str(ROOT / "mlflow" / "start-server.sh"), "--port", str(port)], env, log)
+    proc = _start([str(ROOT / "mlflow" / "start-server.sh"), "--port", str(port), "--auth"], env, log)
     try:
         _wait_healthy(proc, port, log)
         http = f"http://127.0.0.1:{port}"
+        request = urllib.request.Request(f"{http}/api/2.0/mlflow/experiments/search?max_results=1")
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(request, timeout=10)
+        assert anonymous.value.code == 401
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+        with pytest.raises(TrackingUnavailable, match="rejected the credentials"):
+            ensure_tracking_store(http)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "an-admin-password-1")
+        ensure_tracking_store(http)
         run_id = _log_a_run_through(http)
         client = MlflowClient(http)
         assert client.get_run(run_id).info.artifact_uri.startswith("mlflow-artifacts:")

@@ -320,6 +320,11 @@ def test_start_server_script_defaults_to_loopback_and_takes_overrides() -> None:
     assert "--allowed-hosts mlflow.ns.svc" in dry(MLFLOW_ALLOWED_HOSTS="mlflow.ns.svc")
     bad = subprocess.run([str(script), "--bogus"], env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "--bogus" in bad.stderr
+    authed = dry("--auth", MLFLOW_AUTH_DATABASE_URI="postgresql://db/auth")
+    assert "--app-name basic-auth" in authed and "database_uri = postgresql://db/auth" in authed
+    no_secrets = subprocess.run([str(script), "--auth"], env=env, capture_output=True, text=True)
+    assert no_secrets.returncode == 2
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY" in no_secrets.stderr
 
 
 # ---------------------------------------------------------------------------------------- imports
