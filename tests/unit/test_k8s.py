@@ -1,0 +1,519 @@
+"""Offline checks of the Kubernetes manifests (k8s/), the image (platform/Dockerfile) and the Ray
+cluster-launcher config (platform/cluster.yaml). No cluster, no Docker, no network.
+
+- Every overlay renders with ``kubectl kustomize`` (the kubectl on PATH or ``AIGC_KUBECTL``; CI
+  installs Debian's kubernetes-client, kubectl 1.20 with kustomize v2.0.3). Without a kubectl the
+  tests fail: they are the only check of the manifests.
+- Core, apps, batch and networking resources, and every pod template inside the Ray resources,
+  validate against the Kubernetes 1.32 OpenAPI schemas bundled with ``kubernetes_validate`` (strict:
+  unknown fields fail).
+- RayCluster, RayJob and RayService validate against KubeRay's CRD schemas (ray.io/v1, trimmed and
+  vendored in ``kuberay-crd-schemas.json``, see ``k8s_render.py``), and the fields the platform
+  relies on are checked by name below (``RAY_FIELDS``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from k8s_render import POD_TEMPLATE_PATHS, ROOT, SCHEMAS, find_kubectl, kustomize, pick
+
+K8S_VERSION = "1.32.0"  # a version kubernetes_validate 1.37 bundles (1.25 ... 1.37)
+NAMESPACE = "aigc"
+SECRET = "aigc-credentials"
+OVERLAYS = ("dev-cpu", "gpu")
+ENTRYPOINTS = {
+    "dev-cpu": "aigc train models/diffusion.yaml --workers 2 --set data.location=s3://aigc/datasets/digits",
+    "gpu": (
+        "aigc train models/diffusion.yaml --workers 2 --gpus-per-worker 1 --set trainer.precision=bf16-mixed"
+        " --set data.location=s3://aigc/datasets/digits"
+    ),
+}
+PRINT_CONFIG = ["serve", "aigc-diffusion@production", "--host", "0.0.0.0", "--print-config"]
+# The ray.io/v1 fields the manifests rely on, by kind (dotted paths; [] = every item). Each must be
+# in KubeRay's CRD schema (vendored) and set in every rendered resource of that kind.
+CLUSTER_FIELDS = [
+    "rayVersion",
+    "enableInTreeAutoscaling",
+    "authOptions.mode",
+    "autoscalerOptions.resources",
+    "autoscalerOptions.securityContext",
+    "headGroupSpec.rayStartParams",
+    "headGroupSpec.template",
+    "workerGroupSpecs[].groupName",
+    "workerGroupSpecs[].replicas",
+    "workerGroupSpecs[].minReplicas",
+    "workerGroupSpecs[].maxReplicas",
+    "workerGroupSpecs[].rayStartParams",
+    "workerGroupSpecs[].template",
+]
+RAY_FIELDS = {
+    "RayCluster": [f"spec.{f}" for f in CLUSTER_FIELDS],
+    "RayJob": [
+        "spec.entrypoint",
+        "spec.submissionMode",
+        "spec.shutdownAfterJobFinishes",
+        "spec.ttlSecondsAfterFinished",
+        "spec.activeDeadlineSeconds",
+        "spec.submitterPodTemplate",
+        *(f"spec.rayClusterSpec.{f}" for f in CLUSTER_FIELDS),
+    ],
+    "RayService": ["spec.serveConfigV2", *(f"spec.rayClusterConfig.{f}" for f in CLUSTER_FIELDS)],
+}
+CLUSTER_SPEC = {"RayCluster": "spec", "RayJob": "spec.rayClusterSpec", "RayService": "spec.rayClusterConfig"}
+# What every aigc container of training and serving gets: value (None: from the Secret).
+TRAINING_ENV = {
+    "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+    "AIGC_STORAGE_PATH": "s3://aigc/runs",
+    "MLFLOW_TRACKING_USERNAME": None,
+    "MLFLOW_TRACKING_PASSWORD": None,
+    "AWS_ACCESS_KEY_ID": None,
+    "AWS_SECRET_ACCESS_KEY": None,
+    "AWS_ENDPOINT_URL": "",
+    "MLFLOW_S3_ENDPOINT_URL": "",
+    "AWS_DEFAULT_REGION": "",
+}
+MLFLOW_ENV = [
+    "MLFLOW_BACKEND_STORE_URI",
+    "MLFLOW_ARTIFACTS_DESTINATION",
+    "MLFLOW_AUTH_ADMIN_USERNAME",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    "MLFLOW_AUTH_DATABASE_URI",
+    "MLFLOW_ALLOWED_HOSTS",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "MLFLOW_S3_ENDPOINT_URL",
+]
+RAY_PORTS = (8265, 6379, 10001)  # dashboard / job submission, GCS, Ray client
+Rendered = dict[str, list[dict[str, Any]]]  # overlay -> its resources
+
+
+# ---------------------------------------------------------------------------------------------------
+# rendering
+
+
+@pytest.fixture(scope="module")
+def rendered() -> Rendered:
+    kubectl = find_kubectl()
+    if kubectl is None:
+        pytest.fail(
+            "no kubectl found: install one (Debian: apt-get install kubernetes-client) or set AIGC_KUBECTL "
+            "to its path; the k8s/ manifests are rendered with `kubectl kustomize`"
+        )
+    return {name: kustomize(kubectl, ROOT / "k8s" / "overlays" / name) for name in OVERLAYS}
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def all_docs(rendered: Rendered) -> list[tuple[str, dict[str, Any]]]:
+    return [(overlay, doc) for overlay, docs in rendered.items() for doc in docs]
+
+
+def label(overlay: str, doc: dict[str, Any]) -> str:
+    return f"{overlay}: {doc['kind']}/{doc['metadata']['name']}"
+
+
+def pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every pod template of a resource (Deployment, StatefulSet, Job, the Ray kinds)."""
+    if doc["kind"] in POD_TEMPLATE_PATHS:
+        return [t for path in POD_TEMPLATE_PATHS[doc["kind"]] for t in pick(doc, path)]
+    return pick(doc, "spec.template")
+
+
+def containers(template: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = template.get("spec", {})
+    return [*spec.get("initContainers", []), *spec.get("containers", [])]
+
+
+def effective_env(container: dict[str, Any], configmaps: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """name -> value (str) or the valueFrom dict; envFrom ConfigMaps first, env on top."""
+    env: dict[str, Any] = {}
+    for source in container.get("envFrom", []):
+        ref = source.get("configMapRef")
+        assert ref, f"{container['name']}: envFrom other than a configMapRef: {source}"
+        assert ref["name"] in configmaps, f"{container['name']}: ConfigMap {ref['name']} is not rendered"
+        env.update(configmaps[ref["name"]])
+    for var in container.get("env", []):
+        env[var["name"]] = var["valueFrom"] if "valueFrom" in var else var.get("value", "")
+    return env
+
+
+def test_overlays_render_with_every_part(rendered: Rendered) -> None:
+    overlays = ROOT / "k8s" / "overlays"
+    found = sorted(p.name for p in overlays.iterdir() if (p / "kustomization.yaml").exists())
+    assert found == sorted(OVERLAYS)
+    for overlay, docs in rendered.items():
+        names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        for needed in [
+            ("RayCluster", "aigc"),
+            ("RayJob", "aigc-train-diffusion"),
+            ("RayService", "aigc-serve"),
+            ("Deployment", "mlflow"),
+            ("Service", "mlflow"),
+            ("Service", "postgres"),
+            ("ConfigMap", "aigc-settings"),
+            ("NetworkPolicy", "aigc-ray-internal"),
+        ]:
+            assert needed in names, f"{overlay}: {needed} is not rendered"
+        for doc in docs:
+            assert doc["metadata"].get("namespace") == NAMESPACE, label(overlay, doc)
+    dev = {(d["kind"], d["metadata"]["name"]) for d in rendered["dev-cpu"]}
+    assert {("StatefulSet", "postgres"), ("StatefulSet", "minio"), ("Service", "minio")} <= dev
+
+
+# ---------------------------------------------------------------------------------------------------
+# schemas
+
+
+def test_core_resources_validate_against_kubernetes_schemas(rendered: Rendered) -> None:
+    for overlay, doc in all_docs(rendered):
+        if doc["apiVersion"].startswith("ray.io/"):
+            # The pod templates inside: as PodTemplates, so the core schema checks every container.
+            for i, template in enumerate(pod_templates(doc)):
+                wrapped = {
+                    "apiVersion": "v1",
+                    "kind": "PodTemplate",
+                    "metadata": {"name": f"{doc['metadata']['name']}-{i}"},
+                    "template": template,
+                }
+                try:
+                    kubernetes_validate.validate(wrapped, K8S_VERSION, strict=True)
+                except kubernetes_validate.ValidationError as err:
+                    pytest.fail(f"{label(overlay, doc)} pod template {i}: {err.message} at {list(err.path)}")
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{label(overlay, doc)}: {err.message} at {list(err.path)}")
+
+
+@pytest.fixture(scope="module")
+def crd_schemas() -> dict[str, Any]:
+    return json.loads(SCHEMAS.read_text())
+
+
+def test_ray_resources_validate_against_kuberay_crds(rendered: Rendered, crd_schemas: dict[str, Any]) -> None:
+    assert crd_schemas["tag"].startswith("v1."), crd_schemas["tag"]
+    for overlay, doc in all_docs(rendered):
+        if not doc["apiVersion"].startswith("ray.io/"):
+            continue
+        assert doc["apiVersion"] == "ray.io/v1", label(overlay, doc)
+        schema = crd_schemas["schemas"][doc["kind"]]
+        errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=lambda e: list(e.path))
+        problems = "; ".join(f"{list(e.path)}: {e.message}" for e in errors)
+        assert not errors, f"{label(overlay, doc)}: {problems}"
+
+
+def schema_has(schema: dict[str, Any], path: str) -> bool:
+    node = schema
+    for part in path.split("."):
+        key = part.removesuffix("[]")
+        node = node.get("properties", {}).get(key)
+        if node is None:
+            return False
+        if part.endswith("[]"):
+            node = node.get("items", {})
+    return True
+
+
+def test_ray_fields_exist_in_kuberay_v1_and_are_set(rendered: Rendered, crd_schemas: dict[str, Any]) -> None:
+    for kind, fields in RAY_FIELDS.items():
+        for field in fields:
+            assert schema_has(crd_schemas["schemas"][kind], field), f"{kind}.{field}: not in KubeRay v1"
+    for overlay, docs in rendered.items():
+        for kind, fields in RAY_FIELDS.items():
+            (doc,) = of_kind(docs, kind)
+            for field in fields:
+                values = pick(doc, field)
+                # A field of every worker group: as many values as groups (and at least one group).
+                expected = len(pick(doc, field.split("[]")[0] + "[]")) if "[]" in field else 1
+                assert expected and len(values) == expected, f"{label(overlay, doc)}: {field} is not set"
+
+
+def test_ray_clusters_autoscale_with_token_auth(rendered: Rendered) -> None:
+    ray_version = importlib.metadata.version("ray")
+    for overlay, docs in rendered.items():
+        for kind, spec_path in CLUSTER_SPEC.items():
+            for doc in of_kind(docs, kind):
+                (spec,) = pick(doc, spec_path)
+                where = label(overlay, doc)
+                assert spec["rayVersion"] == ray_version, f"{where}: rayVersion is not the pinned ray"
+                assert spec["enableInTreeAutoscaling"] is True, where
+                assert spec["authOptions"] == {"mode": "token"}, f"{where}: Ray token auth is off"
+                assert spec["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0", where
+                for group in spec["workerGroupSpecs"]:
+                    low, n, high = group["minReplicas"], group["replicas"], group["maxReplicas"]
+                    assert 0 <= low <= n <= high, (where, group["groupName"])
+                    assert low < high, f"{where}: {group['groupName']} cannot scale"
+    for doc in of_kind(rendered["gpu"], "RayJob") + of_kind(rendered["gpu"], "RayCluster"):
+        spec = pick(doc, CLUSTER_SPEC[doc["kind"]])[0]
+        gpu = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu"]
+        assert len(gpu) == 1, f"gpu: {label('gpu', doc)} has no gpu worker group"
+        (container,) = gpu[0]["template"]["spec"]["containers"]
+        assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
+        assert gpu[0]["minReplicas"] == 0 and gpu[0]["maxReplicas"] >= 2
+        cpu = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "cpu"]
+        assert cpu and cpu[0]["replicas"] == 0, "gpu: the CPU worker group should start empty"
+    for doc in rendered["dev-cpu"]:
+        for template in pod_templates(doc):
+            for c in containers(template):
+                assert "nvidia.com/gpu" not in c.get("resources", {}).get("limits", {}), label("dev-cpu", doc)
+
+
+def test_rayjobs_run_the_documented_entrypoints(rendered: Rendered) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for overlay, docs in rendered.items():
+        (job,) = of_kind(docs, "RayJob")
+        spec = job["spec"]
+        assert spec["entrypoint"] == ENTRYPOINTS[overlay], overlay
+        assert spec["shutdownAfterJobFinishes"] is True
+        assert spec["submissionMode"] == "K8sJobMode"
+        assert spec["entrypoint"] in readme, f"README.md does not quote the {overlay} RayJob's entrypoint"
+
+
+def test_rayservice_serve_config_is_what_aigc_serve_prints(rendered: Rendered) -> None:
+    aigc = Path(sys.executable).with_name("aigc")
+    out = subprocess.run(
+        [str(aigc), *PRINT_CONFIG], capture_output=True, text=True, timeout=120, cwd=ROOT, check=False
+    )
+    assert out.returncode == 0, f"`aigc {' '.join(PRINT_CONFIG)}` failed:\n{out.stderr[-2000:]}"
+    printed = yaml.safe_load(out.stdout)
+    assert printed["applications"][0]["import_path"] == "aigc.serving.app:app_builder"
+    for overlay, docs in rendered.items():
+        services = of_kind(docs, "RayService")
+        assert services
+        for doc in services:
+            config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+            assert config == printed, (
+                f"{label(overlay, doc)}: serveConfigV2 is not what --print-config prints"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------
+# security and resources
+
+
+def test_no_secret_values_in_the_manifests(rendered: Rendered) -> None:
+    k8s_readme = (ROOT / "k8s" / "README.md").read_text(encoding="utf-8")
+    command = re.search(r"kubectl -n aigc create secret generic aigc-credentials[^`]*", k8s_readme)
+    assert command, "k8s/README.md lacks the `kubectl -n aigc create secret generic aigc-credentials` command"
+    documented = set(re.findall(r"--from-literal=([a-z0-9-]+)=", command.group(0)))
+    for overlay, doc in all_docs(rendered):
+        assert doc["kind"] != "Secret" or not (doc.get("data") or doc.get("stringData")), label(overlay, doc)
+        for ref in find_key(doc, "secretKeyRef"):
+            assert ref["name"] == SECRET, f"{label(overlay, doc)}: Secret {ref['name']}"
+            assert ref["key"] in documented, f"{label(overlay, doc)}: key {ref['key']} not in k8s/README.md"
+    for path in (ROOT / "k8s").rglob("*.yaml"):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"^kind:\s*Secret\s*$", text, re.M), f"{path}: defines a Secret"
+
+
+def find_key(obj: Any, key: str) -> list[Any]:
+    """Every value under ``key`` anywhere in ``obj``."""
+    if isinstance(obj, dict):
+        return [v for k, v in obj.items() if k == key] + [x for v in obj.values() for x in find_key(v, key)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in find_key(v, key)]
+    return []
+
+
+def run_as_non_root(pod_sc: dict[str, Any], sc: dict[str, Any]) -> bool:
+    non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+    user = sc.get("runAsUser", pod_sc.get("runAsUser"))
+    return bool(non_root) and user != 0
+
+
+def test_every_container_runs_as_non_root_with_requests_and_limits(
+    rendered: Rendered,
+) -> None:
+    count = 0
+    for overlay, doc in all_docs(rendered):
+        for template in pod_templates(doc):
+            pod_sc = template["spec"].get("securityContext", {})
+            for c in containers(template):
+                where = f"{label(overlay, doc)} container {c['name']}"
+                sc = c.get("securityContext", {})
+                assert run_as_non_root(pod_sc, sc), f"{where}: may run as root"
+                assert sc.get("allowPrivilegeEscalation") is False, where
+                assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+                res = c.get("resources", {})
+                for kind in ("requests", "limits"):
+                    assert {"cpu", "memory"} <= set(res.get(kind, {})), f"{where}: no cpu/memory {kind}"
+                count += 1
+        # The autoscaler sidecar KubeRay adds to the head.
+        for spec in pick(doc, CLUSTER_SPEC.get(doc["kind"], "-")):
+            opts = spec.get("autoscalerOptions", {})
+            assert run_as_non_root({"runAsUser": 1000}, opts.get("securityContext", {})), label(overlay, doc)
+            assert {"requests", "limits"} <= set(opts.get("resources", {})), label(overlay, doc)
+    assert count >= 20
+
+
+def test_aigc_containers_get_the_training_environment(rendered: Rendered) -> None:
+    for overlay, docs in rendered.items():
+        configmaps = {d["metadata"]["name"]: d["data"] for d in of_kind(docs, "ConfigMap")}
+        for doc in docs:
+            if doc["kind"] not in CLUSTER_SPEC:
+                continue
+            (spec,) = pick(doc, CLUSTER_SPEC[doc["kind"]])
+            groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+            templates = [g["template"] for g in groups]
+            for template in templates:
+                for c in template["spec"]["containers"]:
+                    env = effective_env(c, configmaps)
+                    where = f"{label(overlay, doc)} {c['name']}"
+                    for name, value in TRAINING_ENV.items():
+                        assert name in env, f"{where}: no {name}"
+                        if value is None:
+                            assert env[name]["secretKeyRef"]["name"] == SECRET, f"{where}: {name}"
+                        elif value:
+                            assert env[name] == value, f"{where}: {name}={env[name]}"
+                        else:
+                            assert isinstance(env[name], str) and env[name], f"{where}: {name} is empty"
+        settings = configmaps["aigc-settings"]
+        if overlay == "dev-cpu":
+            assert settings["AWS_ENDPOINT_URL"] == settings["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+            (minio,) = [d for d in of_kind(docs, "Service") if d["metadata"]["name"] == "minio"]
+            assert 9000 in [p["port"] for p in minio["spec"]["ports"]]
+        else:
+            assert "minio" not in settings["AWS_ENDPOINT_URL"]
+
+
+def test_mlflow_server_uses_the_start_script_with_auth(rendered: Rendered) -> None:
+    for overlay, docs in rendered.items():
+        configmaps = {d["metadata"]["name"]: d["data"] for d in of_kind(docs, "ConfigMap")}
+        (deployment,) = [d for d in of_kind(docs, "Deployment") if d["metadata"]["name"] == "mlflow"]
+        (service,) = [d for d in of_kind(docs, "Service") if d["metadata"]["name"] == "mlflow"]
+        (c,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert c["command"] == ["mlflow/start-server.sh", "--host", "0.0.0.0", "--auth"]
+        assert c.get("workingDir") == "/app"
+        env = effective_env(c, configmaps)
+        for name in MLFLOW_ENV:
+            assert name in env, f"{overlay}: the MLflow server gets no {name}"
+        assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+        assert env["MLFLOW_AUTH_DATABASE_URI"].startswith("postgresql://")
+        assert env["MLFLOW_ARTIFACTS_DESTINATION"] == "s3://aigc/mlflow"
+        for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"):
+            assert env[name]["secretKeyRef"]["name"] == SECRET
+        # Training and serving log in as the admin the server creates.
+        assert env["MLFLOW_AUTH_ADMIN_USERNAME"]["secretKeyRef"]["key"] == "mlflow-username"
+        assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["secretKeyRef"]["key"] == "mlflow-password"
+        assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+        assert [(p["port"], p.get("targetPort")) for p in service["spec"]["ports"]] == [(5000, "http")]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= labels.items()
+
+
+def test_serving_workers_are_ready_on_healthz(rendered: Rendered) -> None:
+    for overlay, docs in rendered.items():
+        for doc in of_kind(docs, "RayService"):
+            spec = doc["spec"]["rayClusterConfig"]
+            for group in spec["workerGroupSpecs"]:
+                (c,) = group["template"]["spec"]["containers"]
+                probe = c["readinessProbe"]["httpGet"]
+                assert probe == {"path": "/healthz", "port": 8000}, label(overlay, doc)
+            # KubeRay deploys the Serve app only once the head pod is Ready: no app probe there.
+            (head,) = spec["headGroupSpec"]["template"]["spec"]["containers"]
+            assert "readinessProbe" not in head, f"{label(overlay, doc)}: a head probe on the app deadlocks"
+
+
+def allows_outside_namespace(rule: dict[str, Any]) -> list[dict[str, Any]]:
+    """The peers of an ingress rule that are not 'a pod of this namespace' ([{}] for no `from`)."""
+    peers = rule.get("from") or [{}]
+    return [p for p in peers if set(p) != {"podSelector"}]
+
+
+def test_network_policy_keeps_ray_ports_inside_the_namespace(rendered: Rendered) -> None:
+    for overlay, docs in rendered.items():
+        policies = of_kind(docs, "NetworkPolicy")
+        ray_policies = [
+            p
+            for p in policies
+            if not p["spec"]["podSelector"].get("matchExpressions")
+            and all(k.startswith("ray.io/") for k in p["spec"]["podSelector"].get("matchLabels", {}))
+        ]
+        # One policy selects every Ray pod KubeRay makes (label ray.io/is-ray-node=yes) for ingress.
+        assert any(
+            p["spec"]["podSelector"] == {"matchLabels": {"ray.io/is-ray-node": "yes"}}
+            and "Ingress" in p["spec"]["policyTypes"]
+            for p in ray_policies
+        ), f"{overlay}: no NetworkPolicy selects all Ray pods"
+        for policy in ray_policies:
+            for rule in policy["spec"].get("ingress", []):
+                ports = {p.get("port") for p in rule.get("ports", [])} or set(RAY_PORTS)  # none: every port
+                outside = allows_outside_namespace(rule)
+                if not outside:
+                    continue
+                where = f"{overlay}: NetworkPolicy {policy['metadata']['name']}"
+                assert not ports & {6379, 10001}, f"{where} opens GCS/client ports beyond the namespace"
+                if 8265 in ports:
+                    for peer in outside:  # only the KubeRay operator may reach the dashboard
+                        assert peer.get("podSelector") == {
+                            "matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}
+                        }, f"{where} opens the dashboard beyond the namespace: {peer}"
+        covered = {
+            port
+            for p in ray_policies
+            for rule in p["spec"].get("ingress", [])
+            if not allows_outside_namespace(rule)
+            for port in ({q.get("port") for q in rule.get("ports", [])} or set(RAY_PORTS))
+        }
+        missing = set(RAY_PORTS) - covered
+        assert not missing, f"{overlay}: {missing} not reachable from inside the namespace"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the image and the cluster launcher
+
+
+def test_dockerfile_builds_a_non_root_image_from_the_constraints() -> None:
+    text = (ROOT / "platform" / "Dockerfile").read_text(encoding="utf-8")
+    joined = re.sub(r"\\\n", " ", text).splitlines()  # continuation lines joined
+    lines = [x.strip() for x in joined if x.strip() and not x.strip().startswith("#")]
+    assert lines[0].startswith("ARG BASE_IMAGE=python:3.11-slim"), "first: ARG BASE_IMAGE=python:3.11-slim-*"
+    assert "FROM ${BASE_IMAGE}" in lines
+    assert any(x.startswith("ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") for x in lines)
+    installs = [x for x in lines if "pip install" in x]
+    assert any("-c constraints.txt" in x and "'.[server,minilm,s3]'" in x for x in installs), installs
+    assert all("-c constraints.txt" in x for x in installs if "install --upgrade pip" not in x), installs
+    users = [x.split()[1] for x in lines if x.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0", "0:0"), "the image must end as a non-root USER"
+    assert any(re.search(r"useradd --uid \"?\$\{AIGC_UID\}", x) for x in lines)
+    assert "ARG AIGC_UID=1000" in lines
+    assert any(x.startswith("WORKDIR /app") for x in lines)
+    for path in ("models/", "params.yaml", "mlflow/start-server.sh"):
+        assert any(x.startswith("COPY") and path in x for x in lines), f"the image lacks {path}"
+    assert any("AIGC_PROJECT_ROOT=/app" in x for x in lines)
+    apt = " ".join(x for x in lines if "apt-get install" in x)
+    for tool in ("bash", "wget", "rsync", "openssh-client"):  # KubeRay probes; ray up's docker runner
+        assert re.search(rf"\b{tool}\b", apt), f"the image lacks {tool}"
+    ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    assert ignored and "*" in ignored, ".dockerignore should let in only what the image copies"
+
+
+def test_cluster_launcher_config_validates_against_rays_schema() -> None:
+    spec = importlib.util.find_spec("ray")
+    assert spec and spec.submodule_search_locations
+    schema_path = Path(spec.submodule_search_locations[0]) / "autoscaler" / "ray-schema.json"
+    schema = json.loads(schema_path.read_text())
+    config = yaml.safe_load((ROOT / "platform" / "cluster.yaml").read_text(encoding="utf-8"))
+    jsonschema.validate(config, schema)
+    assert config["docker"]["image"].rsplit("/", 1)[-1].startswith("aigc:")
+    assert config["head_node_type"] in config["available_node_types"]
+    starts = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    assert "ray start --head" in starts and "--num-cpus=0" in starts
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert "~/.ray/auth_token" in config["file_mounts"]
