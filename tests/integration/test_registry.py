@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -106,7 +107,6 @@ def registry(digits_dataset, tmp_path_factory):
 
 @pytest.mark.timeout(900)
 def test_register_gate_force_rollback_and_reevaluation(registry, digits_dataset):
-    from aigc.registry.gate import GateConfig, promote
 
     uri, tmp, runs = registry
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -151,13 +151,23 @@ def test_register_gate_force_rollback_and_reevaluation(registry, digits_dataset)
 
     # v3 was evaluated on 60 samples, production on 100: the gate re-measures both the same way
     # (the candidate's evaluator, 80 samples, seed 0) before comparing, and records it on both.
-    assert cli("register", "other", uri=uri).returncode == 0
-    decision = promote(NAME, gate=GateConfig(num_samples=80, fd_margin=1e6), tracking_uri=uri)
-    assert decision.reevaluated and not decision.promoted  # the huge margin makes it refuse
+    # In one process, with the store in MLFLOW_TRACKING_URI only (as dvc.yaml's register stage runs
+    # it): registering once made the gate fall back to the default store ("no registered model").
+    params = tmp / "params.yaml"
+    params.write_text(yaml.safe_dump({"register": {"num_samples": 80, "fd_margin": 1e6}}))
+    record = tmp / "registered.json"
+    out = cli("register", "other", "--promote", "--params", str(params), "--json", str(record), uri=uri)
+    assert out.returncode == 0, out.stdout + out.stderr
+    decision = json.loads(record.read_text())
+    assert decision["version"] == 3 and decision["promoted"] is False, decision  # the huge margin refuses
+    provenance = []
     for v in ("1", "3"):
         tags = client.get_model_version(NAME, v).tags
         assert tags["aigc.eval.num_samples"] == "80" and tags["aigc.eval.source"] == "gate re-evaluation"
-    assert decision.candidate.provenance == decision.production.provenance
+        provenance.append(
+            {k: tags[k] for k in ("aigc.eval.evaluator_hash", "aigc.eval.data_version", "aigc.eval.seed")}
+        )
+    assert provenance[0] == provenance[1]
 
     # aigc models and aigc lineage read it all back from MLflow.
     out = cli("models", uri=uri)

@@ -16,8 +16,11 @@ tagged ``aigc.gate.eligible=false`` with the reason: the gate never promotes it.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from aigc.registry.store import (
     client_for,
     model_name,
 )
+from aigc.tracking.store import ENV_TRACKING_URI
 
 MODEL_ARTIFACT = "model"  # the logged model's name inside the training run
 _PYTHON_TYPES = {int: "long", float: "double", str: "string", bool: "boolean"}
@@ -196,9 +200,7 @@ def register_run(ref: str, tracking_uri: str | None = None, progress=None) -> Re
         # MLflow's fluent API (log_model, register_model) resolves the run and the logged model
         # through the process-wide tracking URI (the registry follows it unless set apart): point
         # it at this store for the duration and restore whatever was there, unset included.
-        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-        with _use_tracking_uri(client.tracking_uri):
+        with _process_tracking_uri(client.tracking_uri):
             # start_run(run_id) reopens the FINISHED run to attach the model and ends it FINISHED.
             with mlflow.start_run(run_id=run_id):
                 info = mlflow.pyfunc.log_model(
@@ -225,6 +227,25 @@ def register_run(ref: str, tracking_uri: str | None = None, progress=None) -> Re
         figures=figures,
         seconds=time.perf_counter() - t0,
     )
+
+
+@contextmanager
+def _process_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to ``uri`` for the block, then restored, and the
+    ``MLFLOW_TRACKING_URI`` variable with it: MLflow's own ``_use_tracking_uri`` deletes the variable
+    on exit when no URI was set in code, so a later call in this process (``aigc register
+    --promote``'s gate) fell back to the default store ("no registered model")."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    saved = os.environ.get(ENV_TRACKING_URI)
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop(ENV_TRACKING_URI, None)
+        else:
+            os.environ[ENV_TRACKING_URI] = saved
 
 
 def _example_prompt(run_dir: str) -> str:
