@@ -28,3 +28,31 @@ def project_root() -> Path:
             except OSError:
                 pass
     return cwd
+
+
+#: The prefix of the folders Ray unpacks a job's ``working_dir`` into
+#: (``<session>/runtime_resources/working_dir_files/_ray_pkg_<hash>``, ray/_private/runtime_env/
+#: packaging.py). ``ray job submit --working-dir .`` runs the job there.
+RAY_PACKAGE_PREFIX = "_ray_pkg_"
+
+
+def ray_package(root: Path | None = None) -> Path | None:
+    """The Ray working-dir package ``root`` (default :func:`project_root`) lies in, or None.
+
+    Such a folder is ephemeral: Ray deletes it with its session, and the upload leaves out every
+    git-ignored file (datasets/, mlflow/, runs/). A tracking store, checkpoints or shards resolved
+    relative to the project root would land in it, or be missing from it.
+    """
+    root = project_root() if root is None else root
+    for folder in (root, *root.parents):
+        if folder.name.startswith(RAY_PACKAGE_PREFIX):
+            return folder
+    return None
+
+
+#: How to give a job submitted with ``--working-dir`` durable places, in every error that refuses one.
+DURABLE_SETTINGS_HINT = (
+    "Give the job durable locations: ray job submit --runtime-env platform/runtime-env.yaml (its env_vars "
+    "MLFLOW_TRACKING_URI and AIGC_STORAGE_PATH; or runtime_env={'env_vars': {...}}), or --set "
+    "tracking.uri=... --set scaling.storage_path=s3://... (an absolute path every node shares also works)"
+)

@@ -13,6 +13,7 @@ its own class below so the CLI can validate a config without importing torch.
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
@@ -217,13 +218,21 @@ def lightning_precision(requested: str, use_gpu: bool) -> str:
     return {"32": "32-true"}.get(requested, requested)
 
 
+#: The default of ``scaling.storage_path`` when the config leaves it out: a cluster job's pods (or a
+#: ``ray job submit`` runtime env) set it once instead of every command carrying ``--set``.
+STORAGE_PATH_ENV = "AIGC_STORAGE_PATH"
+
+
 class ScalingConfig(StrictModel):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(0.0, ge=0.0)
     max_failures: int = Field(0, ge=-1, description="-1 retries forever")
-    storage_path: str = Field("runs", description="checkpoint storage: folder or URI (s3://...)")
+    storage_path: str = Field(
+        default_factory=lambda: os.environ.get(STORAGE_PATH_ENV) or "runs",
+        description=f"checkpoint storage: folder or URI (s3://...); default ${STORAGE_PATH_ENV} or runs",
+    )
     ray_address: str | None = None
 
 

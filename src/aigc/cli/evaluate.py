@@ -51,9 +51,12 @@ def format_report(result: dict[str, Any]) -> str:
 def register(app: typer.Typer) -> None:
     @app.command()
     def evaluate(
-        model: Path = typer.Argument(..., help="export folder or Lightning .ckpt file"),
-        data: Path | None = typer.Option(
-            None, "--data", help="shard folder; default <project>/datasets/digits"
+        # Strings, not Paths: Path("s3://bucket/x") would collapse the URL's "//".
+        model: str = typer.Argument(
+            ..., help="export folder or Lightning .ckpt file (path or URL, s3://...)"
+        ),
+        data: str | None = typer.Option(
+            None, "--data", help="shard folder or URL (s3://...); default <project>/datasets/digits"
         ),
         num_samples: int = typer.Option(500, "-n", "--num-samples", help="images to generate"),
         seed: int = typer.Option(0, "--seed", help="sampling seed (recorded with the figures)"),
@@ -77,15 +80,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate images from the evaluation prompts and measure FD, CLIP score, accuracy and guards."""
         from aigc import project_root
-        from aigc.evaluation.final import final_evaluation, log_evaluation
-        from aigc.models.export import load_model
+        from aigc.evaluation.final import final_evaluation, load_model_from, log_evaluation
 
-        dataset = data if data is not None else project_root() / "datasets" / "digits"
-        if not model.exists():
-            fail(f"{model}: no such export folder or checkpoint")
+        dataset = data if data is not None else str(project_root() / "datasets" / "digits")
         try:
             options = parse_options(set_)
-            module = load_model(model)
+            module = load_model_from(model)
             result = final_evaluation(
                 module,
                 dataset,
@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
                 progress=lambda m: typer.echo(m, err=True),
                 **options,
             )
-        except (FileNotFoundError, KeyError, ValueError) as err:
+        except (OSError, KeyError, ValueError) as err:  # DatasetError is a ValueError
             fail(str(err).strip("'\""))
         if run_id is not None:
             from mlflow.exceptions import MlflowException
@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
             except (TrackingUnavailable, MlflowException) as err:
                 fail(f"could not record the figures in run {run_id} of {uri}: {err}")
             typer.echo(f"recorded in MLflow run {run_id} ({uri})", err=True)
-        result = {"model": str(model), "data": str(dataset), **result}
+        result = {"model": model, "data": dataset, **result}
         typer.echo(format_report(result))
         if json_out is not None:
             json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +120,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def reference(
-        data: Path | None = typer.Argument(None, help="shard folder; default <project>/datasets/digits"),
+        data: str | None = typer.Argument(
+            None, help="shard folder or URL (s3://...); default <project>/datasets/digits"
+        ),
         json_out: Path | None = typer.Option(None, "--json", help="also write the evaluator's record here"),
         cache_dir: Path | None = typer.Option(
             None, "--cache-dir", help="evaluator cache; default AIGC_EVALUATOR_CACHE or .cache/evaluators"
@@ -137,7 +139,7 @@ def register(app: typer.Typer) -> None:
         from aigc import project_root
         from aigc.evaluation.evaluator import reference_evaluator
 
-        dataset = data if data is not None else project_root() / "datasets" / "digits"
+        dataset = data if data is not None else str(project_root() / "datasets" / "digits")
         start = time.perf_counter()
         try:
             evaluator = reference_evaluator(
@@ -155,7 +157,7 @@ def register(app: typer.Typer) -> None:
             "evaluator_hash": evaluator.hash,
             **{k: evaluator.info[k] for k in ("val_accuracy", "train_seconds") if k in evaluator.info},
         }
-        typer.echo(format_report({"data": str(dataset), "evaluator": str(evaluator.path), **record}))
+        typer.echo(format_report({"data": dataset, "evaluator": str(evaluator.path), **record}))
         typer.echo(f"ready in {time.perf_counter() - start:.1f} s", err=True)
         if json_out is not None:
             from aigc.pipeline import write_json

@@ -31,6 +31,7 @@ __all__ = [
     "VerifyReport",
     "check_sizes",
     "verify_dataset",
+    "unreachable",
 ]
 
 FORMAT = "aigc-shards/1"
@@ -91,11 +92,9 @@ def shard_location(location: str | os.PathLike[str], name: str) -> str:
     return str(Path(mloc).parent / name)
 
 
-def _not_found(where: str) -> DatasetNotFound:
-    return DatasetNotFound(
-        f"{where}: no manifest (not a shard dataset, or its build did not finish); "
-        "build it with `aigc data build`"
-    )
+def _not_found(where: str, reason: str = "") -> DatasetNotFound:
+    why = reason or "not a shard dataset, or its build did not finish"
+    return DatasetNotFound(f"{where}: no manifest ({why}); build it with `aigc data build`")
 
 
 def _read_bytes(where: str) -> bytes:
@@ -109,8 +108,25 @@ def _read_bytes(where: str) -> bytes:
     try:
         with fsspec.open(where, "rb") as f:
             return f.read()
-    except (FileNotFoundError, IsADirectoryError):
-        raise _not_found(where) from None
+    except (FileNotFoundError, IsADirectoryError) as err:
+        # s3fs says why when it is not the key itself: "The specified bucket does not exist".
+        reason = str(err).strip("'\"")
+        raise _not_found(where, "" if MANIFEST_NAME in reason else reason) from None
+    except Exception as err:  # noqa: BLE001 - each filesystem raises its own types (botocore's too)
+        raise DatasetError(f"{where}: cannot read it: {unreachable(where, err)}") from None
+
+
+def unreachable(url: str, err: BaseException) -> str:
+    """Why a URL could not be read, with what to check: the error's type and message, and for
+    ``s3://`` the environment the credentials and endpoint come from (``docs/storage.md``)."""
+    text = f"{type(err).__name__}: {err}"
+    if url.startswith(("s3://", "s3a://")):
+        text += (
+            "; S3 credentials and endpoint come from the environment: AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), AWS_ENDPOINT_URL for an S3-compatible server, "
+            "or an fsspec config (docs/storage.md)"
+        )
+    return text
 
 
 def _is_count(value: Any) -> bool:

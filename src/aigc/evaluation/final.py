@@ -9,14 +9,18 @@ re-measure two versions the same way::
     log_evaluation(tracking_uri, run_id, report, step=global_step)
 
 It reports what it is doing through ``progress`` (training the dataset's reference evaluator when
-it is not cached yet can take minutes on a new dataset) and runs on ``threads`` torch threads.
+it is not cached yet can take minutes on a new dataset) and runs on ``threads`` torch threads. The
+dataset, and the model given to :func:`load_model_from`, may be local paths or fsspec URLs
+(``s3://bucket/datasets/digits``): every file is opened through fsspec, credentials come from the
+environment (``docs/storage.md``).
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -73,6 +77,41 @@ def final_evaluation(
     )
     say(f"evaluated in {time.perf_counter() - start:.0f} s: {figures}")
     return report
+
+
+def load_model_from(location: str | Path) -> Any:
+    """The family module of an export folder or a Lightning ``.ckpt`` at a local path or fsspec URL.
+
+    The files are copied into a temporary folder first (``torch.load`` and safetensors read local
+    files); nothing is unpickled (see :func:`aigc.models.export.load_model`). A missing location is a
+    ``FileNotFoundError`` naming it, any other failure to read it (credentials, endpoint) an
+    ``OSError`` naming it.
+    """
+    import fsspec
+
+    from aigc.data.manifest import unreachable
+    from aigc.models.export import load_model
+
+    url = str(location)
+    with tempfile.TemporaryDirectory(prefix="aigc-model-") as tmp:
+        try:
+            fs, path = fsspec.core.url_to_fs(url)
+            path = path.rstrip("/")
+            if not fs.exists(path):
+                raise FileNotFoundError(f"{url}: no such export folder or checkpoint")
+            local = Path(tmp) / (PurePosixPath(path).name or "model")
+            if fs.isdir(path):
+                for file in fs.find(path):
+                    target = local / file[len(path) :].lstrip("/")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    fs.get_file(file, str(target))
+            else:
+                fs.get_file(path, str(local))
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # noqa: BLE001 - botocore & co. raise their own types: name the URL
+            raise OSError(f"{url}: cannot read the model: {unreachable(url, err)}") from err
+        return load_model(local)
 
 
 def eval_figures(report: dict[str, Any]) -> dict[str, float]:

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from aigc import project_root
+from aigc import DURABLE_SETTINGS_HINT, project_root, ray_package
 
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 
@@ -30,13 +30,23 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
     """The absolute MLflow tracking URI for this job.
 
     ``explicit`` (e.g. ``tracking.uri`` from the config) wins, then ``MLFLOW_TRACKING_URI``, then
-    ``sqlite:///<project root>/mlflow/mlflow.db`` (its folder is created). Relative sqlite paths and
-    relative file-store paths are made absolute against the working directory; http(s) and other
-    remote URIs are returned unchanged.
+    ``sqlite:///<project root>/mlflow/mlflow.db`` (its folder is created), except inside a Ray
+    working-dir package (:func:`aigc.ray_package`), where that default raises ``TrackingUnavailable``.
+    Relative sqlite paths and relative file-store paths are made absolute against the working
+    directory; http(s) and other remote URIs are returned unchanged.
     """
     uri = explicit or os.environ.get(ENV_TRACKING_URI) or ""
     uri = uri.strip()
     if not uri:
+        package = ray_package()
+        if package is not None:
+            # `ray job submit --working-dir .` runs the job in a package Ray deletes with its session,
+            # and the submitter's MLFLOW_TRACKING_URI does not reach the job: refuse, don't lose runs.
+            raise TrackingUnavailable(
+                f"no MLflow tracking URI is set ({ENV_TRACKING_URI}, tracking.uri), and the default store "
+                f"would be {project_root() / 'mlflow' / 'mlflow.db'}, inside the Ray working-dir package "
+                f"{package.name} that Ray deletes with its session. {DURABLE_SETTINGS_HINT}."
+            )
         folder = project_root() / "mlflow"
         folder.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{folder / 'mlflow.db'}"

@@ -92,8 +92,21 @@ def absolute(path: str, root: Path) -> str:
 
 
 def storage_location(cfg: RunConfig, root: Path) -> str:
-    """Where the job's run folder lives: ``scaling.storage_path`` made absolute."""
-    return absolute(cfg.scaling.storage_path, root).rstrip("/")
+    """Where the job's run folder lives: ``scaling.storage_path`` made absolute.
+
+    A relative path inside a Ray working-dir package (``ray job submit --working-dir``) is refused:
+    the checkpoints would land in a folder Ray deletes with its session.
+    """
+    from aigc import DURABLE_SETTINGS_HINT, ray_package
+
+    path = cfg.scaling.storage_path
+    package = ray_package(root)
+    if package is not None and "://" not in path and not Path(path).expanduser().is_absolute():
+        raise TrainError(
+            f"scaling.storage_path {path!r} would put the checkpoints in {root / path}, inside the Ray "
+            f"working-dir package {package.name} that Ray deletes with its session. {DURABLE_SETTINGS_HINT}."
+        )
+    return absolute(path, root).rstrip("/")
 
 
 def new_run_name(cfg: RunConfig, name: str | None) -> str:
@@ -105,10 +118,43 @@ def new_run_name(cfg: RunConfig, name: str | None) -> str:
 
 
 def run_exists(storage: str, name: str) -> bool:
+    """Whether ``<storage>/<name>`` exists; a ``TrainError`` naming the URL when it cannot be asked."""
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(f"{storage}/{name}")
-    return fs.exists(path)
+    from aigc.data.manifest import unreachable
+
+    url = f"{storage}/{name}"
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.exists(path)
+    except Exception as err:  # noqa: BLE001 - credentials, endpoint, bucket: all named below
+        raise TrainError(f"cannot read the storage path {url}: {unreachable(url, err)}") from None
+
+
+def check_storage(storage: str) -> None:
+    """Write and delete a small object under ``storage``: a storage path the job cannot write (a
+    missing bucket, read-only credentials, a full disk) fails here, before the MLflow run opens,
+    instead of after Ray started, with a FAILED run left behind."""
+    import uuid
+
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    from aigc.data.manifest import unreachable
+
+    probe = f"{storage}/.aigc-write-check-{uuid.uuid4().hex}"
+    try:
+        fs, path = fsspec.core.url_to_fs(probe)
+        if isinstance(fs, LocalFileSystem):
+            # Only local folders: s3fs's makedirs would create a missing bucket instead of failing.
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, b"aigc")
+        fs.rm_file(path)
+    except Exception as err:  # noqa: BLE001 - reported with the URL and what to check
+        raise TrainError(
+            f"cannot write to the storage path {storage} (scaling.storage_path, AIGC_STORAGE_PATH): "
+            f"{unreachable(storage, err)}. Nothing started (no MLflow run was created, Ray was not started)."
+        ) from None
 
 
 def sample_prompts(location: str, n: int = 8) -> list[str]:
@@ -177,6 +223,10 @@ def read_job(storage: str, name: str) -> TrainJob:
         raise TrainError(f"nothing to resume: no run {name!r} under {storage} ({url} is missing)") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise TrainError(f"{url}: not a readable job file: {err}") from None
+    except Exception as err:  # noqa: BLE001 - credentials, endpoint, bucket: all named below
+        from aigc.data.manifest import unreachable
+
+        raise TrainError(f"cannot read {url}: {unreachable(url, err)}") from None
     try:
         return TrainJob.from_json(data)
     except ValueError as err:

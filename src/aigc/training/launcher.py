@@ -40,6 +40,7 @@ from aigc.training.job import (
     TrainJob,
     absolute,
     check_data,
+    check_storage,
     new_run_name,
     read_job,
     resolve_config,
@@ -89,11 +90,21 @@ def data_location(cfg: RunConfig, root: Path) -> str:
 
 
 def _dataset_manifest(location: str) -> dict[str, Any]:
+    from aigc import ray_package
     from aigc.data.manifest import DatasetError, read_manifest
 
     try:
         return read_manifest(location)
     except DatasetError as err:
+        package = None if "://" in location else ray_package(Path(location))
+        if package is not None:
+            raise TrainError(
+                f"{err}. The job runs in the Ray working-dir package {package.name}, and the upload leaves "
+                "out git-ignored files such as shards: set data.location to a folder every node can read "
+                "(an absolute path) or a URL (s3://...), e.g. --set data.location=s3://bucket/datasets/digits"
+            ) from None
+        if not isinstance(err, FileNotFoundError):  # unreadable (credentials, endpoint) or invalid: says so
+            raise TrainError(str(err)) from None
         raise TrainError(f"{err}; build it first, e.g. `aigc data build {Path(location).name}`") from None
 
 
@@ -174,6 +185,8 @@ def train(
             f"warning: training on shards that differ from the manifest (--allow-modified-data): "
             f"{'; '.join(modified)}; the run is tagged {tracking.TAG_DATA_MODIFIED}"
         )
+    if saved is None:
+        check_storage(storage)  # a storage path the job cannot write fails before the run opens
     # A resumed job's run lives in the store its job file names, whatever the environment says now.
     tracking_uri = saved.tracking_uri if saved else tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.ensure_tracking_store(tracking_uri)  # a dead server fails here within ~10 s
@@ -245,7 +258,7 @@ def train(
         )
         write_job(job)
         result = _fit(job, progress)
-        checkpoint = _checkpoint_path(result)
+        checkpoint = _checkpoint_path(result, run_dir)
         out = TrainResult(
             name=name,
             run_id=run.run_id,
@@ -370,9 +383,17 @@ def _log_startup(job: TrainJob, t_ray: float, ray_s: float) -> None:
     )
 
 
-def _checkpoint_path(result) -> str | None:
+def _checkpoint_path(result, run_dir: str) -> str | None:
+    """The final checkpoint's file as a path or URL under ``run_dir``.
+
+    Ray's ``Checkpoint.path`` is a path inside its pyarrow filesystem: for ``s3://bucket/runs`` it
+    is ``bucket/runs/<name>/checkpoint-...`` with no scheme, which fsspec would read as a local
+    path. The checkpoint folder is a child of the run folder, so its name is joined to ``run_dir``.
+    """
     ckpt = getattr(result, "checkpoint", None)
-    return None if ckpt is None else f"{ckpt.path.rstrip('/')}/checkpoint.ckpt"
+    if ckpt is None:
+        return None
+    return f"{run_dir.rstrip('/')}/{ckpt.path.rstrip('/').rsplit('/', 1)[-1]}/checkpoint.ckpt"
 
 
 def _register(out: TrainResult, say: Callable[[str], None]) -> str:
@@ -408,26 +429,16 @@ def evaluation_threads(job: TrainJob) -> int:
 def _final_evaluation(
     job: TrainJob, out: TrainResult, num_samples: int, say: Callable[[str], None]
 ) -> dict[str, Any]:
-    """The final checkpoint through :func:`aigc.evaluation.final.final_evaluation`, logged to the run."""
-    if "://" in job.data_location:
-        say(f"final evaluation skipped: the evaluator reads local shard folders, not {job.data_location}")
-        return {}
-    import tempfile
+    """The final checkpoint through :func:`aigc.evaluation.final.final_evaluation`, logged to the run.
 
-    import fsspec
-
-    from aigc.evaluation.final import final_evaluation, log_evaluation
-    from aigc.models.export import load_checkpoint
+    The checkpoint and the data are read where the job wrote and streamed them: local folders or
+    fsspec URLs (``s3://...``) alike."""
+    from aigc.evaluation.final import final_evaluation, load_model_from, log_evaluation
 
     threads = evaluation_threads(job)
     say(f"final evaluation of step {out.global_step} on {threads} thread(s)")
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "checkpoint.ckpt"
-        with fsspec.open(out.checkpoint, "rb") as src, open(local, "wb") as dst:
-            dst.write(src.read())
-        module = load_checkpoint(local)
     report = final_evaluation(
-        module,
+        load_model_from(out.checkpoint),
         job.data_location,
         num_samples=num_samples,
         seed=job.run.trainer.seed,
