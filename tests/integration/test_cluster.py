@@ -9,101 +9,30 @@ command, end to end.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from test_train import _free_port, tiny_overrides
+from ray_cluster import BIN, alive_nodes, free_port, ray_cluster
+from test_train import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-def _alive_nodes(address: str, env: dict[str, str]) -> int:
-    code = (
-        f"import ray; ray.init(address={address!r}, logging_level='ERROR'); "
-        "print(sum(1 for n in ray.nodes() if n['Alive']))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     """A head (dashboard on) and a second node on 127.0.0.1, one CPU each; stopped by process group."""
     tmp = tmp_path_factory.mktemp("cluster")
-    port, dashboard = _free_port(), _free_port()
-    address = f"127.0.0.1:{port}"
-    # docs/stack-pitfalls.md: the variable keeps every Ray process on 127.0.0.1 on Linux; `ray start`
-    # turns token authentication on, so every client (ray job submit, aigc) must send the token.
-    env = {
-        **os.environ,
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_AUTH_MODE": "token",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # the job's `aigc`
-    }
-    env.pop("RAY_ADDRESS", None)
-    # With that variable `ray start --address` refuses to join; the wrapper lifts only the refusal.
-    join = [sys.executable, str(Path(__file__).with_name("ray_loopback_node.py"))]
-    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--block", "--disable-usage-stats"]
-    head = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        f"--port={port}",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={_free_port()}",
-        *common,
-    ]
-    procs: list[subprocess.Popen] = []
-    node_tmp = None
-    logs = [(tmp / "head.log").open("w"), (tmp / "node2.log").open("w")]  # noqa: SIM115
-    try:
-        procs.append(
-            subprocess.Popen(head, env=env, stdout=logs[0], stderr=subprocess.STDOUT, start_new_session=True)
-        )
-        deadline = time.monotonic() + 120
-        while _alive_nodes(address, env) < 1:
-            assert time.monotonic() < deadline, (tmp / "head.log").read_text()[-3000:]
-            time.sleep(2)
-        # Its own temp dir, as a second machine has: two raylets sharing one session folder share
-        # runtime_resources/, and the second one deletes the job's working-dir package when its
-        # workers exit, under the feet of the job's driver on the head (seen: "[Errno 2] No such
-        # file or directory" from os.getcwd() in the driver). A short path: Ray's sockets live there.
-        node_tmp = tempfile.mkdtemp(prefix="aigc-r2-", dir="/tmp")
-        second = [*join, "start", f"--address={address}", f"--temp-dir={node_tmp}", *common]
-        procs.append(
-            subprocess.Popen(
-                second, env=env, stdout=logs[1], stderr=subprocess.STDOUT, start_new_session=True
-            )
-        )
-        while _alive_nodes(address, env) < 2:
-            assert time.monotonic() < deadline, (tmp / "node2.log").read_text()[-3000:]
-            time.sleep(2)
-        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "tmp": tmp}
-    finally:
-        for p in procs:  # stop what this module started, by process group id
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=30)
-        for f in logs:
-            f.close()
-        if node_tmp:
-            shutil.rmtree(node_tmp, ignore_errors=True)
+    with ray_cluster(tmp, nodes=2, dashboard=True) as c:
+        yield {"address": c.address, "dashboard": c.dashboard, "env": c.env, "tmp": tmp}
 
 
 def submit(cluster: dict, runtime_env: dict, entrypoint: list[str], timeout: float = 400):
@@ -201,7 +130,7 @@ def test_a_job_without_a_durable_store_or_storage_is_refused_with_the_way_out(cl
 def test_aigc_serve_deploys_onto_the_running_cluster_and_leaves_it_running(cluster, submitted_job):
     """The job registered its model; `aigc serve --ray-address` deploys it onto the same cluster."""
     assert submitted_job["out"].returncode == 0, "the submitted job failed (see the test above)"
-    port = _free_port()
+    port = free_port()
     log = cluster["tmp"] / "serve.log"
     cmd = [
         str(BIN / "aigc"),
@@ -241,4 +170,4 @@ def test_aigc_serve_deploys_onto_the_running_cluster_and_leaves_it_running(clust
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
     # A joined cluster is not ours to stop: both nodes still up.
-    assert _alive_nodes(cluster["address"], cluster["env"]) == 2
+    assert alive_nodes(cluster["address"], cluster["env"]) == 2
