@@ -102,6 +102,28 @@ def test_embedded_ray_stays_on_loopback(ray_local):
     assert ray.util.get_node_ip_address() == "127.0.0.1"
 
 
+def test_state_queries_in_the_embedded_ray_never_reach_another_cluster(ray_local):
+    """Ray Train's PlacementGroupCleaner asks the state API, from inside the cluster, whether the run's
+    controller lives. Left to itself the state client finds its cluster through
+    /tmp/ray/ray_current_cluster, which `ray start` writes and nothing removes: a dead cluster's
+    address made each query wait 40 s and each job end wait 12 s; a live one is another cluster.
+    The embedded Ray's processes get an API address that refuses at once instead."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def query_state() -> str:
+        from ray.util.state import get_actor
+
+        try:
+            get_actor("ff" * 16, timeout=10)
+        except Exception as err:  # noqa: BLE001 - the message says which server was asked
+            return f"{type(err).__name__}: {err}"
+        return "answered"
+
+    answer = ray.get(query_state.remote(), timeout=60)
+    assert answer.startswith("ServerUnavailable") and "http://127.0.0.1:1/" in answer, answer
+
+
 def losses(uri: str, run_id: str, key: str = "train/loss") -> dict[int, float]:
     return {m.step: m.value for m in MlflowClient(uri).get_metric_history(run_id, key)}
 

@@ -28,6 +28,12 @@ WORKER_ENV_KEYS = (
 )
 
 
+#: Ray's variable for the state API's address (ray/dashboard/utils.py), and the address the embedded
+#: Ray's processes get: nothing listens on port 1, so a state query fails at once (see init_ray).
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+NO_API_SERVER = "http://127.0.0.1:1"
+
+
 def init_ray(address: str | None) -> None:
     """Join ``address`` (or ``RAY_ADDRESS``) or start an embedded local Ray on 127.0.0.1."""
     import ray
@@ -54,6 +60,13 @@ def init_ray(address: str | None) -> None:
     # Loopback (see the module doc): the variable for the processes Ray starts, the constant for
     # this one, whose ray was imported before the variable was set.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray Train's PlacementGroupCleaner asks the state API whether the run's controller is alive. With
+    # no address set, the state client finds "the" cluster through /tmp/ray/ray_current_cluster,
+    # which `ray start` writes and nothing removes when that cluster is killed: a stale one made every
+    # query wait 40 s for a dead GCS, and every job end wait 12 s for the cleaner. A live one is
+    # another cluster, whose dashboard does not know this run's controller. The embedded Ray runs no
+    # dashboard, so its processes get an API address that refuses at once.
+    os.environ.setdefault(API_SERVER_ENV, NO_API_SERVER)
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false")
