@@ -372,27 +372,19 @@ def _val_shard(dataset: Path) -> Path:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("point", ["sample prompts", "job file"])
-def test_a_failure_after_the_run_opens_ends_it_failed(point, digits_dataset, tmp_path):
+def test_a_failure_after_the_run_opens_ends_it_failed(digits_dataset, tmp_path):
     """Once the MLflow run is open every failure ends it FAILED with aigc.error, before Ray starts:
-    a corrupt val shard (read for the sample-grid prompts), an unwritable storage path (job file)."""
+    here a corrupt val shard, read for the sample-grid prompts."""
     from aigc.training import train
 
     data = _copy_dataset(digits_dataset, tmp_path)
-    overrides = tiny_overrides("diffusion", tmp_path, data)
-    if point == "sample prompts":
-        shard = _val_shard(data)
-        _truncate(shard)
-        expected = shard.name
-    else:
-        (tmp_path / "a-file").write_text("not a folder")
-        overrides.append(f"scaling.storage_path={tmp_path / 'a-file' / 'runs'}")
-        expected = "a-file"
-    with pytest.raises(Exception, match=expected):
+    shard = _val_shard(data)
+    _truncate(shard)
+    with pytest.raises(Exception, match=shard.name):
         # allow_modified_data: the truncated shard must pass the start-up size check to be read.
         train(
             None,
-            overrides,
+            tiny_overrides("diffusion", tmp_path, data),
             name="doomed",
             evaluate=False,
             register=False,
@@ -403,7 +395,24 @@ def test_a_failure_after_the_run_opens_ends_it_failed(point, digits_dataset, tmp
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.run_name for r in runs] == ["doomed"]
     assert runs[0].info.status == "FAILED"
-    assert expected in runs[0].data.tags["aigc.error"]
+    assert shard.name in runs[0].data.tags["aigc.error"]
+
+
+@pytest.mark.timeout(120)
+def test_an_unwritable_storage_path_is_refused_before_the_run_opens(digits_dataset, tmp_path):
+    """The storage path is written once (a probe) before the MLflow run opens: a path the job cannot
+    write fails naming it, with no run left behind (it used to fail after, leaving a FAILED run)."""
+    from aigc.training import TrainError, train
+
+    (tmp_path / "a-file").write_text("not a folder")
+    overrides = [
+        *tiny_overrides("diffusion", tmp_path, digits_dataset),
+        f"scaling.storage_path={tmp_path / 'a-file' / 'runs'}",
+    ]
+    with pytest.raises(TrainError, match=r"cannot write to the storage path .*a-file/runs") as err:
+        train(None, overrides, name="doomed", evaluate=False, register=False, messages=None)
+    assert "no MLflow run was created" in str(err.value)
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.mark.timeout(120)
