@@ -38,6 +38,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_answers(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Poll ``url`` until it answers; an ``AssertionError`` with the server's log when ``proc``
+    exits or ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            assert proc.poll() is None, f"{url}: the server exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"{url}: no answer in {timeout} s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.3)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM the process group a test started ``proc`` in (``start_new_session=True``), SIGKILL it
+    after ``timeout`` seconds: what the test started, nothing else."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=timeout)
+
+
 @dataclass
 class S3Server:
     """A running ``moto_server`` (see the module docstring)."""
@@ -74,18 +102,12 @@ class S3Server:
             start_new_session=True,
         )
         server = cls(port, proc, log, log_file)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{server.endpoint}/moto-api/", timeout=2):
-                    return server
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    server.stop()
-                    raise RuntimeError(
-                        f"moto_server did not start on {server.endpoint}:\n{log.read_text()}"
-                    ) from None
-                time.sleep(0.2)
+        try:
+            wait_until_answers(f"{server.endpoint}/moto-api/", proc, log, timeout)
+        except AssertionError:
+            server.stop()
+            raise
+        return server
 
     def client(self):
         """A boto3 S3 client on this server."""
@@ -113,15 +135,7 @@ class S3Server:
 
     def stop(self) -> None:
         """Stop the server's process group (what :meth:`start` started, nothing else)."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_group(self.proc)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

@@ -15,20 +15,18 @@ as in ``docs/storage.md``; nothing is written into a config file or passed on a 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from dvc_repo import dvc, init_repo, repo_env
-from s3_server import S3Server, free_port
+from s3_server import S3Server, free_port, stop_group, wait_until_answers
+from test_train import TINY
 
 from aigc.data import read_manifest, verify_dataset, version
 
@@ -42,12 +40,7 @@ pytestmark = pytest.mark.slow
 # A tiny diffusion model (as in test_train.py): the point is the storage, not the model.
 TINY_S3 = [
     "model.family=diffusion",
-    "model.base_channels=16",
-    "model.text.dim=32",
-    "model.text.layers=1",
-    "model.text.heads=2",
-    "model.heads=2",
-    "model.sample_steps=4",
+    *TINY["diffusion"],
     f"data.location={DATA_URL}",
     "data.batch_size=32",
     "data.num_workers=0",
@@ -97,27 +90,11 @@ class Stack:
 
     def tracking_uri(self, timeout: float = 120) -> str:
         uri = f"http://127.0.0.1:{self.mlflow_port}"
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    return uri
-            except OSError:
-                log = (self.base / "mlflow-server.log").read_text()[-3000:]
-                assert self.mlflow.poll() is None, f"mlflow server exited:\n{log}"
-                assert time.monotonic() < deadline, f"mlflow server did not answer:\n{log}"
-                time.sleep(0.5)
+        wait_until_answers(f"{uri}/health", self.mlflow, self.base / "mlflow-server.log", timeout)
+        return uri
 
     def stop(self) -> None:
-        if self.mlflow.poll() is None:  # stop the server's process group: what this fixture started
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.mlflow.pid, signal.SIGTERM)
-            try:
-                self.mlflow.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.mlflow.pid, signal.SIGKILL)
-                self.mlflow.wait(timeout=15)
+        stop_group(self.mlflow, timeout=15)  # the server's process group: what this fixture started
         self._mlflow_log.close()
         self.s3.stop()
         import s3fs
