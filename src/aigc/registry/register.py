@@ -155,11 +155,11 @@ def _description(family: str, run: Any, figures: dict[str, float], eligible: boo
 
 def register_run(ref: str, tracking_uri: str | None = None, progress=None) -> Registered:
     """Export run ``ref``'s final checkpoint and register it as a new ``candidate`` version."""
-    import fsspec
     import mlflow
     import pandas as pd
 
-    from aigc.models.export import export_model, load_checkpoint
+    from aigc.evaluation.final import load_model_from
+    from aigc.models.export import export_model
     from aigc.registry import pyfunc
 
     say = progress or (lambda _m: None)
@@ -178,10 +178,7 @@ def register_run(ref: str, tracking_uri: str | None = None, progress=None) -> Re
     checkpoint = final_checkpoint(run_dir)
     say(f"exporting {checkpoint}")
     with tempfile.TemporaryDirectory(prefix="aigc-register-") as tmp:
-        local = Path(tmp) / "checkpoint.ckpt"
-        with fsspec.open(checkpoint, "rb") as src, open(local, "wb") as dst:
-            dst.write(src.read())
-        module = load_checkpoint(local)
+        module = load_model_from(checkpoint)  # a local path or a URL (s3://...)
         export = export_model(module, Path(tmp) / "export")
         example = (pd.DataFrame({"prompt": [_example_prompt(run_dir)]}), {"num_samples": 1, "seed": 0})
         say(f"logging the pyfunc model into run {run_id}")
