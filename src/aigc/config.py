@@ -30,6 +30,7 @@ __all__ = [
     "GANConfig",
     "VAEConfig",
     "AutoregressiveConfig",
+    "AutoencoderConfig",
     "ModelConfig",
     "MODEL_CONFIGS",
     "TrainerConfig",
@@ -61,7 +62,11 @@ class DataConfig(StrictModel):
     """Where a dataset comes from, how it is sharded, and how it is streamed to training."""
 
     name: str = Field("digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="dataset name")
-    source: Literal["digits", "folder", "img2dataset"] = "digits"
+    source: Literal["digits", "openmoji", "folder", "img2dataset"] = Field(
+        "digits",
+        description="digits: sklearn's handwritten digits; openmoji: OpenMoji emoji (RGB art, no labels); "
+        "folder / img2dataset: images under source_path",
+    )
     source_path: str | None = Field(None, description="input folder for the folder/img2dataset sources")
     root: str = Field("datasets", description="folder (relative to the project root) holding datasets")
     location: str | None = Field(
@@ -172,10 +177,46 @@ class AutoregressiveConfig(StrictModel):
     guidance: float = Field(1.5, ge=0.0, description="classifier-free guidance on logits; 1 = none")
 
 
+class AutoencoderConfig(StrictModel):
+    """Image autoencoder, KL- or VQ-regularised: the latent stage of the latent families
+    (aigc.models.autoencoder, models/autoencoder.md). Not text-conditioned: ``text`` only keeps the
+    module uniform with the other families (keep it tiny; it is frozen and never trained)."""
+
+    family: Literal["autoencoder"] = "autoencoder"
+    text: TextConfig = TextConfig(dim=16, layers=0, heads=1)
+    kind: Literal["kl", "vq"] = Field("kl", description="kl: Gaussian posterior + KL; vq: codebook")
+    base_channels: int = Field(32, ge=8, description="width of the first (full-resolution) level")
+    channel_mults: list[Annotated[int, Field(ge=1)]] = Field(
+        [1, 2], min_length=1, description="width multiplier per level; downsampling 2**(len-1)"
+    )
+    num_res_blocks: int = Field(1, ge=1, description="residual blocks per encoder level (+1 in the decoder)")
+    latent_channels: int = Field(4, ge=1, description="latent channels c; for vq the code vector size")
+    kl_weight: float = Field(1e-6, ge=0.0, description="kl: weight of KL (LDM scale: per-image sums)")
+    codebook_size: int = Field(256, ge=2, description="vq: number of code vectors K")
+    commitment: float = Field(0.25, ge=0.0, description="vq: commitment weight beta (van den Oord 2017)")
+    codebook_ema: float = Field(0.99, gt=0.0, lt=1.0, description="vq: EMA decay of the codebook updates")
+    recon_loss: Literal["l1", "l2"] = Field("l1", description="pixel reconstruction loss")
+    temperature: float = Field(1.0, gt=0.0, description="kl: prior std of generate()'s latents")
+
+    def downsampling(self) -> int:
+        """The encoder's spatial downsampling factor, ``2 ** (len(channel_mults) - 1)``."""
+        return 2 ** (len(self.channel_mults) - 1)
+
+    def check_image_size(self, image_size: int) -> None:
+        """A clear :class:`ConfigError` when ``image_size`` is not divisible by the downsampling."""
+        f = self.downsampling()
+        if image_size % f:
+            raise ConfigError(
+                f"model.channel_mults: {self.channel_mults} downsamples by {f}, which does not divide "
+                f"the image size {image_size} (data.image_size); use fewer levels or another size"
+            )
+
+
 # The one list of families. pydantic needs the union spelled out; the table is read off it, keyed
 # by each class's ``family`` literal, so adding a family is one class here plus aigc/models/<family>.py.
 ModelConfig = Annotated[
-    Union[DiffusionConfig, GANConfig, VAEConfig, AutoregressiveConfig], Field(discriminator="family")
+    Union[DiffusionConfig, GANConfig, VAEConfig, AutoregressiveConfig, AutoencoderConfig],
+    Field(discriminator="family"),
 ]
 #: family -> its model config class, in the order the CLI and benchmarks list them.
 MODEL_CONFIGS: dict[str, type[StrictModel]] = {
@@ -357,4 +398,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if isinstance(data.get("model"), dict) and "family" not in data["model"]:
         data["model"]["family"] = "diffusion"
     cfg = validate(RunConfig, data)
+    # Checks that need two sections (the model's shape against the data's image size).
+    if isinstance(cfg.model, AutoencoderConfig):
+        cfg.model.check_image_size(cfg.data.image_size)
     return cfg

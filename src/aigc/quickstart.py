@@ -2,6 +2,9 @@
 
     data -> reference evaluator -> train (embedded Ray) + evaluate -> register -> promote -> sample grid
 
+``data`` picks the dataset (:data:`QUICKSTART_DATA`): ``digits`` (the default; 8x8 grey, trains
+``models/<family>.yaml``) or ``emoji`` (OpenMoji at 32x32 RGB, trains ``models/<family>-rgb32.yaml``).
+
 Each step prints what it is doing and how long it took. A second quickstart reuses what is already
 built and says so: the shards (verified, not rebuilt), the evaluator (cached by data version), the
 trained run (when a FINISHED run of the same config and data version is recorded in
@@ -27,7 +30,51 @@ from aigc.tracking.server import ui_url
 
 #: One prompt per digit, 0..9: the rows of the quickstart grid.
 DIGIT_PROMPTS = [TRAIN_TEMPLATES[0].format(word=word, digit=d) for d, word in enumerate(NUMBER_WORDS)]
+#: Well-known emoji names of the openmoji set (all in the train split at the default split): the
+#: rows of the emoji quickstart grid. tests/integration/test_quickstart.py checks they exist.
+EMOJI_PROMPTS = [
+    "grinning face",
+    "red apple",
+    "hot beverage",
+    "sun with face",
+    "dog face",
+    "rocket",
+    "christmas tree",
+    "banana",
+    "fire",
+    "rainbow",
+]
 GRID_COLUMNS = 8
+
+
+@dataclass(frozen=True)
+class QuickstartData:
+    """What ``aigc quickstart --data NAME`` trains on: the dataset, the model configs, the grid prompts."""
+
+    name: str
+    overrides: tuple[str, ...]  # on top of params.yaml's data section
+    config_suffix: str  # models/<family><suffix>.yaml
+    prompts: tuple[str, ...]  # the grid's rows
+    rows: str  # what the rows are, for the message under the grid
+
+
+QUICKSTART_DATA = {
+    "digits": QuickstartData("digits", (), "", tuple(DIGIT_PROMPTS), "one per digit prompt 0-9"),
+    "emoji": QuickstartData(
+        "emoji",
+        ("data.name=emoji32", "data.source=openmoji", "data.image_size=32", "data.channels=3"),
+        "-rgb32",
+        tuple(EMOJI_PROMPTS),
+        "one per emoji name",
+    ),
+}
+
+
+def quickstart_data(data: str) -> QuickstartData:
+    """The :data:`QUICKSTART_DATA` entry ``data`` names; a ``ValueError`` lists the allowed names."""
+    if data not in QUICKSTART_DATA:
+        raise ValueError(f"--data {data!r}: allowed: {', '.join(QUICKSTART_DATA)}")
+    return QUICKSTART_DATA[data]
 
 
 @dataclass
@@ -39,12 +86,14 @@ class DataReady:
     data_version: str
 
 
-def prepare_data(root: str | Path, echo: Callable[[str], None] = print) -> DataReady:
-    """Build ``<root>/datasets/digits`` if missing, verify it, print a summary, write a preview.
+def prepare_data(root: str | Path, echo: Callable[[str], None] = print, data: str = "digits") -> DataReady:
+    """Build ``<root>/datasets/digits`` (``data="emoji"``: ``emoji32``) if missing, verify it, print
+    a summary, write a preview.
 
     The build settings are the ``data`` section of ``<root>/params.yaml`` when it exists (as for
-    ``dvc repro``), else the defaults. Raises :class:`DatasetError` when an existing dataset fails
-    verification (it is not rebuilt silently: rebuild with ``aigc data build digits --overwrite``).
+    ``dvc repro``), else the defaults, then the dataset's :attr:`QuickstartData.overrides`. Raises
+    :class:`DatasetError` when an existing dataset fails verification (it is not rebuilt silently:
+    rebuild with ``aigc data build <name> --overwrite``).
     """
     from aigc.cli.data import data_config
     from aigc.data.build import build_dataset
@@ -53,7 +102,7 @@ def prepare_data(root: str | Path, echo: Callable[[str], None] = print) -> DataR
 
     root = Path(root)
     params = root / "params.yaml"
-    cfg = data_config(params if params.is_file() else None, [])
+    cfg = data_config(params if params.is_file() else None, list(quickstart_data(data).overrides))
     dataset = root / cfg.root / cfg.name
     built = not dataset.exists()
     if built:
@@ -105,6 +154,7 @@ class QuickstartResult:
     grid: Path
     eval: dict[str, float] = field(default_factory=dict)
     steps: list[StepTime] = field(default_factory=list)
+    data: str = "digits"  # the QUICKSTART_DATA entry trained on
 
 
 class _Steps:
@@ -146,10 +196,11 @@ def quickstart(
     overrides: list[str] | None = None,
     eval_samples: int = 500,
     echo: Callable[[str], None] = print,
+    data: str = "digits",
 ) -> QuickstartResult:
-    """Run every step for ``family`` in the project at ``root``; see the module docstring.
+    """Run every step for ``family`` on ``data`` in the project at ``root``; see the module docstring.
 
-    ``overrides`` are ``--set`` style keys on top of ``models/<family>.yaml`` (e.g.
+    ``overrides`` are ``--set`` style keys on top of ``models/<family><suffix>.yaml`` (e.g.
     ``trainer.max_steps=100`` for a short try). Raises ``DatasetError``, ``ConfigError``,
     ``TrainError``, ``TrackingUnavailable`` or ``RegistryError`` with the step's problem.
     """
@@ -164,14 +215,16 @@ def quickstart(
 
     # MLflow's download progress bars would bury the step lines; a user's own setting still wins.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    spec = quickstart_data(data)
     root = Path(root)
     steps = _Steps(STEPS, echo)
     out_dir = root / "outputs" / "quickstart"
-    state_file = out_dir / f"{family}.json"
+    config_name = f"{family}{spec.config_suffix}"  # diffusion, diffusion-rgb32
+    state_file = out_dir / f"{config_name}.json"
     state = json.loads(state_file.read_text(encoding="utf-8")) if state_file.is_file() else {}
 
     with steps.step("data") as s:
-        ready = prepare_data(root, echo=lambda m: echo(f"  {m}"))
+        ready = prepare_data(root, echo=lambda m: echo(f"  {m}"), data=data)
         s["reused"] = not ready.built
         dataset, data_version = ready.dataset, ready.data_version
 
@@ -182,7 +235,9 @@ def quickstart(
 
     uri = resolve_tracking_uri(None)
     client = client_for(uri)
-    cfg = load_config(root / "models" / f"{family}.yaml", [f"data.location={dataset}", *(overrides or [])])
+    cfg = load_config(
+        root / "models" / f"{config_name}.yaml", [f"data.location={dataset}", *(overrides or [])]
+    )
     digest = config_digest(cfg, data_version, eval_samples)
 
     with steps.step("train and evaluate") as s:
@@ -194,7 +249,7 @@ def quickstart(
             eval_figures = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
         else:
             n = cfg.trainer.max_steps
-            echo(f"  models/{family}.yaml, {n} steps, {workers} workers on the embedded Ray")
+            echo(f"  models/{config_name}.yaml, {n} steps, {workers} workers on the embedded Ray")
             result = train(
                 cfg,
                 workers=workers,
@@ -244,11 +299,12 @@ def quickstart(
         # gate yet (a first version that is not eligible, e.g. flagged for mode collapse).
         ref = f"{model}@{ALIAS_PRODUCTION}" if production else f"{model}/{version_id}"
         module = load_version(client, resolve_version(client, ref))
-        images = module.generate(DIGIT_PROMPTS, GRID_COLUMNS, seed=0)  # (10 * 8, C, H, W), prompt-major
-        grid = out_dir / f"{family}-samples.png"
+        prompts = list(spec.prompts)
+        images = module.generate(prompts, GRID_COLUMNS, seed=0)  # (rows * 8, C, H, W), prompt-major
+        grid = out_dir / f"{config_name}-samples.png"
         grid.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images, nrow=GRID_COLUMNS).save(grid)
-        echo(f"  {len(DIGIT_PROMPTS)} rows (one per digit prompt 0-9) x {GRID_COLUMNS}: {grid}")
+        echo(f"  {len(prompts)} rows ({spec.rows}) x {GRID_COLUMNS}: {grid}")
 
     return QuickstartResult(
         family=family,
@@ -266,6 +322,7 @@ def quickstart(
         grid=grid,
         eval=eval_figures,
         steps=steps.times,
+        data=data,
     )
 
 
@@ -311,7 +368,7 @@ def _alias_version(client: Any, model: str, alias: str) -> str | None:
 
 def next_commands(r: QuickstartResult) -> list[str]:
     """What to try next, printed at the end of the quickstart (each with what it does)."""
-    prompt = DIGIT_PROMPTS[3]
+    prompt = quickstart_data(r.data).prompts[3]
     ref = f"{r.model}@production"
     commands = [
         ("aigc ui", f"the dashboard: {ui_url('experiments')}"),

@@ -33,6 +33,7 @@ LOSS_KEY = {
     "gan": "train/loss_d",
     "vae": "train/loss",
     "autoregressive": "train/loss",
+    "autoencoder": "train/loss",
 }
 
 

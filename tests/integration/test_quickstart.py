@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from typer.testing import CliRunner
 
-from aigc.data import verify_dataset
-from aigc.quickstart import DIGIT_PROMPTS, GRID_COLUMNS, STEPS
+from aigc.cli import app
+from aigc.data import read_manifest, verify_dataset
+from aigc.data.preview import iter_samples
+from aigc.quickstart import DIGIT_PROMPTS, GRID_COLUMNS, QUICKSTART_DATA, STEPS
 
 AIGC = str(Path(sys.executable).parent / "aigc")
 
@@ -77,3 +80,27 @@ def test_quickstart_rejects_an_unknown_family(tmp_path):
         [AIGC, "quickstart", "--family", "gann"], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2 and "diffusion, gan, vae, autoregressive" in proc.stderr
+
+
+def test_quickstart_rejects_an_unknown_dataset():
+    result = CliRunner().invoke(app, ["quickstart", "--data", "emojis", "--no-train"])
+    assert result.exit_code == 2 and "--data 'emojis': allowed: digits, emoji" in result.output
+
+
+def test_quickstart_data_emoji_builds_then_verifies_emoji32(tmp_path):
+    """--data emoji --no-train: the data step alone (the training is the same code path as digits)."""
+    env = {"AIGC_PROJECT_ROOT": str(tmp_path)}
+    args = ["quickstart", "--data", "emoji", "--no-train"]
+    first = CliRunner().invoke(app, args, env=env)
+    assert first.exit_code == 0, first.output
+    dataset = tmp_path / "datasets" / "emoji32"
+    manifest = read_manifest(dataset)
+    assert (manifest["source"]["type"], manifest["image_size"], manifest["channels"]) == ("openmoji", 32, 3)
+    assert f"building emoji32 into {dataset}" in first.output
+    assert (tmp_path / "outputs" / "quickstart" / "emoji32-preview.png").is_file()
+    # The grid's prompts are captions of the set (the model has seen them in training).
+    captions = {s.caption for s in iter_samples(dataset)}
+    assert set(QUICKSTART_DATA["emoji"].prompts) <= captions
+    second = CliRunner().invoke(app, args, env=env)
+    assert second.exit_code == 0 and "exists; verifying" in second.output
+    assert not (tmp_path / "datasets" / "digits").exists()

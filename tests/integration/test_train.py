@@ -57,6 +57,13 @@ TINY = {
         "model.text.layers=1",
         "model.text.heads=2",
     ],
+    "autoencoder": [
+        "model.base_channels=8",
+        "model.channel_mults=[1,2]",
+        "model.text.dim=8",
+        "model.text.layers=0",
+        "model.text.heads=1",
+    ],
 }
 
 

@@ -16,24 +16,34 @@ def register(app: typer.Typer) -> None:
         eval_samples: int = typer.Option(500, "--eval-samples", min=2, help="samples for the evaluation"),
         set_: list[str] = typer.Option([], "--set", help="config override KEY=VALUE (repeatable)"),
         train: bool = typer.Option(True, "--train/--no-train", help="--no-train: stop after the data"),
+        data: str = typer.Option(
+            "digits",
+            "--data",
+            help="digits: 8x8 grey, models/FAMILY.yaml | emoji: OpenMoji 32x32 RGB, models/FAMILY-rgb32.yaml",
+        ),
     ) -> None:
-        """Build and verify the digits shards, train FAMILY on the embedded Ray, evaluate it, register
-        it, promote it through the gate and draw one grid row per digit prompt. A second run reuses
-        what is already built and says so."""
+        """Build and verify the shards (digits, or emoji with --data emoji), train FAMILY on the
+        embedded Ray, evaluate it, register it, promote it through the gate and draw one grid row
+        per prompt. A second run reuses what is already built and says so."""
         from aigc import project_root
         from aigc.config import FAMILIES, ConfigError
-        from aigc.quickstart import next_commands, prepare_data, quickstart
+        from aigc.quickstart import QUICKSTART_DATA, next_commands, prepare_data, quickstart
         from aigc.registry.store import RegistryError
         from aigc.tracking import TrackingUnavailable
         from aigc.tracking.server import ui_url
         from aigc.training import TrainError
 
+        if family == "autoencoder":  # the latent stage, not a text-to-image family
+            fail("--family autoencoder: not a quickstart family; aigc train models/autoencoder-kl.yaml")
         if family not in FAMILIES:
-            fail(f"--family {family!r}: allowed: {', '.join(FAMILIES)}")
+            allowed = [f for f in FAMILIES if f != "autoencoder"]
+            fail(f"--family {family!r}: allowed: {', '.join(allowed)}")
+        if data not in QUICKSTART_DATA:
+            fail(f"--data {data!r}: allowed: {', '.join(QUICKSTART_DATA)}")
         overrides = [*set_, *([f"trainer.max_steps={steps}"] if steps is not None else [])]
         try:
             if not train:
-                prepare_data(project_root(), echo=typer.echo)
+                prepare_data(project_root(), echo=typer.echo, data=data)
                 return
             r = quickstart(
                 project_root(),
@@ -42,6 +52,7 @@ def register(app: typer.Typer) -> None:
                 overrides=overrides,
                 eval_samples=eval_samples,
                 echo=typer.echo,
+                data=data,
             )
         except (ConfigError, TrainError, TrackingUnavailable, RegistryError, ValueError) as err:
             fail(str(err), code=1)  # DatasetError is a ValueError

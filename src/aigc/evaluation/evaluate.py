@@ -25,12 +25,18 @@ Figures (all from one set of generated images and the prompts they were generate
   of the nearest-train distances of real val images; i.e. at least twice as close to a training
   image as all but 1 % of unseen real images are. ``copying`` is set above :data:`COPYING_ABOVE`.
 
+An autoencoder (family ``autoencoder``) is not a text-to-image model: :func:`evaluate_model` measures
+it by reconstruction instead (:func:`evaluate_reconstruction`): ``eval/psnr``, ``eval/mse``,
+``eval/fd`` between the reconstructions and the images they reconstruct (the "rFID" of Esser et al.
+2021 and Rombach et al. 2022, with this evaluator's features) and the same ``eval/fd_train_val``.
+
 Every result carries ``evaluator_hash``, ``data_version``, ``num_samples`` and ``seed``;
 :func:`comparable` says whether two results were measured the same way.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -96,6 +102,16 @@ def reference_statistics(evaluator: ReferenceEvaluator, dataset_dir: str | Path)
     return ref
 
 
+def _fd_train_val(evaluator: ReferenceEvaluator, ref: dict[str, Any], n: int, seed: int) -> float:
+    """``n`` seeded train images against val: the FD a model of the training distribution still shows."""
+    g = torch.Generator().manual_seed(int(seed))
+    train = ref["train"]
+    idx = torch.randperm(len(train), generator=g)[: min(n, len(train))]
+    return frechet_distance_from_stats(
+        *gaussian_stats(evaluator.features(train.images[idx])), *ref["val_stats"]
+    )
+
+
 def evaluate_images(
     images: torch.Tensor,
     prompts: list[str],
@@ -127,13 +143,7 @@ def evaluate_images(
     feats = evaluator.features(images)  # (N, F)
     emb = evaluator.image_embeddings(feats)  # (N, E)
 
-    # Train images against val with the same count: the FD a perfect model would still show.
-    g = torch.Generator().manual_seed(int(seed))
-    train = ref["train"]
-    idx = torch.randperm(len(train), generator=g)[: min(n, len(train))]
-    fd_train_val = frechet_distance_from_stats(
-        *gaussian_stats(evaluator.features(train.images[idx])), *ref["val_stats"]
-    )
+    fd_train_val = _fd_train_val(evaluator, ref, n, seed)
     use_labels = labels is not None and ref["val"].labels is not None
     diversity = group_diversity(feats, labels if use_labels else None)
     real_diversity = ref["diversity_real"] if use_labels else group_diversity(ref["val_features"], None)
@@ -221,13 +231,18 @@ def evaluate_model(
     batch_size: int = 100,
     **generate_options: Any,
 ) -> dict[str, Any]:
-    """Generate ``num_samples`` images from the evaluation prompts and measure every figure."""
-    c, s = evaluator.config.channels, evaluator.config.image_size
-    if (getattr(module, "channels", c), getattr(module, "image_size", s)) != (c, s):
-        raise ValueError(
-            f"the model makes {module.channels}x{module.image_size}x{module.image_size} images; "
-            f"the evaluator of {dataset_dir} measures {c}x{s}x{s}"
-        )
+    """Generate ``num_samples`` images from the evaluation prompts and measure every figure.
+
+    An autoencoder is measured by reconstruction instead (:func:`evaluate_reconstruction`); family
+    options do not apply to it."""
+    if getattr(module, "family", None) == "autoencoder":
+        if generate_options:
+            raise ValueError(
+                f"an autoencoder is evaluated by reconstruction: generate options "
+                f"{sorted(generate_options)} do not apply"
+            )
+        return evaluate_reconstruction(module, evaluator, dataset_dir, num_samples, seed, batch_size)
+    _check_shape(module, evaluator, dataset_dir)
     prompts, labels, source = evaluation_prompts(dataset_dir, num_samples, seed)
     start = time.perf_counter()
     images = generate_images(module, prompts, seed, batch_size, **generate_options)
@@ -244,6 +259,67 @@ def evaluate_model(
         }
     )
     return result
+
+
+def _check_shape(module: Any, evaluator: ReferenceEvaluator, dataset_dir: str | Path) -> None:
+    c, s = evaluator.config.channels, evaluator.config.image_size
+    if (getattr(module, "channels", c), getattr(module, "image_size", s)) != (c, s):
+        raise ValueError(
+            f"the model makes {module.channels}x{module.image_size}x{module.image_size} images; "
+            f"the evaluator of {dataset_dir} measures {c}x{s}x{s}"
+        )
+
+
+def evaluate_reconstruction(
+    module: Any,
+    evaluator: ReferenceEvaluator,
+    dataset_dir: str | Path,
+    num_samples: int = 500,
+    seed: int = 0,
+    batch_size: int = 100,
+) -> dict[str, Any]:
+    """Reconstruct ``num_samples`` val images (a seeded choice, with repeats only when the val split
+    is smaller) with ``module.reconstruct`` and measure them against their originals.
+
+    Figures: ``eval/mse`` (on [0, 255], over every pixel of every image), ``eval/psnr`` =
+    10 log10(255^2 / eval/mse) in dB (inf for a perfect reconstruction), ``eval/fd`` between evaluator
+    features of the reconstructions and of the originals (lower is better, as for a generative
+    model, so the registry's gate works unchanged), ``eval/fd_train_val`` as in
+    :func:`evaluate_images`. ``collapse`` and ``copying`` are always False: they judge samples drawn
+    from a model, and a reconstruction is meant to copy its input.
+    """
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2, got {num_samples}")
+    _check_shape(module, evaluator, dataset_dir)
+    ref = reference_statistics(evaluator, dataset_dir)
+    val = ref["val"]
+    rng = np.random.default_rng(seed)
+    idx = torch.as_tensor(rng.choice(len(val), num_samples, replace=num_samples > len(val)))
+    originals = val.images[idx]  # (N, C, H, W) uint8
+    start = time.perf_counter()
+    recon = torch.cat(
+        [module.reconstruct(originals[i : i + batch_size]) for i in range(0, num_samples, batch_size)]
+    )
+    seconds = time.perf_counter() - start
+    evaluator.check_images(recon)
+    mse = float((recon.double() - originals.double()).pow(2).mean())
+    return {
+        "eval/psnr": 10.0 * math.log10(255.0**2 / mse) if mse > 0 else float("inf"),
+        "eval/mse": mse,
+        "eval/fd": frechet_distance(evaluator.features(recon), evaluator.features(originals)),
+        "eval/fd_train_val": _fd_train_val(evaluator, ref, num_samples, seed),
+        "collapse": False,
+        "copying": False,
+        "evaluator_hash": evaluator.hash,
+        "data_version": evaluator.data_version,
+        "num_samples": num_samples,
+        "seed": int(seed),
+        "family": getattr(module, "family", None),
+        "prompts": "reconstruction of val images",
+        "batch_size": batch_size,
+        "reconstruction_seconds": round(seconds, 3),
+        "perf/reconstruction_images_per_s": num_samples / seconds if seconds > 0 else float("inf"),
+    }
 
 
 def comparable(a: dict[str, Any], b: dict[str, Any]) -> bool:

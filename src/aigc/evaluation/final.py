@@ -49,15 +49,17 @@ def final_evaluation(
 ) -> dict[str, Any]:
     """The dataset's reference evaluator (trained and cached on first use), then
     :func:`~aigc.evaluation.evaluate.evaluate_model` of ``module``: every ``eval/*`` figure with its
-    provenance. ``threads`` torch threads for both (default: as many as torch uses now; the
-    ``AIGC_EVALUATOR_THREADS`` variable still overrides the evaluator's training threads)."""
+    provenance (an autoencoder's are reconstruction figures, ``eval/psnr`` among them). ``threads``
+    torch threads for both (default: as many as torch uses now; the ``AIGC_EVALUATOR_THREADS``
+    variable still overrides the evaluator's training threads)."""
     say = progress or (lambda _msg: None)
     previous = torch.get_num_threads()
     threads = max(1, int(threads or previous))
     torch.set_num_threads(threads)
     try:
         evaluator = reference_evaluator(dataset, cache_dir=cache_dir, progress=progress, threads=threads)
-        say(f"evaluating: {num_samples} samples (seed {seed}) against evaluator {evaluator.hash[:12]}")
+        what = "reconstructions" if getattr(module, "family", None) == "autoencoder" else "samples"
+        say(f"evaluating: {num_samples} {what} (seed {seed}) against evaluator {evaluator.hash[:12]}")
         start = time.perf_counter()
         report = evaluate_model(
             module,
@@ -72,7 +74,7 @@ def final_evaluation(
         torch.set_num_threads(previous)
     figures = ", ".join(
         f"{k.removeprefix('eval/')} {report[k]:.4g}"
-        for k in ("eval/fd", "eval/clip_score", "eval/cond_accuracy")
+        for k in ("eval/fd", "eval/clip_score", "eval/cond_accuracy", "eval/psnr")
         if k in report
     )
     say(f"evaluated in {time.perf_counter() - start:.0f} s: {figures}")
