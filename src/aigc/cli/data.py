@@ -66,7 +66,7 @@ def data_config(params: Path | None, overrides: list[str], **fields: Any) -> Dat
 @app.command()
 def build(
     name: str | None = typer.Argument(None, help="dataset name (default: the config's, 'digits')"),
-    source: str | None = typer.Option(None, help="digits | folder | img2dataset"),
+    source: str | None = typer.Option(None, help="digits | openmoji | folder | img2dataset"),
     source_path: Path | None = typer.Option(None, help="input folder for folder/img2dataset"),
     out: Path | None = typer.Option(None, help="output folder (default <project>/datasets/NAME)"),
     params: Path | None = typer.Option(
@@ -95,6 +95,62 @@ def build(
     skipped = ", ".join(f"{k} {v}" for k, v in summary.skipped.items())
     typer.echo(f"built {summary.name} at {summary.path} in {summary.seconds:.1f}s: {counts}")
     typer.echo(f"skipped: {skipped}")
+    typer.echo(f"digest: {summary.digest}")
+
+
+@app.command()
+def encode(
+    dataset: str = typer.Argument(..., help="image dataset: a folder, a URL, or a name under datasets/"),
+    autoencoder: str = typer.Option(
+        ...,
+        "--autoencoder",
+        help="registered version (aigc-autoencoder@candidate, aigc-autoencoder/3), export folder or "
+        ".ckpt, or the name or id of an aigc train run",
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="latent dataset folder to write, e.g. datasets/emoji32-latents"
+    ),
+    name: str | None = typer.Option(None, help="dataset name in the manifest (default: the folder's name)"),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="images per encoder call"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch threads (default torch's)"),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri", help="store of a registered --autoencoder; default MLFLOW_TRACKING_URI"
+    ),
+    overwrite: bool = typer.Option(False, help="replace an existing latent dataset folder"),
+) -> None:
+    """Encode an image dataset with an autoencoder into latent shards (for latent diffusion / AR).
+
+    Keeps the split, keys and captions; stores the autoencoder's export in OUT/autoencoder and its
+    lineage (registered version or run) in the manifest. Train on OUT like on any dataset.
+    """
+    from aigc.data.latents import encode_dataset
+    from aigc.registry.store import RegistryError
+
+    show_warnings()
+    location = dataset
+    if "://" not in dataset and "/" not in dataset and not Path(dataset).exists():
+        location = str(project_root() / "datasets" / dataset)  # a bare name: the project's dataset
+    try:
+        summary = encode_dataset(
+            location,
+            autoencoder,
+            out,
+            name=name,
+            batch_size=batch_size,
+            threads=threads,
+            overwrite=overwrite,
+            tracking_uri=tracking_uri,
+            progress=typer.echo,
+        )
+    except (DatasetError, RegistryError, OSError, ValueError) as err:
+        raise fail(str(err), 1) from None
+    m = read_manifest(summary.path)
+    spec = m["latent"]
+    counts = ", ".join(f"{s} {n} samples in {summary.shards[s]} shards" for s, n in summary.counts.items())
+    typer.echo(f"encoded {summary.name} at {summary.path} in {summary.seconds:.1f}s: {counts}")
+    scale = f", scale {spec['scale']:.4g}" if spec.get("scale") else ""
+    typer.echo(f"latents: {spec['kind']} {spec['dtype']} {tuple(spec['shape'])}{scale}")
+    typer.echo(f"autoencoder: {spec['autoencoder']}")
     typer.echo(f"digest: {summary.digest}")
 
 

@@ -6,6 +6,9 @@ and serves ``train_dataloader()`` / ``val_dataloader()``. Each batch is a dict::
     {"image": FloatTensor (B, C, H, W) in [-1, 1], "caption": list[str], "label": LongTensor (B,),
      "key": list[str], "valid": BoolTensor (B,)}
 
+A latent dataset (:mod:`aigc.data.latents`, made by ``aigc data encode``) gives the same dict with
+the stored latents under ``"image"``: float32 ``(B, c, h, w)`` (KL) or int64 codes ``(B, h, w)`` (VQ).
+
 Equal batch counts (DDP never hangs on uneven shards): every rank yields exactly
 ``batches_per_epoch(split) = ceil(N / (world * batch_size))`` full batches of ``batch_size``. How the
 samples are shared out is in :mod:`aigc.data.loader_split`: ranks (and the DataLoader workers of a
@@ -49,6 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from aigc import project_root
 from aigc.config import DataConfig
+from aigc.data.latents import latent_spec
 from aigc.data.loader_read import (
     BadDataError,
     BadSample,
@@ -119,6 +123,7 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         max_bad_fraction: float = 0.0,
         loader_workers: int = 0,
+        latent: dict[str, Any] | None = None,
     ) -> None:
         if len(urls) != len(sizes):
             raise ValueError(f"{len(urls)} shard URLs but {len(sizes)} sizes")
@@ -129,6 +134,8 @@ class ShardStream(IterableDataset):
         self.rank, self.world = rank, world
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
         self.max_bad_fraction = max_bad_fraction
+        # A latent dataset (aigc.data.latents): batches carry the stored arrays, not pixels.
+        self.latent = latent
         self.epoch = 0
         self.stats = ReadStats()
         self.resume_epoch: int | None = None
@@ -207,7 +214,7 @@ class ShardStream(IterableDataset):
         mode = "L" if self.channels == 1 else "RGB"
         for url, key, parts in samples:
             try:
-                image, caption, label = decode_sample(parts, mode, self.image_size)
+                image, caption, label = decode_sample(parts, mode, self.image_size, self.latent)
             except BadSample as err:
                 stats.record_bad(url, key, str(err))
                 self._settle(stats)
@@ -224,8 +231,12 @@ class ShardStream(IterableDataset):
     def _batches(self, samples, num_batches: int, stats: ReadStats) -> Iterator[dict[str, Any]]:
         b, s, c = self.batch_size, self.image_size, self.channels
         pool: list[tuple[np.ndarray, str, int, str]] = []  # first samples of the epoch, for padding
+        latent = self.latent
         for _ in range(num_batches):
-            images = np.empty((b, s, s, c), dtype=np.uint8)  # (B, H, W, C), filled in place
+            if latent is None:
+                images = np.empty((b, s, s, c), dtype=np.uint8)  # (B, H, W, C), filled in place
+            else:  # KL (B, c, h, w) float32 / VQ (B, h, w) int16
+                images = np.empty((b, *latent["shape"]), dtype=latent["dtype"])
             captions, labels, keys, valid = [], [], [], []
             for i in range(b):
                 sample = next(samples, None)
@@ -242,7 +253,7 @@ class ShardStream(IterableDataset):
                 elif len(pool) < b:
                     pool.append(sample)
                 image, caption, label, key = sample
-                images[i] = image.reshape(s, s, c)
+                images[i] = image.reshape(s, s, c) if latent is None else image
                 captions.append(caption)
                 labels.append(label)
                 keys.append(key)
@@ -250,7 +261,12 @@ class ShardStream(IterableDataset):
                 stats.good += real
             stats.batches += 1
             # One conversion per batch: (B, H, W, C) uint8 -> (B, C, H, W) float32 in [-1, 1].
-            x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+            # Latents go as stored: float32 as is, codes as int64 (what embeddings index with).
+            if latent is None:
+                x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+            else:
+                x = torch.from_numpy(images)
+                x = x.long() if latent["kind"] == "vq" else x
             yield {
                 "image": x.contiguous(),
                 "caption": captions,
@@ -396,6 +412,7 @@ class ShardDataModule(pl.LightningDataModule):
             seed=self.seed,
             max_bad_fraction=self.cfg.max_bad_fraction,
             loader_workers=self.cfg.num_workers,
+            latent=latent_spec(self.manifest),
         )
 
     def _loader(self, split: str) -> DataLoader:

@@ -2,8 +2,10 @@
 
 Tars are opened through ``fsspec.open(url, "rb")`` (local paths, ``file://``, ``s3://``, ``gs://``,
 ``https://``...) and read forward as a stream by :func:`iter_tar_files`, never through a shell. Only three
-kinds of member are ever decoded: the image (png/jpg/jpeg/webp, by PIL), the caption (``.txt``,
-UTF-8) and the metadata (``.json``); everything else in a sample is ignored, so nothing is unpickled.
+kinds of member are ever decoded: the image (png/jpg/jpeg/webp, by PIL; in a latent dataset the
+``.npy`` latent array, by ``numpy.load(allow_pickle=False)``, see :mod:`aigc.data.latents`), the
+caption (``.txt``, UTF-8) and the metadata (``.json``); everything else in a sample is ignored, so
+nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -275,16 +277,21 @@ def decode_image(data: bytes, mode: str, size: int) -> np.ndarray:
         return np.asarray(im)
 
 
-def decode_sample(parts: dict[str, bytes], mode: str, size: int) -> tuple[np.ndarray, str, int]:
+def decode_sample(
+    parts: dict[str, bytes], mode: str, size: int, latent: dict | None = None
+) -> tuple[np.ndarray, str, int]:
     """Decode one raw sample into ``(image uint8 (H, W[, 3]), caption, label)``.
 
+    With ``latent`` (a latent dataset manifest's ``latent`` section) the first element is the
+    sample's latent array instead (shape and dtype as the section says).
     Raises :class:`BadSample` for a missing or undecodable image, a missing or non-UTF-8 caption,
     or metadata that is not a JSON object with an int (or null) ``label``. A missing ``.json`` gives
     label -1.
     """
-    ext = next((e for e in IMAGE_EXTS if e in parts), None)
+    exts = ("npy",) if latent is not None else IMAGE_EXTS
+    ext = next((e for e in exts if e in parts), None)
     if ext is None:
-        raise BadSample(f"no image (expected one of {', '.join(IMAGE_EXTS)}; has {', '.join(sorted(parts))})")
+        raise BadSample(f"no image (expected one of {', '.join(exts)}; has {', '.join(sorted(parts))})")
     if "txt" not in parts:
         raise BadSample("missing caption (.txt)")
     try:
@@ -304,6 +311,13 @@ def decode_sample(parts: dict[str, bytes], mode: str, size: int) -> tuple[np.nda
             if not isinstance(value, int) or isinstance(value, bool):
                 raise BadSample(f"bad json: label {value!r} is not an int or null")
             label = value
+    if latent is not None:
+        from aigc.data.latents import decode_npy
+
+        try:
+            return decode_npy(parts[ext], latent), caption, label
+        except ValueError as err:
+            raise BadSample(f"undecodable latent (.npy): {err}") from None
     try:
         image = decode_image(parts[ext], mode, size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:

@@ -21,8 +21,9 @@ def new_skip_counts() -> dict[str, int]:
 class Sample:
     """An encoded sample: ``key`` has no dots (webdataset splits the extension at the first dot).
 
-    ``image`` holds encoded bytes, ``ext`` their format ("png" or "jpg"); ``meta`` becomes
-    ``<key>.json`` and carries at least ``label`` (int or None), ``source``, ``width``, ``height``.
+    ``image`` holds encoded bytes, ``ext`` their format ("png" or "jpg"; "npy" for the latent
+    array of a latent dataset, see :mod:`aigc.data.latents`); ``meta`` becomes ``<key>.json`` and
+    carries at least ``label`` (int or None), ``source``, ``width``, ``height``.
     """
 
     key: str
@@ -34,8 +35,8 @@ class Sample:
     def __post_init__(self) -> None:
         if not self.key or "." in self.key or "/" in self.key:
             raise ValueError(f"sample key {self.key!r} must be non-empty without '.' or '/'")
-        if self.ext not in ("png", "jpg"):
-            raise ValueError(f"sample {self.key}: image extension {self.ext!r} is not png or jpg")
+        if self.ext not in ("png", "jpg", "npy"):
+            raise ValueError(f"sample {self.key}: extension {self.ext!r} is not png, jpg or npy")
 
     def members(self) -> list[tuple[str, bytes]]:
         """The tar members of this sample, sorted by name: json, image, txt."""

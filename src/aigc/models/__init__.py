@@ -37,8 +37,19 @@ def module_class(family: str) -> type[GenerativeModule]:
     raise ImportError(f"{module.__name__} defines no GenerativeModule subclass with family = {family!r}")
 
 
-def build_module(cfg: RunConfig, tokenizer: Tokenizer, image_size: int, channels: int) -> GenerativeModule:
-    """A fresh family module for a run config; hyperparameters are stored as plain JSON."""
+def build_module(
+    cfg: RunConfig,
+    tokenizer: Tokenizer,
+    image_size: int,
+    channels: int,
+    latent: dict[str, Any] | None = None,
+) -> GenerativeModule:
+    """A fresh family module for a run config; hyperparameters are stored as plain JSON.
+
+    ``latent`` is the ``latent`` section of a latent dataset's manifest (:mod:`aigc.data.latents`):
+    the module then learns on those latents and carries the autoencoder (weights still to be loaded,
+    see ``GenerativeModule.load_autoencoder``); ``image_size``/``channels`` stay the pixel images'.
+    """
     model: dict[str, Any] = cfg.model.model_dump(mode="json")
     return module_class(cfg.model.family)(
         model=model,
@@ -46,4 +57,5 @@ def build_module(cfg: RunConfig, tokenizer: Tokenizer, image_size: int, channels
         image_size=image_size,
         channels=channels,
         trainer=cfg.trainer.model_dump(mode="json"),
+        latent=latent,
     )

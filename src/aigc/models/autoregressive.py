@@ -17,6 +17,12 @@ Captions are dropped to ``""`` with probability ``cond_drop_prob`` while trainin
 also models images unconditionally; sampling can then use classifier-free guidance (Ho & Salimans
 2022) on the logits: ``uncond + guidance * (cond - uncond)``. ``guidance = 1`` is plain sampling.
 Sampling feeds one token per step through the KV cache; all randomness comes from the generator.
+
+Latent autoregression (VQGAN's second stage, Esser et al. 2021, *Taming Transformers*): trained on
+a latent dataset of VQ codes (``aigc data encode`` with a VQ autoencoder), the tokens are the
+autoencoder's code indices ``(h, w)`` in raster order instead of quantised pixels (the vocabulary is
+the codebook, ``model.levels`` is unused), so a 64x64 RGB image is 256 tokens instead of 12,288;
+``generate`` decodes the sampled codes with the autoencoder the model carries.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class AutoregressiveModule(GenerativeModule):
     """Text-prefixed GPT over quantised pixels. Options: ``temperature``, ``top_k``, ``guidance``."""
 
     family: ClassVar[str] = "autoregressive"
+    latent_kinds: ClassVar[tuple[str, ...]] = ("vq",)
     generate_options: ClassVar[dict[str, type]] = {"temperature": float, "top_k": int, "guidance": float}
 
     def __init__(
@@ -59,22 +66,24 @@ class AutoregressiveModule(GenerativeModule):
         image_size: int,
         channels: int,
         trainer: dict[str, Any] | None = None,
+        latent: dict[str, Any] | None = None,
     ):
-        super().__init__(model, tokenizer, image_size, channels, trainer)
-        if not 1 <= self.image_size <= MAX_IMAGE_SIZE:
+        super().__init__(model, tokenizer, image_size, channels, trainer, latent)
+        if self.latent is None and not 1 <= self.image_size <= MAX_IMAGE_SIZE:
             raise ValueError(
                 f"data.image_size={self.image_size}: the autoregressive family supports images up to "
                 f"{MAX_IMAGE_SIZE}x{MAX_IMAGE_SIZE} (one token per pixel and channel)"
             )
         c = self.model_cfg
-        self.levels = c.levels
-        self.num_tokens = self.image_size * self.image_size * self.channels  # N
+        # The image-token vocabulary: pixel levels, or the VQ autoencoder's codebook.
+        self.levels = int(self.latent["codebook_size"]) if self.latent is not None else c.levels
+        self.num_tokens = math.prod(self.sample_shape)  # N: H*W*C pixels, or h*w codes
         self.prefix_len = c.text.max_tokens  # P
-        self.start_id = c.levels  # input vocabulary: levels + the start token
+        self.start_id = self.levels  # input vocabulary: levels + the start token
         self.gpt = GPT(
             GPTConfig(
-                vocab_size=c.levels + 1,
-                out_size=c.levels,
+                vocab_size=self.levels + 1,
+                out_size=self.levels,
                 block_size=self.prefix_len + self.num_tokens,
                 n_layer=c.layers,
                 n_head=c.heads,
@@ -85,9 +94,20 @@ class AutoregressiveModule(GenerativeModule):
         )
 
     # ---------------------------------------------------------------------------------- training
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch's image tokens ``(B, N)``: quantised pixels, or a latent dataset's VQ codes as stored."""
+        if self.latent is not None:
+            if tuple(images.shape[1:]) != self.sample_shape:
+                raise ValueError(
+                    f"batch['image'] has shape {tuple(images.shape)}; the model expects VQ codes "
+                    f"(B, *{self.sample_shape}) (latents of a dataset encoded with another autoencoder?)"
+                )
+            return images.reshape(images.shape[0], -1).long()
+        return quantise(images, self.levels)
+
     def image_logits(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced logits ``(B, N, levels)`` and the target tokens ``(B, N)``."""
-        target = quantise(images, self.levels).to(self.device)  # (B, N)
+        target = self.tokens(images).to(self.device)  # (B, N)
         text, mask, _ = self.encode_text(captions)  # (B, P, D), (B, P)
         start = torch.full((target.shape[0], 1), self.start_id, dtype=torch.long, device=self.device)
         inp = torch.cat([start, target[:, :-1]], dim=1)  # (B, N)
@@ -138,7 +158,9 @@ class AutoregressiveModule(GenerativeModule):
             self._sample_tokens(captions[i : i + SAMPLE_CHUNK], generator, temperature, top_k, guidance)
             for i in range(0, len(captions), SAMPLE_CHUNK)
         ]
-        tokens = torch.cat(chunks)  # (N_images, H*W*C)
+        tokens = torch.cat(chunks)  # (N_images, H*W*C) pixels or (N_images, h*w) codes
+        if self.latent is not None:
+            return self.decode_latents(tokens.view(-1, *self.sample_shape))
         return dequantise(tokens, self.levels, self.channels, self.image_size)
 
     def _sample_tokens(

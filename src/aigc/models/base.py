@@ -105,6 +105,9 @@ class GenerativeModule(pl.LightningModule):
     """Base of the four family modules. Subclasses build their nets in ``__init__`` after super()."""
 
     family: ClassVar[str]
+    #: whether the family can learn on a latent dataset (aigc.data.latents) and decode with its
+    #: autoencoder: diffusion over KL latents, autoregression over VQ codes
+    latent_kinds: ClassVar[tuple[str, ...]] = ()
     #: family options accepted by generate() and their types (the registry's pyfunc signature and
     #: the server's request schema come from here); anything else is an error naming them.
     generate_options: ClassVar[dict[str, type]] = {}
@@ -118,6 +121,7 @@ class GenerativeModule(pl.LightningModule):
         image_size: int,
         channels: int,
         trainer: dict[str, Any] | None = None,
+        latent: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()  # plain JSON only: see the module docstring
@@ -129,6 +133,49 @@ class GenerativeModule(pl.LightningModule):
         self.image_size = int(image_size)
         self.channels = int(channels)
         self.text_encoder = build_text_encoder(self.model_cfg.text, len(self.tokenizer))
+        # A latent model (the manifest's ``latent`` section of the dataset it trains on): the net
+        # learns on latents of ``sample_shape`` and ``generate`` decodes them with the frozen
+        # autoencoder carried here, so checkpoints and exports hold both and still return pixels.
+        self.latent = dict(latent) if latent else None
+        if self.latent is not None:
+            kind = self.latent.get("kind")
+            if kind not in self.latent_kinds:
+                allowed = ", ".join(self.latent_kinds) or "none"
+                raise ValueError(
+                    f"family {self.family!r} cannot learn on {kind!r} latents (allowed: {allowed}); "
+                    "train it on the image dataset, or use diffusion (kl) / autoregressive (vq)"
+                )
+            from aigc.models.nets.autoencoder import autoencoder_net
+
+            ae = autoencoder_net(self.latent["autoencoder_model"], self.image_size, self.channels)
+            self.autoencoder = ae.requires_grad_(False).eval()
+
+    # ----------------------------------------------------------------------------------- latents
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """What the family's net models for one image: ``(C, H, W)`` pixels, or the latent's shape."""
+        if self.latent is not None:
+            return tuple(self.latent["shape"])
+        return (self.channels, self.image_size, self.image_size)
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents ``sample_shape`` (KL: scaled as trained, VQ: codes) -> images (N, C, H, W) in [-1, 1]."""
+        assert self.latent is not None
+        if self.latent["kind"] == "vq":
+            return self.autoencoder.decode_tokens(z.long()).clamp(-1, 1)
+        return self.autoencoder.decode(z / float(self.latent["scale"])).clamp(-1, 1)
+
+    def load_autoencoder(self, source: GenerativeModule) -> None:
+        """Copy an autoencoder module's weights into this latent model's frozen ``autoencoder``."""
+        if self.latent is None:
+            raise ValueError(f"this {self.family} model is not a latent model: it has no autoencoder")
+        self.autoencoder.load_state_dict(source.autoencoder.state_dict())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.latent is not None:  # the carried autoencoder is frozen: always in eval mode
+            self.autoencoder.eval()
+        return self
 
     # ------------------------------------------------------------------------------------- text
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

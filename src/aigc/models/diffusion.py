@@ -18,6 +18,11 @@ EMA: an exponential moving average of the UNet and the text encoder (``ema_unet`
 ``min(ema_decay, (1 + n) / (10 + n))`` (a warm-up, so early EMA weights are not mostly the random
 init). It is part of the state dict, so checkpoints and exports carry it; sampling and
 ``val/loss`` use it.
+
+Latent diffusion (Rombach et al. 2022, *LDM*, the Stable Diffusion recipe): trained on a latent
+dataset of KL latents (``aigc data encode``), the UNet works on the latents ``(c, h, w)`` times the
+dataset's scale factor (unit variance), x0 estimates are not clipped (latents have no [-1, 1]
+range), and ``generate`` decodes the sampled latents with the frozen autoencoder the model carries.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class DiffusionModule(GenerativeModule):
     """DDPM / DDIM text-to-image model; ``generate(..., steps, guidance, sampler)``."""
 
     family = "diffusion"
+    latent_kinds = ("kl",)
     generate_options = {"steps": int, "guidance": float, "sampler": str}
     option_config_fields = {"steps": "sample_steps"}
 
@@ -51,13 +57,15 @@ class DiffusionModule(GenerativeModule):
         image_size: int,
         channels: int,
         trainer: dict[str, Any] | None = None,
+        latent: dict[str, Any] | None = None,
     ):
-        super().__init__(model, tokenizer, image_size, channels, trainer)
+        super().__init__(model, tokenizer, image_size, channels, trainer, latent)
         c = self.model_cfg
+        channels, size = self.sample_shape[0], self.sample_shape[-1]  # pixels, or KL latents (c, h, w)
         self.unet = UNet(
             UNetConfig(
-                in_channels=self.channels,
-                image_size=self.image_size,
+                in_channels=channels,
+                image_size=size,
                 base_channels=c.base_channels,
                 channel_mults=tuple(c.channel_mults),
                 num_res_blocks=c.num_res_blocks,
@@ -66,7 +74,7 @@ class DiffusionModule(GenerativeModule):
                 heads=c.heads,
             )
         )
-        self.scheduler = NoiseScheduler(c.timesteps, c.beta_schedule, c.prediction)
+        self.scheduler = self._new_scheduler()
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_text_encoder = copy.deepcopy(self.text_encoder).requires_grad_(False)
         # Persistent so that a resumed run continues the EMA warm-up where it stopped.
@@ -79,13 +87,24 @@ class DiffusionModule(GenerativeModule):
             return self.encode_text(captions)
         return self.ema_text_encoder.encode(captions, self.tokenizer, self.device)
 
+    def _new_scheduler(self) -> NoiseScheduler:
+        """The model's noise scheduler. x0 estimates are clipped to the pixel range [-1, 1] while
+        sampling; latents have no such range (unit variance after the scale), so they are not."""
+        c = self.model_cfg
+        return NoiseScheduler(c.timesteps, c.beta_schedule, c.prediction, clip_sample=self.latent is None)
+
     def _images(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's images (B, C, H, W) in [-1, 1], or its latents times the dataset's scale."""
         x0 = batch["image"]
-        expected = (self.channels, self.image_size, self.image_size)
+        expected = self.sample_shape
         if x0.dim() != 4 or tuple(x0.shape[1:]) != expected:
+            what = "latents of a dataset encoded with another autoencoder?" if self.latent else "images"
             raise ValueError(
-                f"batch['image'] has shape {tuple(x0.shape)}; the model expects (B, *{expected})"
+                f"batch['image'] has shape {tuple(x0.shape)}; the model expects (B, *{expected}) {what}"
             )
+        if self.latent is not None:
+            # LDM (Rombach et al. 2022, sec. 4.3.2): latents scaled to unit variance before diffusion.
+            x0 = x0 * float(self.latent["scale"])
         return x0
 
     # -------------------------------------------------------------------------------- training
@@ -183,9 +202,9 @@ class DiffusionModule(GenerativeModule):
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"option sampler must be 'ddim' or 'ddpm', got {sampler!r}")
         # A fresh scheduler per call: set_timesteps mutates it, and serving may call concurrently.
-        sched = NoiseScheduler(c.timesteps, c.beta_schedule, c.prediction)
+        sched = self._new_scheduler()
         timesteps = sched.set_timesteps(steps).tolist()
-        shape = (self.channels, self.image_size, self.image_size)
+        shape = self.sample_shape  # (C, H, W) pixels or (c, h, w) latents
         empty = None if guidance == 1 else self._encode([""], ema=True)  # (1, T, D), (1, T), (1, D)
 
         chunks = []
@@ -198,5 +217,5 @@ class DiffusionModule(GenerativeModule):
             for t in timesteps:
                 out = self._guided(x, t, cond, uncond, guidance)
                 x = sched.step(out, t, x, sampler=sampler, generator=generator).prev_sample
-            chunks.append(x)
+            chunks.append(self.decode_latents(x) if self.latent is not None else x)
         return torch.cat(chunks).clamp(-1, 1)

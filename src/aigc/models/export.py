@@ -1,8 +1,9 @@
 """Exports: what leaves training for the registry and serving (DESIGN §3).
 
 An export folder holds ``weights.safetensors`` (no pickle), ``config.json`` (family, resolved model
-config, image size, channels) and ``tokenizer.json``. Training checkpoints are Lightning files that
-only the platform that wrote them trusts; they load with ``weights_only=True``.
+config, image size, channels, and for a latent model its ``latent`` section) and
+``tokenizer.json``. Training checkpoints are Lightning files that only the platform that wrote them
+trusts; they load with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def export_model(module: GenerativeModule, out_dir: str | Path) -> Path:
         "model": module.model_cfg.model_dump(mode="json"),
         "image_size": module.image_size,
         "channels": module.channels,
+        # A latent model's dataset section (shape, scale, autoencoder config and lineage); its
+        # autoencoder's weights are in weights.safetensors with the rest (``autoencoder.*``).
+        "latent": module.latent,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     module.tokenizer.save(out / "tokenizer.json")
@@ -56,6 +60,7 @@ def load_export(path: str | Path, map_location: str | torch.device = "cpu") -> G
         tokenizer=Tokenizer.load(path / "tokenizer.json").to_dict(),
         image_size=config["image_size"],
         channels=config["channels"],
+        latent=config.get("latent"),
     )
     module.load_state_dict(load_file(str(path / "weights.safetensors"), device=str(map_location)))
     return module.to(map_location).eval()

@@ -98,8 +98,9 @@ class GANModule(GenerativeModule):
         image_size: int,
         channels: int,
         trainer: dict[str, Any] | None = None,
+        latent: dict[str, Any] | None = None,
     ):
-        super().__init__(model, tokenizer, image_size, channels, trainer)
+        super().__init__(model, tokenizer, image_size, channels, trainer, latent)
         self.automatic_optimization = False
         m = self.model_cfg
         self.generator = Generator(

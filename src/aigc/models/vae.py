@@ -67,8 +67,9 @@ class VAEModule(GenerativeModule):
         image_size: int,
         channels: int,
         trainer: dict[str, Any] | None = None,
+        latent: dict[str, Any] | None = None,
     ):
-        super().__init__(model, tokenizer, image_size, channels, trainer)
+        super().__init__(model, tokenizer, image_size, channels, trainer, latent)
         m = self.model_cfg
         self.encoder = VAEEncoder(
             m.latent_dim, m.text.dim, self.image_size, self.channels, m.base_channels, m.cond_dim

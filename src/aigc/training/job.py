@@ -39,6 +39,9 @@ class TrainJob(StrictModel):
     tokenizer: dict[str, Any] = Field(description="Tokenizer.to_dict() built from the train captions")
     image_size: int
     channels: int
+    latent: dict[str, Any] | None = Field(
+        None, description="the latent section of a latent dataset's manifest (aigc.data.latents)"
+    )
     data_location: str = Field(description="absolute shard folder or fsspec URL")
     data_version: str = Field(description="DVC md5 of the shard folder, else the manifest digest")
     run_dir: str = Field(description="<storage>/<name>: checkpoints, the job file, the final grid")

@@ -108,6 +108,26 @@ def _dataset_manifest(location: str) -> dict[str, Any]:
         raise TrainError(f"{err}; build it first, e.g. `aigc data build {Path(location).name}`") from None
 
 
+def _check_latent_data(cfg: RunConfig, location: str, manifest: dict[str, Any]) -> None:
+    """A latent dataset (``aigc data encode``) is refused, before anything starts, for a family that
+    cannot learn on its kind of latents; a malformed latent section names the dataset."""
+    from aigc.data.latents import latent_spec
+    from aigc.data.manifest import DatasetError
+    from aigc.models import module_class
+
+    try:
+        kind = latent_spec(manifest)["kind"]
+    except DatasetError as err:
+        raise TrainError(str(err)) from None
+    allowed = module_class(cfg.model.family).latent_kinds
+    if kind not in allowed:
+        raise TrainError(
+            f"{location} holds {kind} latents (aigc data encode); model.family "
+            f"{cfg.model.family!r} learns on {', '.join(allowed) or 'images only'}: use diffusion on KL "
+            "latents or autoregressive on VQ codes, or train on the image dataset"
+        )
+
+
 def _stderr(message: str) -> None:
     sys.stderr.write(f"{message}\n")
     sys.stderr.flush()
@@ -175,6 +195,8 @@ def train(
     same_data = saved is not None and cfg.data == saved.run.data
     location = saved.data_location if same_data else data_location(cfg, root)
     manifest = _dataset_manifest(location)
+    if manifest.get("latent") is not None:
+        _check_latent_data(cfg, location, manifest)
     # Once allowed, a job keeps training on the data as it is: its first part already did.
     allow_modified_data = allow_modified_data or (saved is not None and saved.allow_modified_data)
     modified = check_data(
@@ -249,6 +271,7 @@ def train(
             tokenizer=tokenizer,
             image_size=manifest["image_size"],
             channels=manifest["channels"],
+            latent=manifest.get("latent"),
             data_location=location,
             data_version=dversion,
             run_dir=run_dir,
@@ -419,6 +442,19 @@ def _final_grid(run_dir: str) -> str | None:
     return url if fs.exists(path) else None
 
 
+def evaluation_dataset(job: TrainJob) -> str:
+    """The dataset a job's model is evaluated on: its own, or for a latent model the image dataset
+    its latents were encoded from (the evaluator measures pixels), as the latent manifest records."""
+    if job.latent is None:
+        return job.data_location
+    from aigc.data.latents import images_location
+
+    images = images_location({"latent": job.latent})
+    if not images:
+        raise ValueError(f"{job.data_location}: the latent manifest names no image dataset to evaluate on")
+    return images
+
+
 def evaluation_threads(job: TrainJob) -> int:
     """The cores the job was given (workers x CPUs per worker), at most this machine's: the final
     evaluation runs after the workers are done, on their share of the machine."""
@@ -439,7 +475,7 @@ def _final_evaluation(
     say(f"final evaluation of step {out.global_step} on {threads} thread(s)")
     report = final_evaluation(
         load_model_from(out.checkpoint),
-        job.data_location,
+        evaluation_dataset(job),
         num_samples=num_samples,
         seed=job.run.trainer.seed,
         threads=threads,
