@@ -282,6 +282,16 @@ class TrackingConfig(StrictModel):
     experiment: str = "aigc"
     run_name: str | None = None
     system_metrics: bool = True
+    registered_model: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="registry name of the run's model; default aigc-<family>. Models of other data "
+        "(another dataset, size or latent space) need their own name: the gate compares versions of one name",
+    )
+
+    def model_name(self, family: str) -> str:
+        """The registered model name of this run's model: ``registered_model`` or ``aigc-<family>``."""
+        return self.registered_model or f"aigc-{family}"
 
 
 class RunConfig(StrictModel):

@@ -264,7 +264,7 @@ def quickstart(
         shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in sorted(eval_figures.items()))
         echo(f"  {shown}")
 
-    model = f"aigc-{family}"
+    model = cfg.tracking.model_name(family)
     with steps.step("register") as s:
         registered = _recorded_version(client, model, state)
         if registered is not None:

@@ -72,6 +72,7 @@ __all__ = [
     "encode_dataset",
     "autoencoder_location",
     "images_location",
+    "evaluation_dataset",
     "load_dataset_autoencoder",
 ]
 
@@ -135,6 +136,20 @@ def images_location(manifest: dict[str, Any]) -> str | None:
     """The image dataset a latent dataset was encoded from, as recorded (None for image datasets)."""
     spec = manifest.get("latent") or {}
     return (spec.get("images") or {}).get("location")
+
+
+def evaluation_dataset(location: str | os.PathLike[str]) -> str:
+    """The dataset whose reference evaluator measures a model trained on ``location``: the dataset
+    itself, or for a latent dataset the image dataset its latents were encoded from (the evaluator
+    measures pixels, and a latent model generates pixels)."""
+    loc = os.fspath(location)
+    manifest = read_manifest(loc)
+    if manifest.get("latent") is None:
+        return loc
+    images = images_location(manifest)
+    if not images:
+        raise DatasetError(f"{manifest_location(loc)}: the latent manifest names no image dataset")
+    return images
 
 
 # ------------------------------------------------------------------------------------ the encoder

@@ -51,8 +51,14 @@ def final_evaluation(
     :func:`~aigc.evaluation.evaluate.evaluate_model` of ``module``: every ``eval/*`` figure with its
     provenance (an autoencoder's are reconstruction figures, ``eval/psnr`` among them). ``threads``
     torch threads for both (default: as many as torch uses now; the ``AIGC_EVALUATOR_THREADS``
-    variable still overrides the evaluator's training threads)."""
+    variable still overrides the evaluator's training threads).
+
+    A latent dataset (``aigc data encode``) is measured on the image dataset its latents came from:
+    the evaluator measures pixels, and a latent model generates pixels."""
+    from aigc.data.latents import evaluation_dataset
+
     say = progress or (lambda _msg: None)
+    dataset = evaluation_dataset(dataset)
     previous = torch.get_num_threads()
     threads = max(1, int(threads or previous))
     torch.set_num_threads(threads)

@@ -151,13 +151,23 @@ def _reevaluate(client: Any, name: str, versions: list[Any], gate: GateConfig, p
     if dataset is None:
         raise RegistryError(f"{name} v{versions[0].version}'s run records no dataset: cannot re-evaluate")
     location = dataset[1]
+    modules = [load_version(client, v) for v in versions]
+    shapes = [(m.channels, m.image_size, m.image_size) for m in modules]
+    if len(set(shapes)) > 1:  # e.g. a digits model in production, an emoji model as the candidate
+        made = ", ".join(
+            f"v{v.version} makes {'x'.join(map(str, s))}" for v, s in zip(versions, shapes, strict=True)
+        )
+        raise RegistryError(
+            f"{name}: {made} images, so no evaluator measures both alike; register models of other "
+            "data under their own name (tracking.registered_model in the run's config)"
+        )
     out = []
-    for v in versions:
+    for v, module in zip(versions, modules, strict=True):
         if progress:
             how = f"{gate.num_samples} samples, seed {gate.seed}"
             progress(f"re-evaluating {name} v{v.version} on {location} ({how})")
         report = final_evaluation(
-            load_version(client, v), location, num_samples=gate.num_samples, seed=gate.seed, progress=progress
+            module, location, num_samples=gate.num_samples, seed=gate.seed, progress=progress
         )
         figures = Figures(
             str(v.version),

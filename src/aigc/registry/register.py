@@ -34,6 +34,7 @@ from aigc.registry.store import (
     client_for,
     model_name,
 )
+from aigc.tracking.lineage import TAG_REGISTERED_MODEL
 from aigc.tracking.store import ENV_TRACKING_URI
 
 MODEL_ARTIFACT = "model"  # the logged model's name inside the training run
@@ -172,7 +173,8 @@ def register_run(ref: str, tracking_uri: str | None = None, progress=None) -> Re
     family, run_dir = tags.get("aigc.family"), tags.get("aigc.storage")
     if not family or not run_dir:
         raise RegistryError(f"run {run_id} was not made by aigc train (no aigc.family/aigc.storage tags)")
-    name = model_name(family)
+    # The name the run's config chose (tracking.registered_model), else aigc-<family>.
+    name = tags.get(TAG_REGISTERED_MODEL) or model_name(family)
     eligible, reason = eligibility(run)
     figures = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
     checkpoint = final_checkpoint(run_dir)

@@ -18,6 +18,8 @@ TAG_GIT_SHA = "aigc.git_sha"
 TAG_DATA_NAME = "aigc.data.name"
 TAG_DATA_VERSION = "aigc.data.version"
 TAG_RAY_WORKERS = "aigc.ray.workers"
+#: the registry name ``aigc register`` gives the run's model (``tracking.registered_model``)
+TAG_REGISTERED_MODEL = "aigc.registered_model"
 TAG_ERROR = "aigc.error"
 # What of the data the run did not see as its version describes it. Shards that differed from the
 # manifest when the job started (allowed by --allow-modified-data): "true", and which ones, how.
@@ -39,6 +41,7 @@ def lineage_tags(
     data_version: str | None,
     workers: int | None,
     git_sha: str | None,
+    registered_model: str | None = None,
 ) -> dict[str, str]:
     """DESIGN §3's run tags. Unknown values (None) are left out rather than written as a placeholder,
     so two runs never look comparable because both say "unknown"."""
@@ -48,6 +51,7 @@ def lineage_tags(
         TAG_DATA_NAME: data_name,
         TAG_DATA_VERSION: data_version,
         TAG_RAY_WORKERS: None if workers is None else str(int(workers)),
+        TAG_REGISTERED_MODEL: registered_model,
     }
     return {k: truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in values.items() if v is not None}
 

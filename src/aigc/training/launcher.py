@@ -239,6 +239,7 @@ def train(
                 data_version=dversion,
                 workers=cfg.scaling.num_workers,
                 git_sha=sha,
+                registered_model=cfg.tracking.model_name(cfg.model.family),
             )
             | tracking.source_tags(tracking.command_line(), sha)
             | modified_tags
@@ -442,19 +443,6 @@ def _final_grid(run_dir: str) -> str | None:
     return url if fs.exists(path) else None
 
 
-def evaluation_dataset(job: TrainJob) -> str:
-    """The dataset a job's model is evaluated on: its own, or for a latent model the image dataset
-    its latents were encoded from (the evaluator measures pixels), as the latent manifest records."""
-    if job.latent is None:
-        return job.data_location
-    from aigc.data.latents import images_location
-
-    images = images_location({"latent": job.latent})
-    if not images:
-        raise ValueError(f"{job.data_location}: the latent manifest names no image dataset to evaluate on")
-    return images
-
-
 def evaluation_threads(job: TrainJob) -> int:
     """The cores the job was given (workers x CPUs per worker), at most this machine's: the final
     evaluation runs after the workers are done, on their share of the machine."""
@@ -475,7 +463,7 @@ def _final_evaluation(
     say(f"final evaluation of step {out.global_step} on {threads} thread(s)")
     report = final_evaluation(
         load_model_from(out.checkpoint),
-        evaluation_dataset(job),
+        job.data_location,
         num_samples=num_samples,
         seed=job.run.trainer.seed,
         threads=threads,
