@@ -62,10 +62,10 @@ class DataConfig(StrictModel):
     """Where a dataset comes from, how it is sharded, and how it is streamed to training."""
 
     name: str = Field("digits", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="dataset name")
-    source: Literal["digits", "openmoji", "folder", "img2dataset"] = Field(
+    source: Literal["digits", "openmoji", "folder", "img2dataset", "latents"] = Field(
         "digits",
         description="digits: sklearn's handwritten digits; openmoji: OpenMoji emoji (RGB art, no labels); "
-        "folder / img2dataset: images under source_path",
+        "folder / img2dataset: images under source_path; latents: made by `aigc data encode`, not built",
     )
     source_path: str | None = Field(None, description="input folder for the folder/img2dataset sources")
     root: str = Field("datasets", description="folder (relative to the project root) holding datasets")

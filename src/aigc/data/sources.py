@@ -111,6 +111,11 @@ def open_source(cfg: DataConfig) -> Source:
     """The source ``cfg.source`` names, reading ``cfg.source_path`` (relative to the working dir)."""
     if cfg.source == "digits":
         return DigitsSource(cfg.image_size, cfg.channels)
+    if cfg.source == "latents":
+        raise DatasetError(
+            "data.source latents: a latent dataset is made from an image dataset by "
+            "`aigc data encode IMAGES --autoencoder MODEL --out FOLDER`, not built from a source"
+        )
     if cfg.source == "openmoji":
         from aigc.data.openmoji_source import OpenMojiSource
 

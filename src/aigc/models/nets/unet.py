@@ -8,17 +8,25 @@ Shape of the network (Ho et al. 2020's UNet, with Stable-Diffusion-style text co
 Each level holds ``num_res_blocks`` residual blocks (GroupNorm, SiLU, 3×3 convs, the embedding
 applied as a FiLM scale/shift); the resolution halves between levels. Text enters either
 
-- ``cross_attn``: after every residual block a cross-attention layer whose queries are the pixels
-  and whose keys/values are the text tokens ``(B, T, D)`` (padding masked out), as in Stable
-  Diffusion; the pooled text feature is also added to the time embedding (as SDXL does), or
+- ``cross_attn``: after every residual block of the levels at most 16×16 (see below) a
+  cross-attention layer whose queries are the pixels and whose keys/values are the text tokens
+  ``(B, T, D)`` (padding masked out), as in Stable Diffusion; the pooled text feature is also added
+  to the time embedding (as SDXL does), or
 - ``film``: only the pooled text feature ``(B, D)``, added to the time embedding, so every block
   is modulated by it (FiLM, Perez et al. 2018).
 
 **Levels.** ``channel_mults`` asks for ``len(channel_mults)`` levels, but a level only exists if
 the resolution can be halved exactly and stays at least 2×2: at 8×8 at most 3 levels (8, 4, 2),
 at 32×32 at most 5. Extra entries of ``channel_mults`` are ignored; :func:`num_levels` says how
-many are used. The middle block has self-attention when its resolution is at most 16×16 (beyond,
-attention over every pixel costs more than it helps at these sizes).
+many are used.
+
+**Attention only where it pays.** The middle block has self-attention when its resolution is at
+most 16×16 (beyond, attention over every pixel costs more than it helps at these sizes), and the
+levels cross-attend to the text only where their resolution is at most 16×16 too: a caption says
+what is in the image, which the low-resolution levels decide; the high-resolution levels refine
+edges and texture and still read the pooled text through every block's FiLM scale/shift. At 32×32
+and 64×64 this drops the cross-attention over 1024 / 4096 pixels (and the activations backward keeps
+for it); at 8×8 every level is below the bound, so digits models are built exactly as before.
 """
 
 from __future__ import annotations
@@ -33,7 +41,10 @@ from torch import nn
 
 __all__ = ["UNetConfig", "UNet", "num_levels", "timestep_embedding"]
 
+#: largest resolution (side in pixels) of the middle block's self-attention
 MAX_SELF_ATTN_RES = 16
+#: largest resolution of a level that cross-attends to the text tokens (``conditioning: cross_attn``)
+MAX_CROSS_ATTN_RES = 16
 
 
 @dataclass
@@ -123,14 +134,15 @@ class Attention(nn.Module):
 
 
 class Level(nn.Module):
-    """``n`` residual blocks at one resolution, each followed by cross-attention when enabled."""
+    """``n`` residual blocks at one resolution ``res``, each followed by cross-attention when enabled
+    (``conditioning: cross_attn`` and ``res <= MAX_CROSS_ATTN_RES``)."""
 
-    def __init__(self, cin: int, cout: int, n: int, emb_dim: int, cfg: UNetConfig):
+    def __init__(self, cin: int, cout: int, n: int, emb_dim: int, cfg: UNetConfig, res: int):
         super().__init__()
         self.res = nn.ModuleList(
             ResBlock(cin if i == 0 else cout, cout, emb_dim, cfg.dropout) for i in range(n)
         )
-        cross = cfg.conditioning == "cross_attn"
+        cross = cfg.conditioning == "cross_attn" and res <= MAX_CROSS_ATTN_RES
         self.attn = (
             nn.ModuleList(Attention(cout, cfg.text_dim, cfg.heads) for _ in range(n)) if cross else None
         )
@@ -170,7 +182,7 @@ class UNet(nn.Module):
         self.downsample = nn.ModuleList()
         cin = chans[0]
         for i, ch in enumerate(chans):
-            self.down.append(Level(cin, ch, cfg.num_res_blocks, emb_dim, cfg))
+            self.down.append(Level(cin, ch, cfg.num_res_blocks, emb_dim, cfg, cfg.image_size // 2**i))
             if i < self.levels - 1:
                 self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
             cin = ch
@@ -186,7 +198,7 @@ class UNet(nn.Module):
         self.upsample = nn.ModuleList()
         for i in reversed(range(self.levels)):
             ch = chans[i]
-            self.up.append(Level(cin + ch, ch, cfg.num_res_blocks, emb_dim, cfg))
+            self.up.append(Level(cin + ch, ch, cfg.num_res_blocks, emb_dim, cfg, cfg.image_size // 2**i))
             if i > 0:
                 self.upsample.append(nn.Conv2d(ch, ch, 3, padding=1))
             cin = ch
