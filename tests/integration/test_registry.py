@@ -46,13 +46,17 @@ TINY = [
 ]
 
 
-def trained_run(uri: str, tmp: Path, dataset: Path, name: str, steps: int, eval_samples: int) -> str:
-    """A FINISHED run as aigc train leaves it: checkpoint, tags, dataset input, final evaluation."""
+def trained_run(
+    uri: str, tmp: Path, dataset: Path, name: str, steps: int, eval_samples: int, report: dict | None = None
+) -> str:
+    """A FINISHED run as aigc train leaves it: checkpoint, tags, dataset input, final evaluation
+    (``report`` replaces the final evaluation's report, for a run whose figures only set the stage)."""
     import pytorch_lightning as pl
 
     from aigc.config import load_config
     from aigc.data.captions_io import read_captions
     from aigc.data.loader import ShardDataModule
+    from aigc.data.manifest import read_manifest
     from aigc.data.version import version
     from aigc.evaluation.final import final_evaluation, log_evaluation
     from aigc.models import build_module
@@ -60,9 +64,11 @@ def trained_run(uri: str, tmp: Path, dataset: Path, name: str, steps: int, eval_
     from aigc.tracking import end_job_run, lineage_tags, log_dataset_input, start_job_run
     from aigc.training.trainer import build_trainer
 
-    cfg = load_config(ROOT / "models" / "diffusion.yaml", [*TINY, f"trainer.max_steps={steps}"])
+    size = read_manifest(dataset)["image_size"]
+    overrides = [*TINY, f"trainer.max_steps={steps}", f"data.image_size={size}"]
+    cfg = load_config(ROOT / "models" / "diffusion.yaml", overrides)
     pl.seed_everything(0, verbose=False)
-    module = build_module(cfg, Tokenizer.build(read_captions(dataset, "train")), 8, 1)
+    module = build_module(cfg, Tokenizer.build(read_captions(dataset, "train")), size, 1)
     trainer = build_trainer(module, limit_val_batches=0)
     trainer.fit(module, datamodule=ShardDataModule(cfg.data, location=dataset, seed=0))
     run_dir = tmp / "runs" / name
@@ -74,7 +80,8 @@ def trained_run(uri: str, tmp: Path, dataset: Path, name: str, steps: int, eval_
     }
     run_id = start_job_run(uri, "registry-test", name, params=cfg.model_dump(mode="json"), tags=tags)
     log_dataset_input(MlflowClient(uri), run_id, "digits", str(dataset), dversion)
-    report = final_evaluation(module, dataset, num_samples=eval_samples, seed=0)
+    if report is None:
+        report = final_evaluation(module, dataset, num_samples=eval_samples, seed=0)
     log_evaluation(uri, run_id, report, step=steps)
     end_job_run(uri, run_id)
     return run_id
@@ -255,3 +262,32 @@ def test_generate_and_mlflow_models_serve_answer_with_pngs(registry, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=20)
         log.close()
+
+
+@pytest.mark.timeout(600)
+def test_the_gate_refuses_to_compare_versions_that_make_images_of_different_shapes(registry, tmp_path):
+    """A 16x16 model registered under the 8x8 model's name: no evaluator measures both, so the gate
+    refuses before re-evaluating, naming the setting that gives the new model its own name."""
+    from aigc.config import DataConfig
+    from aigc.data import build_dataset
+    from aigc.registry.gate import promote
+    from aigc.registry.register import register_run
+
+    uri, _, runs = registry
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        production = client.get_model_version_by_alias(NAME, "production").version
+    except Exception:  # noqa: BLE001 - this test run alone: make a production version
+        register_run(runs["good"], uri)
+        production = promote(NAME, tracking_uri=uri).candidate.version
+    digits16 = tmp_path / "digits16"
+    build_dataset(DataConfig(image_size=16), digits16)
+    # Figures measured by another evaluator (any other provenance makes the gate re-evaluate).
+    stage = {"eval/fd": 1.0, "evaluator_hash": "16px", "data_version": "16px", "num_samples": 100, "seed": 0}
+    big = trained_run(uri, tmp_path, digits16, "big", steps=2, eval_samples=0, report=stage)
+    version = register_run(big, uri).version
+    out = cli("promote", NAME, "--version", version, uri=uri)
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert "makes 1x16x16" in out.stderr and "makes 1x8x8" in out.stderr, out.stderr
+    assert "tracking.registered_model" in out.stderr, out.stderr
+    assert str(client.get_model_version_by_alias(NAME, "production").version) == str(production)

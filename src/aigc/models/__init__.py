@@ -59,3 +59,26 @@ def build_module(
         trainer=cfg.trainer.model_dump(mode="json"),
         latent=latent,
     )
+
+
+def build_module_for_dataset(
+    cfg: RunConfig, location: str, tokenizer: Tokenizer | None = None
+) -> GenerativeModule:
+    """:func:`build_module` for the dataset at ``location`` (a folder or URL), outside ``aigc train``
+    (quality tests, benchmarks): its manifest's image size and channels, a tokenizer built from its
+    train captions unless given, and for a latent dataset its ``latent`` section and the weights of
+    the autoencoder it carries."""
+    from aigc.data.captions_io import read_captions
+    from aigc.data.latents import load_dataset_autoencoder
+    from aigc.data.manifest import read_manifest
+    from aigc.models.text import Tokenizer
+
+    manifest = read_manifest(location)
+    if tokenizer is None:
+        tokenizer = Tokenizer.build(read_captions(location, "train"))
+    module = build_module(
+        cfg, tokenizer, manifest["image_size"], manifest["channels"], manifest.get("latent")
+    )
+    if module.latent is not None:
+        module.load_autoencoder(load_dataset_autoencoder(location, manifest))
+    return module
