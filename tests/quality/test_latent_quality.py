@@ -20,6 +20,7 @@ shipped width: 6.3 at guidance 2), which is ``benchmarks/latent.py``'s budget, n
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,14 @@ def _fit(cfg, location: Path):
     )
 
 
+# About 3.5 min on 2 cores (the emoji evaluator 1.5, the two trainings and evaluations 2), which the
+# full suite (39 min on a clean 2-core clone, README "Tests") cannot take under its 40-min budget:
+# run with `make test-rgb` (AIGC_RGB_QUALITY=1) until start-up work (issue 13) makes room.
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("AIGC_RGB_QUALITY") != "1",
+    reason="RGB latent quality test: run with `make test-rgb` (AIGC_RGB_QUALITY=1); ~3.5 min",
+)
 @pytest.mark.timeout(1200)
 def test_latent_diffusion_learns_rgb_emoji(emoji32: Path, emoji_evaluator, tmp_path: Path) -> None:
     from aigc.data.latents import encode_dataset
