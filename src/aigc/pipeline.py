@@ -1,18 +1,22 @@
 """What the DVC pipeline's stages need beyond the plain commands: their ``params.yaml`` sections and
 the small files DVC tracks as their outputs.
 
-``dvc.yaml`` runs ``data -> reference -> train@<family> -> register@<family>``, each stage a thin
+``dvc.yaml`` runs ``data -> reference -> train@<config> -> register@<config>``, with
+``train@autoencoder -> encode -> train@latent-diffusion`` for the latent model, each stage a thin
 ``aigc`` command that reads only its own section of ``params.yaml``:
 
     data:                       # aigc data build --params params.yaml
     train:
       diffusion:                # aigc train models/diffusion.yaml --params params.yaml
         trainer: {max_steps: 3000}
+      latent-diffusion:         # aigc train models/latent-diffusion.yaml --params params.yaml
     register:                   # aigc register ... --params params.yaml (the gate's settings)
       fd_margin: 0.05
 
-``train.<family>`` holds only overrides on top of ``models/<family>.yaml`` (the same keys as the YAML,
-so ``dvc exp run -S train.diffusion.trainer.max_steps=500`` is ``--set trainer.max_steps=500``).
+``train.<config>`` is named after the config file (its stem), not the model family: two configs of
+one family (``diffusion.yaml``, ``latent-diffusion.yaml``) are two stages with their own settings. It
+holds only overrides on top of ``models/<config>.yaml`` (the same keys as the YAML, so
+``dvc exp run -S train.diffusion.trainer.max_steps=500`` is ``--set trainer.max_steps=500``).
 """
 
 from __future__ import annotations
@@ -51,12 +55,14 @@ def as_overrides(section: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-def train_overrides(params: str | Path, config: str | Path | None) -> list[str]:
-    """The ``train.<family>`` section of ``params`` as overrides of ``config`` (family read from it)."""
-    from aigc.config import load_config
+def train_overrides(params: str | Path, config: str | Path) -> list[str]:
+    """The ``train.<stem>`` section of ``params`` as overrides of the config file ``config``.
 
-    family = load_config(config).model.family
-    return as_overrides(params_section(params, "train", family))
+    ``<stem>`` is the config's file name without ``.yaml`` (``models/latent-diffusion.yaml`` reads
+    ``train.latent-diffusion``), so each config of a family has its own section; a missing section
+    means no overrides.
+    """
+    return as_overrides(params_section(params, "train", Path(config).stem))
 
 
 def write_loss_curve(tracking_uri: str, run_id: str, out: str | Path, key: str = "train/loss") -> Path:

@@ -65,22 +65,25 @@ def _train_autoencoder(kind: str, dataset: Path, out: Path, steps: int = 60) -> 
     pl.seed_everything(0, verbose=False)
     module = build_module(cfg, Tokenizer.build(read_captions(dataset, "train")), 8, 1)
     torch.set_num_threads(1)
-    build_trainer(module, limit_val_batches=0).fit(
-        module, datamodule=ShardDataModule(cfg.data, location=dataset)
-    )
+    trainer = build_trainer(module, limit_val_batches=0)
+    trainer.fit(module, datamodule=ShardDataModule(cfg.data, location=dataset))
+    # Also the layout of an `aigc train` run folder (checkpoint-step*/checkpoint.ckpt beside the
+    # export), which a run's record or id resolves to.
+    trainer.save_checkpoint(out.parent / f"run-{kind}" / f"checkpoint-step{steps:08d}" / "checkpoint.ckpt")
     return export_model(module.eval(), out)
 
 
 @pytest.fixture(scope="module")
 def encoded(digits_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """{"kl": latent dataset, "vq": latent dataset, "kl-ae"/"vq-ae": the autoencoder exports}, the
-    KL one made with the real ``aigc data encode``."""
+    """{"kl": latent dataset, "vq": latent dataset, "kl-ae"/"vq-ae": the autoencoder exports,
+    "kl-run"/"vq-run": their run folders}, the KL one made with the real ``aigc data encode``."""
     from aigc.data.latents import encode_dataset
 
     tmp = tmp_path_factory.mktemp("latents")
     out: dict[str, Path] = {}
     for kind in ("kl", "vq"):
         export = _train_autoencoder(kind, digits_dataset, tmp / f"ae-{kind}")
+        out[f"{kind}-run"] = tmp / f"run-{kind}"
         target = tmp / f"digits-{kind}"
         if kind == "vq":  # the library call the CLI makes (the CLI itself is checked with kl)
             encode_dataset(digits_dataset, str(export), target)
@@ -234,6 +237,45 @@ def test_encode_refuses_a_model_that_is_not_an_autoencoder_and_an_existing_folde
         timeout=120,
     )
     assert again.returncode == 1 and "already exists; pass --overwrite" in again.stderr, again.stderr
+
+
+def test_a_train_record_names_the_autoencoder_run_and_a_json_that_is_not_one_is_refused(encoded, tmp_path):
+    """``--autoencoder pipeline/autoencoder/train.json`` (the DVC encode stage): the record's run gives
+    its final checkpoint and the lineage names the run and the record. The run here is a real MLflow
+    run whose storage is the fixture's run folder (test_pipeline runs the whole path with aigc train)."""
+    from mlflow.tracking import MlflowClient
+
+    from aigc.data.latents import resolve_autoencoder
+    from aigc.data.manifest import DatasetError
+    from aigc.models.export import load_export
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(
+        client.create_experiment("ae"), tags={"aigc.storage": str(encoded["kl-run"])}, run_name="ae-kl"
+    )
+    client.set_terminated(run.info.run_id)
+    record = tmp_path / "pipeline" / "autoencoder" / "train.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"run_id": run.info.run_id, "step": 60, "eval/fd": 1.0}))
+
+    module, lineage = resolve_autoencoder(str(record), tracking_uri=uri)
+    assert lineage["run_id"] == run.info.run_id and lineage["record"] == str(record.resolve())
+    assert lineage["checkpoint"] == f"{encoded['kl-run']}/checkpoint-step00000060/checkpoint.ckpt"
+    ae = load_export(encoded["kl-ae"]).autoencoder  # the same weights as the run's final checkpoint
+    for key, value in ae.state_dict().items():
+        assert torch.equal(module.autoencoder.state_dict()[key], value), key
+
+    for bad, why in (
+        ({"step": 60}, "no run_id"),
+        ([run.info.run_id], "no run_id"),
+        ("{not json", "not a readable"),
+    ):
+        record.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        with pytest.raises(DatasetError, match=f"not an `aigc train --metrics-out` record .*{why}"):
+            resolve_autoencoder(str(record), tracking_uri=uri)
+    with pytest.raises(DatasetError, match="missing.json: no such file"):
+        resolve_autoencoder(str(tmp_path / "missing.json"), tracking_uri=uri)
 
 
 @pytest.mark.timeout(900)

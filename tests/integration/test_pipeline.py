@@ -1,11 +1,12 @@
-"""The whole DVC pipeline in a real temporary git + DVC repo: data -> reference -> train@<family> ->
-register@<family>, with the real `aigc` commands, a Ray instance on 127.0.0.1 that the train stages
-join (RAY_ADDRESS) and a real MLflow sqlite store.
+"""The whole DVC pipeline in a real temporary git + DVC repo: data -> reference -> train@<config> ->
+register@<config>, and train@autoencoder -> encode -> train@latent-diffusion ->
+register@latent-diffusion, with the real `aigc` commands, a Ray instance on 127.0.0.1 that the train
+stages join (RAY_ADDRESS) and a real MLflow sqlite store.
 
 The repo gets the project's own dvc.yaml, params.yaml, models/ and a copy of src/aigc (so touching a
 model file there is what a user's edit is), with params.yaml's train sections shrunk to tiny models
 and a few steps. One module-scoped `dvc repro` is shared by the checks, in the order a user meets
-them: the full run, the no-op rerun, metrics and plots, then an edit and an experiment.
+them: the full run, the no-op rerun, metrics and plots, then edits and an experiment.
 """
 
 from __future__ import annotations
@@ -25,7 +26,18 @@ from ray_cluster import ray_cluster
 from test_train import TINY
 
 PROJECT = Path(__file__).resolve().parents[2]
-FAMILY_ORDER = ["diffusion", "gan", "vae", "autoregressive"]
+# The configs dvc.yaml trains (train@<config>, params.yaml's train.<config>), in its order.
+CONFIGS = ["diffusion", "gan", "vae", "autoregressive", "autoencoder", "latent-diffusion"]
+# What register@<config> registers each as; the autoencoder is not registered by the pipeline.
+REGISTERED = {
+    "diffusion": "aigc-diffusion",
+    "gan": "aigc-gan",
+    "vae": "aigc-vae",
+    "autoregressive": "aigc-autoregressive",
+    "latent-diffusion": "aigc-latent-diffusion",
+}
+# Tiny models per config: the family's TINY; latent diffusion is the diffusion UNet on 4x4 latents.
+TINY_CONFIG = {**TINY, "latent-diffusion": TINY["diffusion"]}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -35,11 +47,11 @@ def ran_stages(output: str) -> list[str]:
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
 
 
-def tiny_section(family: str) -> dict:
-    """params.yaml's train.<family> for the test: the project's section plus tiny, fast settings."""
-    section = yaml.safe_load((PROJECT / "params.yaml").read_text())["train"][family]
+def tiny_section(config: str) -> dict:
+    """params.yaml's train.<config> for the test: the project's section plus tiny, fast settings."""
+    section = yaml.safe_load((PROJECT / "params.yaml").read_text())["train"][config]
     tree: dict = {}
-    for item in TINY[family] + [
+    for item in TINY_CONFIG[config] + [
         "data.batch_size=32",
         "data.num_workers=0",
         "trainer.max_steps=20",
@@ -87,15 +99,18 @@ def pipeline(tmp_path_factory, warm_ray) -> tuple[Path, dict[str, str], str]:
         PROJECT / "src" / "aigc", repo / "src" / "aigc", ignore=shutil.ignore_patterns("__pycache__")
     )
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    params["train"] = {family: tiny_section(family) for family in params["train"]}
+    params["train"] = {config: tiny_section(config) for config in params["train"]}
     params["register"]["num_samples"] = 100
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
-    assert stages["train"]["foreach"] == FAMILY_ORDER == list(params["train"])
+    assert list(stages["train"]["foreach"]) == CONFIGS == list(params["train"])
+    assert stages["register"]["foreach"] == list(REGISTERED)
     sha = init_repo(repo, env)
     out = dvc(repo, env, "repro")
     expected = (
-        ["data", "reference"] + [f"train@{f}" for f in FAMILY_ORDER] + [f"register@{f}" for f in FAMILY_ORDER]
+        ["data", "reference", "encode"]
+        + [f"train@{c}" for c in CONFIGS]
+        + [f"register@{c}" for c in REGISTERED]
     )
     assert sorted(ran_stages(out)) == sorted(expected), out[-3000:]
     # As the project does after a full run: commit dvc.lock (the records stay in DVC's cache).
@@ -108,31 +123,47 @@ def test_repro_runs_every_stage_and_records_lineage(pipeline):
     repo, env, sha = pipeline
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     (data_out,) = lock["data"]["outs"]
-    data_md5 = data_out["md5"]
-    assert data_md5.endswith(".dir")
+    (latents_out,) = lock["encode"]["outs"]
+    data_md5, latents_md5 = data_out["md5"], latents_out["md5"]
+    assert data_md5.endswith(".dir") and latents_md5.endswith(".dir")
     reference = json.loads((repo / "pipeline" / "reference.json").read_text())
     client = MlflowClient(f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}")
-    for family in FAMILY_ORDER:
-        record = json.loads((repo / "pipeline" / family / "train.json").read_text())
-        assert record["step"] >= 20 and record["eval/fd"] > 0  # a GAN step counts both optimisers
+    for config in CONFIGS:
+        record = json.loads((repo / "pipeline" / config / "train.json").read_text())
+        assert record["step"] >= 20 and record["eval/fd"] > 0, record  # a GAN step counts both optimisers
         run_ = client.get_run(record["run_id"])
         assert run_.info.status == "FINISHED"
         assert client.get_experiment(run_.info.experiment_id).name == "aigc-pipeline"
         tags = run_.data.tags
         # The DVC data version and the git sha: a registered version leads back to shards and code.
-        assert tags["aigc.data.version"] == data_md5
+        assert tags["aigc.data.version"] == (latents_md5 if config == "latent-diffusion" else data_md5)
         assert tags["aigc.git_sha"].startswith(sha)
+        # Every config, latent or not, is measured on the digits images by their reference evaluator.
         assert tags["aigc.eval.evaluator_hash"] == reference["evaluator_hash"]
-        with (repo / "pipeline" / family / "loss.csv").open() as f:
+        assert tags["aigc.eval.data_version"] == data_md5
+        with (repo / "pipeline" / config / "loss.csv").open() as f:
             rows = list(csv.DictReader(f))
         assert [int(r["step"]) for r in rows] == sorted(int(r["step"]) for r in rows) and len(rows) >= 3
         assert all(float(r["train/loss"]) == float(r["train/loss"]) for r in rows)  # no NaN
-        registered = json.loads((repo / "pipeline" / family / "registered.json").read_text())
+        if config not in REGISTERED:
+            assert not (repo / "pipeline" / config / "registered.json").exists()
+            continue
+        registered = json.loads((repo / "pipeline" / config / "registered.json").read_text())
         assert registered["run_id"] == record["run_id"] and registered["version"] == 1
+        assert registered["model"] == REGISTERED[config]
         assert registered["promoted"] is True, registered
-        assert str(client.get_model_version_by_alias(f"aigc-{family}", "production").version) == "1"
+        assert str(client.get_model_version_by_alias(REGISTERED[config], "production").version) == "1"
     lineage = run(repo, env, str(BIN / "aigc"), "lineage", "aigc-diffusion@production")
     assert data_md5 in lineage and sha[:12] in lineage, lineage
+
+    # The encode stage: the latents name the autoencoder's run (through the record train@autoencoder
+    # wrote) and the digits' data version; latent diffusion's run above trained on them.
+    latent = json.loads((repo / "datasets" / "digits-latents" / "manifest.json").read_text())["latent"]
+    assert latent["kind"] == "kl" and latent["shape"] == [4, 4, 4]
+    record_path = repo / "pipeline" / "autoencoder" / "train.json"
+    assert latent["autoencoder"]["run_id"] == json.loads(record_path.read_text())["run_id"]
+    assert latent["autoencoder"]["record"] == str(record_path.resolve())
+    assert latent["images"]["version"] == data_md5
 
 
 def test_second_repro_is_a_no_op_and_metrics_and_plots_show(pipeline):
@@ -143,29 +174,47 @@ def test_second_repro_is_a_no_op_and_metrics_and_plots_show(pipeline):
     assert len(list((repo / "runs").iterdir())) == runs_before
     shown = json.loads(dvc(repo, env, "metrics", "show", "--json"))
     text = json.dumps(shown)
-    for family in FAMILY_ORDER:
-        assert f"pipeline/{family}/train.json" in text
+    for config in CONFIGS:
+        assert f"pipeline/{config}/train.json" in text
     assert "eval/fd" in text and "val_accuracy" in text
     dvc(repo, env, "plots", "show", "-o", "plots-html")
     page = (repo / "plots-html" / "index.html").read_text()
     assert "pipeline/diffusion/loss.csv" in page and "train/loss" in page
 
 
-def test_editing_one_model_file_stales_that_family_only_and_an_experiment_reruns_it(pipeline):
+def test_editing_the_encoder_stales_encode_and_the_trainings_that_read_latents_code(pipeline):
+    """src/aigc/data/latents.py writes the latents (encode) and is read by the loader of every
+    training (is this a latent dataset?), so all of them are stale; no stage of another kind is."""
+    repo, env, _ = pipeline
+    code = repo / "src" / "aigc" / "data" / "latents.py"
+    original = code.read_bytes()
+    code.write_bytes(original + b"\n# an edit\n")
+    try:
+        status = json.loads(dvc(repo, env, "status", "--json"))
+        assert sorted(status) == sorted(["encode"] + [f"train@{c}" for c in CONFIGS]), status
+    finally:
+        code.write_bytes(original)
+    assert json.loads(dvc(repo, env, "status", "--json")) == {}
+
+
+def test_editing_one_model_file_stales_its_configs_only_and_an_experiment_reruns_one(pipeline):
     repo, env, _ = pipeline
     model_file = repo / "src" / "aigc" / "models" / "diffusion.py"
     model_file.write_text(model_file.read_text() + "\n# an edit\n")
     status = json.loads(dvc(repo, env, "status", "--json"))
-    assert sorted(status) == ["train@diffusion"], status
+    # Both configs of the diffusion family, pixel and latent, and nothing else.
+    assert sorted(status) == ["train@diffusion", "train@latent-diffusion"], status
     baseline = json.loads((repo / "pipeline" / "diffusion" / "train.json").read_text())
 
-    out = dvc(repo, env, "exp", "run", "-S", "train.diffusion.trainer.max_steps=30")
+    # One family's experiment (a target keeps train@latent-diffusion's rerun out of the test's time).
+    out = dvc(repo, env, "exp", "run", "register@diffusion", "-S", "train.diffusion.trainer.max_steps=30")
     # The edited family and what follows it, nothing else.
     assert sorted(ran_stages(out)) == ["register@diffusion", "train@diffusion"], out[-3000:]
     record = json.loads((repo / "pipeline" / "diffusion" / "train.json").read_text())
     assert record["step"] == 30 and record["run_id"] != baseline["run_id"]
     registered = json.loads((repo / "pipeline" / "diffusion" / "registered.json").read_text())
     assert registered["version"] == 2 and "promoted" in registered and registered["gate"]
+    assert sorted(json.loads(dvc(repo, env, "status", "--json"))) == ["train@latent-diffusion"]
 
     # dvc exp show: the experiment's metrics next to the baseline's.
     shown = dvc(repo, env, "exp", "show", "--csv")

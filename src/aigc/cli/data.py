@@ -104,8 +104,9 @@ def encode(
     autoencoder: str = typer.Option(
         ...,
         "--autoencoder",
-        help="registered version (aigc-autoencoder@candidate, aigc-autoencoder/3), export folder or "
-        ".ckpt, or the name or id of an aigc train run",
+        help="registered version (aigc-autoencoder@candidate, aigc-autoencoder/3), the --metrics-out "
+        ".json of an aigc train run (as the DVC encode stage gives it), export folder or .ckpt, or "
+        "the name or id of an aigc train run",
     ),
     out: Path = typer.Option(
         ..., "--out", help="latent dataset folder to write, e.g. datasets/emoji32-latents"
@@ -121,7 +122,7 @@ def encode(
     """Encode an image dataset with an autoencoder into latent shards (for latent diffusion / AR).
 
     Keeps the split, keys and captions; stores the autoencoder's export in OUT/autoencoder and its
-    lineage (registered version or run) in the manifest. Train on OUT like on any dataset.
+    lineage (registered version, run, or path) in the manifest. Train on OUT like on any dataset.
     """
     from aigc.data.latents import encode_dataset
     from aigc.registry.store import RegistryError

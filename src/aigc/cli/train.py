@@ -20,7 +20,10 @@ def register(app: typer.Typer) -> None:
         name: str | None = typer.Option(None, "--name", help="run name (must be new)"),
         resume: str | None = typer.Option(None, "--resume", help="continue the run with this name"),
         params: Path | None = typer.Option(
-            None, "--params", help="YAML whose train.<family> section overrides the config (dvc.yaml)"
+            None,
+            "--params",
+            help="YAML whose train.<config> section overrides the config, <config> being its file name "
+            "without .yaml (models/latent-diffusion.yaml: train.latent-diffusion; dvc.yaml)",
         ),
         metrics_out: Path | None = typer.Option(
             None, "--metrics-out", help="write the run id, step and eval/* figures as JSON"

@@ -160,15 +160,33 @@ def resolve_autoencoder(
 ) -> tuple[Any, dict[str, Any]]:
     """The autoencoder module ``ref`` names and its lineage (what the manifest records).
 
-    ``ref`` is, in this order: a registered version (``aigc-autoencoder@candidate``,
-    ``aigc-autoencoder/3``, ``models:/...``), an export folder or ``.ckpt`` (path or URL), or the
-    id or name of an ``aigc train`` run (its final checkpoint).
+    ``ref`` is, in this order: the ``--metrics-out`` record of an ``aigc train`` run (a local
+    ``.json`` file with its ``run_id``: what the DVC pipeline's train stage writes), a registered
+    version (``aigc-autoencoder@candidate``, ``aigc-autoencoder/3``, ``models:/...``), an export
+    folder or ``.ckpt`` (path or URL), or the id or name of an ``aigc train`` run. A run, named or
+    through its record, gives its final checkpoint, and the lineage names the run (and the record).
     """
     from aigc.evaluation.final import load_model_from
 
     say = progress or (lambda _m: None)
     lineage: dict[str, Any] = {"ref": ref}
-    if _REGISTRY_REF.match(ref) and not Path(ref).exists():
+    run_ref: str | None = None  # the run a --metrics-out record names
+    if ref.endswith(".json") and "://" not in ref:
+        # Before the path branch: a record points to a run; it is not a model file to load.
+        from aigc.config import ConfigError
+        from aigc.pipeline import run_of
+
+        if not Path(ref).is_file():
+            raise DatasetError(f"--autoencoder {ref}: no such file (an `aigc train --metrics-out` record)")
+        try:
+            run_ref = run_of(ref)
+        except ConfigError as err:
+            raise DatasetError(
+                f"--autoencoder {ref}: not an `aigc train --metrics-out` record ({err}); give such a "
+                "record, a registered version, an export folder, a .ckpt or a run id"
+            ) from None
+        lineage["record"] = str(Path(ref).resolve())
+    if run_ref is None and _REGISTRY_REF.match(ref) and not Path(ref).exists():
         from aigc.registry.store import client_for, load_version, resolve_version
 
         client = client_for(tracking_uri)
@@ -176,7 +194,7 @@ def resolve_autoencoder(
         say(f"autoencoder: {version.name} version {version.version} (run {version.run_id})")
         module = load_version(client, version)
         lineage |= {"model": version.name, "version": str(version.version), "run_id": version.run_id}
-    elif "://" in ref or Path(ref).exists():
+    elif run_ref is None and ("://" in ref or Path(ref).exists()):
         say(f"autoencoder: {ref}")
         module = load_model_from(ref)
         lineage["path"] = str(Path(ref).resolve()) if "://" not in ref else ref
@@ -184,7 +202,7 @@ def resolve_autoencoder(
         from aigc.registry.register import final_checkpoint, find_run
         from aigc.registry.store import client_for
 
-        run = find_run(client_for(tracking_uri), ref)
+        run = find_run(client_for(tracking_uri), run_ref or ref)
         storage = run.data.tags.get("aigc.storage")
         if not storage:
             raise DatasetError(f"--autoencoder {ref}: run {run.info.run_id} was not made by aigc train")
