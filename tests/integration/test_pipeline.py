@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from dvc_repo import BIN, dvc, init_repo, repo_env, run
 from mlflow.tracking import MlflowClient
@@ -164,6 +165,21 @@ def test_repro_runs_every_stage_and_records_lineage(pipeline):
     assert latent["autoencoder"]["run_id"] == json.loads(record_path.read_text())["run_id"]
     assert latent["autoencoder"]["record"] == str(record_path.resolve())
     assert latent["images"]["version"] == data_md5
+
+    # The registered latent model carries the autoencoder the latents were made with, unchanged, and
+    # generates pixels (tests/integration/test_latents.py covers latent autoregression the same way).
+    from aigc.models.export import load_export
+    from aigc.registry.store import client_for, load_version, resolve_version
+
+    store = client_for(f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}")
+    module = load_version(store, resolve_version(store, "aigc-latent-diffusion@production"))
+    assert module.latent["kind"] == "kl"
+    carried = load_export(repo / "datasets" / "digits-latents" / "autoencoder").autoencoder.state_dict()
+    for key, value in carried.items():
+        assert torch.equal(module.autoencoder.state_dict()[key], value), key
+    images = module.generate(["a handwritten digit seven"], num_samples=2, seed=0)
+    assert images.dtype == torch.uint8 and tuple(images.shape) == (2, 1, 8, 8)
+    assert torch.equal(images, module.generate(["a handwritten digit seven"], num_samples=2, seed=0))
 
 
 def test_second_repro_is_a_no_op_and_metrics_and_plots_show(pipeline):
