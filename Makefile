@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: quickstart test test-rgb install install-dev lint clean
+.PHONY: quickstart test install install-dev lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +27,6 @@ quickstart: install
 
 test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
-
-# The RGB latent-diffusion quality test (tests/quality/test_latent_quality.py, ~3.5 min), which
-# `make test` skips to stay within CI's 40-minute budget.
-test-rgb: install-dev
-	AIGC_RGB_QUALITY=1 $(BIN)/python -m pytest tests/quality/test_latent_quality.py $(PYTEST_ARGS)
 
 lint: install-dev
 	$(BIN)/ruff check src tests benchmarks

@@ -1,11 +1,14 @@
-"""Fixtures of the quality tests: the digits reference evaluator, trained once per session, and one
-torch thread per test. The shared train-then-evaluate loop is ``quality_run.py``."""
+"""Fixtures of the quality tests: the reference evaluators, trained once per session, and the quality
+runs themselves, run as one-thread processes two at a time (``pool.py``) for the tests the session
+selected. What a digits run does is ``quality_run.py``; an emoji run, ``emoji_run.py``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from emoji_run import RECIPES
+from pool import Job, run_jobs
 
 
 def evaluator_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -25,18 +28,62 @@ def reference_evaluator(digits_dataset: Path, tmp_path_factory: pytest.TempPathF
     return make_evaluator(digits_dataset, cache_dir=evaluator_cache(tmp_path_factory))
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Train on one intra-op thread, restored afterwards.
+@pytest.fixture(scope="session")
+def emoji32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The OpenMoji emoji at 32 px RGB, built into the session's temp folder (seconds); read-only."""
+    from aigc.config import DataConfig
+    from aigc.data import build_dataset
 
-    The 8x8 nets gain nothing from a second OpenMP thread, and the DataLoader worker process needs
-    the other core: with 2 threads plus the worker on 2 busy cores, OpenMP's spin-waiting made a
-    50-CPU-second run take over 600 s here. The shipped YAMLs say the same
-    (``trainer.threads_per_worker: 1``).
-    """
-    import torch
+    out = tmp_path_factory.mktemp("datasets") / "emoji32"
+    build_dataset(DataConfig(name="emoji32", source="openmoji", image_size=32, channels=3), out)
+    return out
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+# Every quality run, by key: what it runs (``pool.Job``) and what it needs trained first. A test asks
+# for its runs with ``@pytest.mark.quality_runs(key, ...)`` and reads them from ``quality_runs``.
+# The seconds are about what a run takes alone on an idle core (for the longest-first order).
+DIGITS_RUNS = {
+    "digits/diffusion": (("diffusion", "--validate"), 130),
+    "digits/autoregressive": (("autoregressive", "--validate", "--set", "data.num_workers=0"), 115),
+    "digits/gan": (("gan",), 75),
+    "digits/vae": (("vae", "--validate"), 75),
+}
+EMOJI_SECONDS = {
+    "latent-autoregressive": 270,
+    "diffusion": 190,
+    "vae": 150,
+    "latent-diffusion": 140,
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "quality_runs(*keys): the quality runs (conftest.py) a test reads")
+
+
+@pytest.fixture(scope="session")
+def quality_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """The results of the quality runs that this session's selected tests ask for, by key.
+
+    The digits evaluator is trained here first (the ``reference_evaluator`` fixture), the emoji one
+    as a job of the pool; the runs load them from the session's cache (``AIGC_EVALUATOR_CACHE``,
+    tests/conftest.py)."""
+    keys = {k for item in request.session.items for m in item.iter_markers("quality_runs") for k in m.args}
+    jobs = []
+    if any(k.startswith("digits/") for k in keys):
+        digits = request.getfixturevalue("digits_dataset")
+        request.getfixturevalue("reference_evaluator")
+        for key in sorted(k for k in keys if k.startswith("digits/")):
+            argv, seconds = DIGITS_RUNS[key]
+            jobs.append(Job(key, ("quality_run.py", argv[0], "--dataset", str(digits), *argv[1:]), seconds))
+    if any(k.startswith("emoji/") for k in keys):
+        # The emoji evaluator trains as a one-thread job beside the digits runs; the emoji runs wait.
+        emoji = request.getfixturevalue("emoji32")
+        work = tmp_path_factory.mktemp("emoji-work")
+        jobs.append(Job("emoji/evaluator", ("emoji_run.py", "evaluator", "--dataset", str(emoji)), 999))
+        for key in sorted(k for k in keys if k.startswith("emoji/")):
+            name = key.removeprefix("emoji/")
+            argv = ("emoji_run.py", name, "--dataset", str(emoji), "--workdir", str(work / name))
+            jobs.append(Job(key, argv, EMOJI_SECONDS[name], after="emoji/evaluator"))
+    unknown = keys - set(DIGITS_RUNS) - {f"emoji/{n}" for n in RECIPES}
+    assert not unknown, f"no quality run named {sorted(unknown)}"
+    return run_jobs(jobs, tmp_path_factory.mktemp("quality-runs"))

@@ -1,22 +1,21 @@
 """VAE quality (issue 3): models/vae.yaml trained on the digits shards meets its targets.
 
-Samples use the config's sampling temperature. The shared loop is in ``tests/quality/conftest.py``;
-the calibration in models/vae.md.
+Samples use the config's sampling temperature. The run is ``quality_run.py``, started by
+``conftest.quality_runs``; the calibration in models/vae.md.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from quality_run import quality_config, train_and_evaluate
+from quality_run import assert_quality
 
 MIN_ELBO_GAIN = 50.0  # nats per image: val/loss (negative ELBO) drop from the untrained model
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_vae_follows_heldout_captions(digits_dataset: Path, reference_evaluator) -> None:
-    run = train_and_evaluate(quality_config("vae"), digits_dataset, reference_evaluator, validate=True)
-    run.assert_quality(min_accuracy=0.75, fd_ratio=0.2)
-    assert run.val_loss < run.val_loss_untrained - MIN_ELBO_GAIN, run.summary
+@pytest.mark.timeout(1800)
+@pytest.mark.quality_runs("digits/vae")
+def test_vae_follows_heldout_captions(quality_runs: dict[str, dict]) -> None:
+    run = quality_runs["digits/vae"]
+    assert_quality(run, min_accuracy=0.75, fd_ratio=0.2)
+    assert run["val_loss"] < run["val_loss_untrained"] - MIN_ELBO_GAIN, run

@@ -21,7 +21,7 @@ from aigc.training.trainer import build_trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 # Pixel-space configs; the latent ones (models/latent-*-rgb*.yaml) train on `aigc data encode` output
-# and are exercised by tests/quality/test_latent_quality.py and tests/integration/test_latents.py.
+# and are exercised by tests/quality/test_emoji_quality.py and tests/integration/test_latents.py.
 CONFIGS = sorted(p for p in (ROOT / "models").glob("*-rgb*.yaml") if not p.stem.startswith("latent-"))
 # OpenMoji-style captions (lower-cased Unicode names), the longest of them among the longest names.
 CAPTIONS = [
