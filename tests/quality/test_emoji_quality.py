@@ -1,5 +1,6 @@
 """The families learn the RGB emoji at 32 px (issue 12), the latent ones through the whole Stable
-Diffusion workflow (autoencoder -> ``aigc data encode`` -> latent model).
+Diffusion workflow (autoencoder -> ``aigc data encode`` -> latent model). ``make test`` runs the
+latent ones; ``AIGC_QUALITY_ALL=1`` adds the VAE and pixel diffusion (see ``IN_MAKE_TEST``).
 
 What each run trains and how it is measured is in ``emoji_run.py``: the shipped ``models/*-rgb32.yaml``
 shrunk to a CPU test's budget, samples from train captions, the emoji reference evaluator. The runs
@@ -18,6 +19,7 @@ separate (2.4-6.5 against -1.3-3.4); the digits test (test_gan_quality.py) is it
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -53,10 +55,24 @@ BARS: dict[str, Bars] = {
 }
 
 
+# `make test` runs the two latent workflows (about 5 CPU-minutes with their autoencoders); the VAE and
+# pixel diffusion runs (another ~7 CPU-minutes) would take the clean-clone suite past CI's 40-minute
+# budget on 2 cores (measured: 40.3 min with all four), so they run with AIGC_QUALITY_ALL=1 until
+# faster start-up (issue 13) makes room. Their bars are calibrated like the others'.
+IN_MAKE_TEST = ("latent-autoregressive", "latent-diffusion")
+ALL = os.environ.get("AIGC_QUALITY_ALL") == "1"
+
+
+def _case(name: str):
+    if ALL or name in IN_MAKE_TEST:
+        return pytest.param(name, marks=pytest.mark.quality_runs(f"emoji/{name}"))
+    reason = f"emoji {name} quality run: AIGC_QUALITY_ALL=1 runs it (CI budget, see IN_MAKE_TEST)"
+    return pytest.param(name, marks=pytest.mark.skip(reason=reason))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-@pytest.mark.quality_runs(*(f"emoji/{name}" for name in RECIPES))
-@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("name", [_case(name) for name in sorted(RECIPES)])
 def test_family_learns_rgb_emoji(name: str, quality_runs: dict[str, dict]) -> None:
     result, bars = quality_runs[f"emoji/{name}"], BARS[name]
     assert "error" not in result, result.get("error")
