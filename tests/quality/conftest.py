@@ -39,9 +39,10 @@ def emoji32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-# Every quality run, by key: what it runs (``pool.Job``) and what it needs trained first. A test asks
-# for its runs with ``@pytest.mark.quality_runs(key, ...)`` and reads them from ``quality_runs``.
-# The seconds are about what a run takes alone on an idle core (for the longest-first order).
+# Every quality run, by key: its runner's arguments and about how many seconds it takes alone on an
+# idle core (for the longest-first order). A test asks for its runs with
+# ``@pytest.mark.quality_runs(key, ...)`` and reads them from ``quality_runs``; the emoji runs wait for
+# the ``emoji/evaluator`` job.
 DIGITS_RUNS = {
     "digits/diffusion": (("diffusion", "--validate"), 130),
     "digits/autoregressive": (("autoregressive", "--validate"), 115),
