@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from quality_run import quality_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = 200  # generated images per measurement (and as many real train images for the floor)
@@ -94,12 +95,9 @@ RECIPES: dict[str, Recipe] = {
 
 
 def stage_config(stage: Stage, *extra: str):
-    """``models/<config>.yaml`` with the stage's overrides, ``extra``, and ``AIGC_QUALITY_SEED``."""
-    from aigc.config import load_config
-
-    seed = os.environ.get("AIGC_QUALITY_SEED")
-    overrides = [*COMMON, *stage.overrides, *extra, *([f"trainer.seed={seed}"] if seed else [])]
-    return load_config(ROOT / "models" / f"{stage.config}.yaml", overrides=overrides)
+    """``models/<config>.yaml`` with :data:`COMMON`, the stage's overrides, ``extra``, and
+    ``AIGC_QUALITY_SEED`` (``quality_run.quality_config``, which the digits runs use too)."""
+    return quality_config(stage.config, *COMMON, *stage.overrides, *extra)
 
 
 def fit(cfg, location: Path):
@@ -139,35 +137,22 @@ def measure(module, evaluator, dataset: Path, prompts: list[str], options: dict[
     seconds = time.perf_counter() - start
     r = evaluate_images(images, prompts, None, evaluator, dataset_dir=dataset, seed=0)
     keep = ("eval/fd", "eval/fd_train_val", "eval/clip_score", "eval/diversity", "eval/copy_fraction")
-    shuffled = clip_score(evaluator, images, prompts[1:] + prompts[:1])  # each image, another's caption
     return {k.removeprefix("eval/"): r[k] for k in keep} | {
-        "clip_shuffled": shuffled,
-        "clip_margin": r["eval/clip_score"] - shuffled,
         "collapse": r["collapse"],
         "copying": r["copying"],
         "sampling_seconds": round(seconds, 1),
     }
 
 
-def clip_score(evaluator, images, prompts: list[str]) -> float:
-    """``eval/clip_score`` of uint8 ``images (N, C, H, W)`` against ``prompts`` (one per image)."""
-    emb = evaluator.image_embeddings(evaluator.features(images))
-    return 100.0 * float((emb * evaluator.text_embeddings(prompts)).sum(1).mean())
-
-
-def real_clip_scores(evaluator, dataset: Path, prompts: list[str]) -> dict[str, float]:
-    """The real train images of ``prompts`` scored as :func:`measure` scores samples: what a model
-    that reproduced them would reach."""
+def real_clip_score(evaluator, dataset: Path, prompts: list[str]) -> float:
+    """The CLIP score of the real train images of ``prompts`` against their own captions, as
+    :func:`measure` scores samples: what a model that reproduced them would reach."""
     from aigc.evaluation.data import read_split
 
     train = read_split(dataset, "train")
     index = {c: i for i, c in enumerate(train.captions)}
-    images = train.images[[index[p] for p in prompts]]
-    own, shuffled = (
-        clip_score(evaluator, images, prompts),
-        clip_score(evaluator, images, prompts[1:] + prompts[:1]),
-    )
-    return {"clip_score": own, "clip_margin": own - shuffled}
+    emb = evaluator.image_embeddings(evaluator.features(train.images[[index[p] for p in prompts]]))
+    return 100.0 * float((emb * evaluator.text_embeddings(prompts)).sum(1).mean())
 
 
 def train_evaluator(dataset: Path) -> dict[str, Any]:
@@ -219,7 +204,7 @@ def run(name: str, dataset: Path, workdir: Path) -> dict[str, Any]:
     module, seconds = fit(cfg, location)
     out["train_seconds"] = round(seconds, 1)
     out["trained"] = measure(module, evaluator, dataset, prompts, recipe.generate)
-    out["real"] = real_clip_scores(evaluator, dataset, prompts)
+    out["clip_score_real"] = real_clip_score(evaluator, dataset, prompts)
     return out
 
 
