@@ -49,14 +49,16 @@ def bench_overrides(work: Path, dataset: Path, steps: int, workers: int, threads
     ]
 
 
-def run_aigc_train(config: Path, overrides: list[str], name: str) -> tuple[str, str, float]:
-    """Run the real CLI; returns (tracking uri, run id, wall seconds)."""
+def run_aigc_train(
+    config: Path, overrides: list[str], name: str, env: dict[str, str] | None = None
+) -> tuple[str, str, float]:
+    """Run the real CLI (in ``env``, default this process's); returns (tracking uri, run id, wall s)."""
     args = [AIGC, "train", str(config), "--name", name, "--no-eval", "--no-register"]
     for o in overrides:
         args += ["--set", o]
     uri = next(o.split("=", 1)[1] for o in overrides if o.startswith("tracking.uri="))
     t0 = time.time()
-    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.time() - t0
     if out.returncode != 0:
         raise RuntimeError(f"aigc train failed:\n{out.stderr[-4000:]}")

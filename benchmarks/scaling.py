@@ -1,6 +1,11 @@
-"""Samples/s of `aigc train` with 2 workers x 1 thread vs the best plain single process (2 threads)
-on this machine, same model, per-rank batch and data. Target >= 1.1x (measured ceiling here about
-1.21x before gradient sync).
+"""Samples/s of `aigc train` with 2 workers x 1 thread vs the best plain single process, against the
+ceiling measured in the same run.
+
+The plain loop runs with 1 and with 2 threads (same model, per-rank batch and data). Two perfectly
+independent 1-thread workers would train at twice the 1-thread rate, so the ceiling of the speedup
+over the best plain process is ``2 x rate(1 thread) / best rate``. The figure is the speedup as a
+fraction of that ceiling (target >= 0.95); what is lost below it is gradient synchronisation, the
+Lightning/Ray loop and the two processes sharing the machine's memory bandwidth.
 
     .venv/bin/python benchmarks/scaling.py [--config models/diffusion.yaml] [--steps 120]
 """
@@ -31,12 +36,12 @@ def main() -> None:
     per_step = steady_seconds_per_step(uri, run_id, a.skip)
     aigc_sps = 2 * cfg.data.batch_size / per_step  # two ranks, each a full batch per step
 
-    best = None
+    rates = {}
     for threads in (1, 2):  # in this process: a spawned child ran the loop 2-3x slower here
         plain_overrides = bench_overrides(work, dataset, a.steps, workers=1, threads=threads)
-        r = plain_loop(a.config, plain_overrides, threads, a.steps, a.skip)
-        if best is None or r["samples_per_s"] > best[1]:
-            best = (threads, r["samples_per_s"])
+        rates[threads] = plain_loop(a.config, plain_overrides, threads, a.steps, a.skip)["samples_per_s"]
+    best = max(rates.items(), key=lambda item: item[1])
+    ceiling = 2 * rates[1] / best[1]
     print(
         json.dumps(
             {
@@ -47,10 +52,13 @@ def main() -> None:
                 "aigc_workers": 2,
                 "threads_per_worker": 1,
                 "aigc_samples_per_s": round(aigc_sps, 1),
+                "plain_samples_per_s_1_thread": round(rates[1], 1),
+                "plain_samples_per_s_2_threads": round(rates[2], 1),
                 "plain_best_threads": best[0],
-                "plain_samples_per_s": round(best[1], 1),
                 "speedup": round(aigc_sps / best[1], 3),
-                "target_speedup": 1.1,
+                "ceiling": round(ceiling, 3),
+                "fraction_of_ceiling": round(aigc_sps / best[1] / ceiling, 3),
+                "target_fraction": 0.95,
             }
         )
     )

@@ -109,6 +109,26 @@ def test_embedded_ray_stays_on_loopback(ray_local):
     assert ray.util.get_node_ip_address() == "127.0.0.1"
 
 
+@pytest.mark.timeout(180)
+def test_ray_started_on_a_thread_stays_up_after_the_start(tmp_path):
+    """`aigc train` starts Ray on a thread while it prepares the job (RayStart). Ray's GCS and raylet
+    die with the *thread* that started them (PR_SET_PDEATHSIG): when that thread ended, the instance
+    was gone seconds later. In a fresh process, as `aigc train` runs it: still serving tasks after
+    the start, with a loopback address."""
+    code = """
+import time, ray
+from aigc.training.cluster import RayStart
+RayStart(None).wait()
+time.sleep(3)
+print("answer", ray.get(ray.remote(lambda: 7).remote(), timeout=60), ray.util.get_node_ip_address())
+"""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=150, env=env, cwd=tmp_path
+    )
+    assert "answer 7 127.0.0.1" in out.stdout, out.stderr[-3000:]
+
+
 def test_state_queries_in_the_embedded_ray_never_reach_another_cluster(ray_local):
     """Ray Train's PlacementGroupCleaner asks the state API, from inside the cluster, whether the run's
     controller lives. Left to itself the state client finds its cluster through
@@ -476,7 +496,7 @@ def test_a_shard_changed_after_its_manifest_fails_the_job_before_ray_starts(
     def no_ray(*_args, **_kwargs):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(launcher, "init_ray", no_ray)
+    monkeypatch.setattr(launcher, "RayStart", no_ray)
     data = _copy_dataset(digits_dataset, tmp_path)
     shard = _train_shard(data)
     good = shard.read_bytes()

@@ -9,11 +9,23 @@ The facts this relies on (ray 2.60 on Linux, see ``docs/stack-pitfalls.md``):
   ``init_ray`` runs the driver has usually imported ray already: the constant is re-read here.
 - ``ray start`` turns token authentication on and writes ``~/.ray/auth_token``; a client sends the
   token only with ``RAY_AUTH_MODE=token`` in its environment, else joining fails.
+- ``ray.init`` from the main thread installs a SIGTERM handler that calls ``sys.exit`` (so a
+  terminated driver unwinds and ends its MLflow run KILLED); from another thread it installs none and
+  logs a warning. :class:`RayStart` runs it on a thread and installs the same handler itself.
+- The embedded Ray's GCS and raylet are started with ``prctl(PR_SET_PDEATHSIG)`` (they die with
+  their parent), and Linux sends that signal when the parent *thread* exits, not the process: a
+  thread that started them and then ended took the instance down with it ("Failed to connect to
+  GCS within 60 seconds"). :class:`RayStart`'s thread therefore stays parked until the process exits.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import sys
+import threading
+import time
 
 from aigc.training.job import TrainError
 
@@ -46,6 +58,10 @@ def init_ray(address: str | None) -> None:
     to_driver = os.environ.get("AIGC_WORKER_LOGS", "0") not in ("", "0", "false")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+            # A cluster on this machine (`ray start --head` here) listens on loopback only; without
+            # the setting this driver looks for its raylet on the interface address and waits forever.
+            _stay_on_loopback()
         try:
             ray.init(address=address, log_to_driver=to_driver)
         except ConnectionError as err:
@@ -57,9 +73,7 @@ def init_ray(address: str | None) -> None:
                 )
             raise TrainError(f"cannot join the Ray cluster at {address}: {err}.{hint}") from err
         return
-    # Loopback (see the module doc): the variable for the processes Ray starts, the constant for
-    # this one, whose ray was imported before the variable was set.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    _stay_on_loopback()
     # Ray Train's PlacementGroupCleaner asks the state API whether the run's controller is alive. With
     # no address set, the state client finds "the" cluster through /tmp/ray/ray_current_cluster,
     # which `ray start` writes and nothing removes when that cluster is killed: a stale one made every
@@ -67,11 +81,79 @@ def init_ray(address: str | None) -> None:
     # another cluster, whose dashboard does not know this run's controller. The embedded Ray runs no
     # dashboard, so its processes get an API address that refuses at once.
     os.environ.setdefault(API_SERVER_ENV, NO_API_SERVER)
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false")
     # address="local": always a new embedded instance, never a cluster that `ray start` left behind.
     ray.init(address="local", include_dashboard=False, log_to_driver=to_driver, configure_logging=False)
+
+
+class RayStart:
+    """:func:`init_ray` on a background thread, begun as soon as the job's inputs are checked.
+
+    Starting Ray takes seconds, mostly spent waiting for its GCS, raylet and first worker processes,
+    which run on the other cores; the driver meanwhile opens the MLflow run, builds the tokenizer and
+    imports Ray Train. ``wait()`` blocks until Ray is up and re-raises what ``init_ray`` raised; a job
+    that fails before it calls ``wait()`` calls ``join()``, so no start is left half done. The thread
+    then stays parked for the life of the process (see the module doc).
+    """
+
+    _lock = threading.Lock()  # one start at a time in a process (in-process callers of train())
+
+    def __init__(self, address: str | None):
+        self._address = address
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self.seconds = 0.0  # how long init_ray (and the Ray Train import) took on the thread
+        if threading.current_thread() is threading.main_thread():
+            # What ray.init installs when it runs on the main thread (see the module doc).
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        threading.Thread(target=self._run, name="aigc-ray-start", daemon=True).start()
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        quiet = _NotMainThreadFilter()
+        worker_log = logging.getLogger("ray._private.worker")
+        with self._lock:
+            worker_log.addFilter(quiet)
+            try:
+                init_ray(self._address)
+                import ray.train.torch  # noqa: F401 - torch and Ray Train, while the driver works
+            except BaseException as err:  # noqa: BLE001 - handed to the caller by wait()
+                self._error = err
+            finally:
+                worker_log.removeFilter(quiet)
+                self.seconds = time.perf_counter() - t0
+                self._done.set()
+        threading.Event().wait()  # parked: Ray's processes die when their parent thread does
+
+    def join(self) -> None:
+        self._done.wait()
+
+    def wait(self) -> float:
+        """Seconds the caller waited for Ray; raises what starting it raised."""
+        t0 = time.perf_counter()
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return time.perf_counter() - t0
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    sys.exit(signum)
+
+
+class _NotMainThreadFilter(logging.Filter):
+    """Drops ray.init's "SIGTERM handler is not set" warning: RayStart sets the handler itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def _stay_on_loopback() -> None:
+    """Loopback (see the module doc): the variable for the processes Ray starts, the constant for
+    this one, whose ray was imported before the variable was set."""
+    from ray._private import ray_constants
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false")
 
 
 def worker_env() -> dict[str, str]:

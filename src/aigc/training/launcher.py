@@ -1,16 +1,18 @@
 """The driver side of ``aigc train``: one training job from the command line to MLflow.
 
-    resolve the config -> read the dataset's manifest -> check the shards against it
-      -> reach the tracking store -> open the MLflow run (or reopen it on --resume), and inside its
-         lifecycle: build the job record -> write aigc-job.json -> Ray Train fit -> final evaluation
-         -> the run's description
+    resolve the config -> read the dataset's manifest -> check the shards against it and the
+      storage path -> [Ray starts on a thread] -> reach the tracking store -> open the MLflow run
+      (or reopen it on --resume), and inside its lifecycle: build the job record -> write
+      aigc-job.json -> wait for Ray -> Ray Train fit -> final evaluation -> the run's description
 
 Order matters. The config is validated, the manifest read, every shard's size compared with it and
-the tracking store reached (and, for sqlite, its schema migrated: two ranks opening a fresh sqlite
-store race on the migration with "duplicate column name") before the run is opened and before Ray
-starts, so a bad config, a missing dataset, shards changed since their manifest (the run's data
-version would describe data it did not see) or an unreachable server fail in seconds and leave no
-run behind. Everything after the run is opened runs inside one lifecycle (``tracking.job_run`` /
+the storage path written to before Ray starts, and the tracking store reached (and, for sqlite, its
+schema migrated: two ranks opening a fresh sqlite store race on the migration with "duplicate column
+name") before the run is opened, so a bad config, a missing dataset, shards changed since their
+manifest (the run's data version would describe data it did not see) or an unreachable server fail
+in seconds and leave no run behind. Ray's start (seconds, mostly waiting for its processes) runs
+beside the MLflow preparation rather than after it (:class:`~aigc.training.cluster.RayStart`);
+``startup/*`` metrics record each phase (:class:`StartupClock`). Everything after the run is opened runs inside one lifecycle (``tracking.job_run`` /
 ``tracking.resumed_job_run``): any failure ends the run FAILED with the ``aigc.error`` tag, an
 interrupt KILLED, never RUNNING.
 
@@ -34,7 +36,7 @@ from typing import Any
 
 from aigc import project_root
 from aigc.config import RunConfig
-from aigc.training.cluster import init_ray, worker_env
+from aigc.training.cluster import RayStart, worker_env
 from aigc.training.job import (
     TrainError,
     TrainJob,
@@ -169,12 +171,14 @@ def train(
 
     t0 = time.perf_counter()
     launched_at = time.time()
+    clock = StartupClock()
     say = messages or (lambda _m: None)
     root = project_root()
     if name and resume:
         raise TrainError("--name and --resume exclude each other: --resume NAME continues run NAME")
     cfg = resolve_config(config, overrides, workers, gpus_per_worker, ray_address)
     storage = storage_location(cfg, root)
+    clock.mark("config")
 
     saved: TrainJob | None = None
     if resume:
@@ -195,6 +199,7 @@ def train(
     same_data = saved is not None and cfg.data == saved.run.data
     location = saved.data_location if same_data else data_location(cfg, root)
     manifest = _dataset_manifest(location)
+    clock.mark("manifest")
     if manifest.get("latent") is not None:
         _check_latent_data(cfg, location, manifest)
     # Once allowed, a job keeps training on the data as it is: its first part already did.
@@ -209,116 +214,133 @@ def train(
         )
     if saved is None:
         check_storage(storage)  # a storage path the job cannot write fails before the run opens
-    # A resumed job's run lives in the store its job file names, whatever the environment says now.
-    tracking_uri = saved.tracking_uri if saved else tracking.resolve_tracking_uri(cfg.tracking.uri)
-    tracking.ensure_tracking_store(tracking_uri)  # a dead server fails here within ~10 s
-    dversion = saved.data_version if same_data else version(location)
-    run_dir = f"{storage}/{name}"
-    data_name = manifest.get("name", cfg.data.name)
-    modified_tags = tracking.data_modified_tags(modified)
+    clock.mark("data_check")
+    # The inputs are checked: Ray starts on a thread while the rest of the preparation runs here.
+    ray_start = RayStart(cfg.scaling.ray_address)
+    try:
+        # A resumed job's run lives in the store its job file names, whatever the environment says now.
+        tracking_uri = saved.tracking_uri if saved else tracking.resolve_tracking_uri(cfg.tracking.uri)
+        tracking.ensure_tracking_store(tracking_uri)  # a dead server fails here within ~10 s
+        clock.mark("tracking_store")
+        dversion = saved.data_version if same_data else version(location)
+        clock.mark("data_version")
+        run_dir = f"{storage}/{name}"
+        data_name = manifest.get("name", cfg.data.name)
+        modified_tags = tracking.data_modified_tags(modified)
 
-    def description(**done: Any) -> str:
-        return tracking.run_description(
-            cfg.model.family,
-            max_steps=cfg.trainer.max_steps,
-            workers=cfg.scaling.num_workers,
-            data=f"`{data_name}` version `{dversion}`" + (" (modified, see the tags)" if modified else ""),
-            **done,
-        )
-
-    if saved is None:
-        sha = tracking.git_sha(root)
-        lifecycle = tracking.job_run(
-            tracking_uri,
-            cfg.tracking.experiment,
-            run_name=cfg.tracking.run_name or name,
-            params=cfg.model_dump(mode="json"),
-            tags=tracking.lineage_tags(
-                family=cfg.model.family,
-                data_name=data_name,
-                data_version=dversion,
+        def description(**done: Any) -> str:
+            return tracking.run_description(
+                cfg.model.family,
+                max_steps=cfg.trainer.max_steps,
                 workers=cfg.scaling.num_workers,
-                git_sha=sha,
-                registered_model=cfg.tracking.model_name(cfg.model.family),
+                data=f"`{data_name}` version `{dversion}`"
+                + (" (modified, see the tags)" if modified else ""),
+                **done,
             )
-            | tracking.source_tags(tracking.command_line(), sha)
-            | modified_tags
-            | {"aigc.run.name": name, "aigc.storage": run_dir, tracking.TAG_RUN_NOTE: description()},
-        )
-    else:
-        lifecycle = tracking.resumed_job_run(tracking_uri, saved.run_id)
 
-    with lifecycle as run:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri)
-        if saved is not None and modified_tags:
-            for key, value in modified_tags.items():
-                client.set_tag(run.run_id, key, value)
         if saved is None:
-            from aigc.data.captions_io import read_captions
-            from aigc.models.text import Tokenizer
-
-            tracking.log_dataset_input(client, run.run_id, name=data_name, source=location, digest=dversion)
-            tokenizer = Tokenizer.build(read_captions(location, "train")).to_dict()
+            sha = tracking.git_sha(root)
+            clock.mark("git")
+            lifecycle = tracking.job_run(
+                tracking_uri,
+                cfg.tracking.experiment,
+                run_name=cfg.tracking.run_name or name,
+                params=cfg.model_dump(mode="json"),
+                tags=tracking.lineage_tags(
+                    family=cfg.model.family,
+                    data_name=data_name,
+                    data_version=dversion,
+                    workers=cfg.scaling.num_workers,
+                    git_sha=sha,
+                    registered_model=cfg.tracking.model_name(cfg.model.family),
+                )
+                | tracking.source_tags(tracking.command_line(), sha)
+                | modified_tags
+                | {"aigc.run.name": name, "aigc.storage": run_dir, tracking.TAG_RUN_NOTE: description()},
+            )
         else:
-            tokenizer = saved.tokenizer
-        job = TrainJob(
-            name=name,
-            run_id=run.run_id,
-            experiment_id=run.experiment_id,
-            tracking_uri=tracking_uri,
-            run=cfg,
-            tokenizer=tokenizer,
-            image_size=manifest["image_size"],
-            channels=manifest["channels"],
-            latent=manifest.get("latent"),
-            data_location=location,
-            data_version=dversion,
-            run_dir=run_dir,
-            sample_prompts=sample_prompts(location),
-            launched_at=launched_at,
-            allow_modified_data=allow_modified_data,
-        )
-        write_job(job)
-        result = _fit(job, progress)
-        checkpoint = _checkpoint_path(result, run_dir)
-        out = TrainResult(
-            name=name,
-            run_id=run.run_id,
-            experiment_id=run.experiment_id,
-            tracking_uri=tracking_uri,
-            status="FINISHED",
-            global_step=int((result.metrics or {}).get("step", 0)),
-            checkpoint=checkpoint,
-            run_dir=run_dir,
-            metrics={
-                k: float(v)
-                for k, v in (result.metrics or {}).items()
-                if isinstance(v, (int, float)) and k not in ("step", "epoch")
-            },
-            data_modified=modified,
-        )
-        out.bad_samples, out.bad_fraction, out.bad_shards = tracking.skipped_samples(client, run.run_id)
-        if out.bad_samples:
-            say(f"warning: {bad_samples_line(out, cfg.data.max_bad_fraction)}")
-        if checkpoint:
-            out.sample_grid = _final_grid(run_dir)
-            if evaluate:
-                out.eval = _final_evaluation(job, out, eval_samples, say)
-        notes = [f"Data: {bad_samples_line(out, cfg.data.max_bad_fraction)}"] if out.bad_samples else []
-        if modified:
-            notes.append(f"Data: shards differed from the manifest: {'; '.join(modified)}")
-        client.set_tag(
-            run.run_id,
-            tracking.TAG_RUN_NOTE,
-            description(
-                steps=out.global_step,
-                eval_figures=out.eval,
-                sample_grid=FINAL_GRID if out.sample_grid else None,
-                notes=notes,
-            ),
-        )
+            lifecycle = tracking.resumed_job_run(tracking_uri, saved.run_id)
+
+        with lifecycle as run:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri)
+            if saved is not None and modified_tags:
+                for key, value in modified_tags.items():
+                    client.set_tag(run.run_id, key, value)
+            if saved is None:
+                from aigc.data.captions_io import read_captions
+                from aigc.models.text import Tokenizer
+
+                tracking.log_dataset_input(
+                    client, run.run_id, name=data_name, source=location, digest=dversion
+                )
+                clock.mark("mlflow_run")
+                tokenizer = Tokenizer.build(read_captions(location, "train")).to_dict()
+                clock.mark("tokenizer")
+            else:
+                clock.mark("mlflow_run")
+                tokenizer = saved.tokenizer
+            job = TrainJob(
+                name=name,
+                run_id=run.run_id,
+                experiment_id=run.experiment_id,
+                tracking_uri=tracking_uri,
+                run=cfg,
+                tokenizer=tokenizer,
+                image_size=manifest["image_size"],
+                channels=manifest["channels"],
+                latent=manifest.get("latent"),
+                data_location=location,
+                data_version=dversion,
+                run_dir=run_dir,
+                sample_prompts=sample_prompts(location),
+                launched_at=launched_at,
+                allow_modified_data=allow_modified_data,
+            )
+            write_job(job)
+            clock.mark("job_file")
+            result = _fit(job, progress, ray_start, clock)
+            checkpoint = _checkpoint_path(result, run_dir)
+            out = TrainResult(
+                name=name,
+                run_id=run.run_id,
+                experiment_id=run.experiment_id,
+                tracking_uri=tracking_uri,
+                status="FINISHED",
+                global_step=int((result.metrics or {}).get("step", 0)),
+                checkpoint=checkpoint,
+                run_dir=run_dir,
+                metrics={
+                    k: float(v)
+                    for k, v in (result.metrics or {}).items()
+                    if isinstance(v, (int, float)) and k not in ("step", "epoch")
+                },
+                data_modified=modified,
+            )
+            out.bad_samples, out.bad_fraction, out.bad_shards = tracking.skipped_samples(client, run.run_id)
+            if out.bad_samples:
+                say(f"warning: {bad_samples_line(out, cfg.data.max_bad_fraction)}")
+            if checkpoint:
+                out.sample_grid = _final_grid(run_dir)
+                if evaluate:
+                    out.eval = _final_evaluation(job, out, eval_samples, say)
+            notes = [f"Data: {bad_samples_line(out, cfg.data.max_bad_fraction)}"] if out.bad_samples else []
+            if modified:
+                notes.append(f"Data: shards differed from the manifest: {'; '.join(modified)}")
+            client.set_tag(
+                run.run_id,
+                tracking.TAG_RUN_NOTE,
+                description(
+                    steps=out.global_step,
+                    eval_figures=out.eval,
+                    sample_grid=FINAL_GRID if out.sample_grid else None,
+                    notes=notes,
+                ),
+            )
+    finally:
+        ray_start.join()  # a job that failed before Ray was up leaves no thread starting it
+
     if register and out.checkpoint:
         out.registered = _register(out, say)
     out.seconds = time.perf_counter() - t0
@@ -343,18 +365,40 @@ def bad_samples_line(out: TrainResult, max_bad_fraction: float) -> str:
     )
 
 
-def _fit(job: TrainJob, progress: Callable[[dict[str, Any]], None] | None):
+class StartupClock:
+    """Seconds of the driver's own start-up phases, in order (``startup/prepare.<phase>_s``).
+
+    ``mark(phase)`` closes the phase that began at the previous mark. The figures separate what aigc
+    does before training (config, manifest, data check, tracking store, MLflow run, tokenizer, job
+    file) from Ray's start, which runs beside them on a thread (:class:`RayStart`).
+    """
+
+    def __init__(self) -> None:
+        self._t = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._t
+        self._t = now
+
+
+def _fit(
+    job: TrainJob,
+    progress: Callable[[dict[str, Any]], None] | None,
+    ray_start: RayStart,
+    clock: StartupClock,
+):
     """Ray Train over ``job.run.scaling.num_workers`` workers; its checkpoints under ``job.run_dir``."""
+    ray_wait = ray_start.wait()  # Ray was started on a thread while the driver prepared the job
+    clock.mark("ray_wait")
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from aigc.training.progress import ProgressPoller
     from aigc.training.worker import train_loop
 
-    t_ray = time.time()
     cfg = job.run
-    init_ray(cfg.scaling.ray_address)
-    ray_s = time.time() - t_ray
     sc = cfg.scaling
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
@@ -375,7 +419,8 @@ def _fit(job: TrainJob, progress: Callable[[dict[str, Any]], None] | None):
     )
     poller = ProgressPoller(job.tracking_uri, job.run_id, cfg.trainer.max_steps, callback=progress)
     poller.start()
-    _log_startup(job, t_ray, ray_s)
+    clock.mark("submit")
+    _log_startup(job, clock, ray_start.seconds, ray_wait)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
@@ -389,18 +434,29 @@ def _fit(job: TrainJob, progress: Callable[[dict[str, Any]], None] | None):
     return result
 
 
-def _log_startup(job: TrainJob, t_ray: float, ray_s: float) -> None:
-    """Driver-side start-up figures (seconds): process start -> train() call (imports, CLI), train()
-    -> Ray start (config, tokenizer, MLflow run), Ray start. Workers add theirs (StartupTimer)."""
+def _log_startup(job: TrainJob, clock: StartupClock, ray_s: float, ray_wait_s: float) -> None:
+    """Driver-side start-up figures in seconds (``benchmarks/cold_start.py`` reads them):
+
+    - ``startup/imports_s``: process start -> the ``train()`` call (interpreter, imports, CLI);
+    - ``startup/prepare_s``: the driver's own work in ``train()``, Ray's wait left out, and
+      ``startup/prepare.<phase>_s`` for each phase of :class:`StartupClock`;
+    - ``startup/ray_s``: starting (or joining) Ray and importing Ray Train, on the thread;
+      ``startup/ray_wait_s``: what of it the driver still waited for after its preparation;
+    - ``startup/fit_call_s``: ``train()`` -> ``trainer.fit()``.
+
+    Rank 0 adds when its worker loop, first batch and first step came (``StartupTimer``)."""
     import psutil
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
+    own = {k: v for k, v in clock.phases.items() if k != "ray_wait"}
     figures = {
         "startup/imports_s": job.launched_at - psutil.Process().create_time(),
-        "startup/prepare_s": t_ray - job.launched_at,
+        "startup/prepare_s": sum(own.values()),
         "startup/ray_s": ray_s,
-    }
+        "startup/ray_wait_s": ray_wait_s,
+        "startup/fit_call_s": time.time() - job.launched_at,
+    } | {f"startup/prepare.{k}_s": v for k, v in own.items()}
     now = int(time.time() * 1000)
     MlflowClient(job.tracking_uri).log_batch(
         job.run_id, metrics=[Metric(k, v, now, 0) for k, v in figures.items()]
