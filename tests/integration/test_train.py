@@ -192,6 +192,15 @@ def test_every_family_trains_on_two_workers(family, ray_local, digits_dataset, t
     assert sorted(hist) == expected
     assert losses(uri, result.run_id, "val/loss"), "no val/loss logged"
     assert losses(uri, result.run_id, "perf/samples_per_s")
+    # Start-up phases (benchmarks/cold_start.py reads them): the driver's own steps add up to its
+    # preparation, and the job reached its worker, first batch and first step in that order.
+    m = run.data.metrics
+    steps = ["config", "manifest", "data_check", "tracking_store", "data_version", "git", "mlflow_run"]
+    steps += ["tokenizer", "job_file", "submit"]
+    assert sum(m[f"startup/prepare.{s}_s"] for s in steps) == pytest.approx(m["startup/prepare_s"])
+    assert 0 <= m["startup/ray_wait_s"] <= m["startup/ray_s"]
+    order = ["startup/fit_call_s", "startup/worker_s", "startup/first_batch_s", "startup/first_step_s"]
+    assert [m[k] for k in order] == sorted(m[k] for k in order)
     # Dataset input and a sample image over steps.
     inputs = run.inputs.dataset_inputs
     assert inputs and inputs[0].dataset.digest == tags["aigc.data.version"]

@@ -185,7 +185,6 @@ def check_data(
     describe data the run does not see. Runs before any MLflow run is opened and before Ray starts.
     """
     from aigc.data.manifest import check_sizes, verify_dataset
-    from aigc.tracking.lineage import TAG_DATA_MODIFIED
 
     if verify:
         folder = location.removeprefix("file://")
@@ -200,6 +199,8 @@ def check_data(
     report.extra = []  # tars the manifest does not list are never read
     problems = report.problems()
     if problems and not allow:
+        from aigc.tracking.lineage import TAG_DATA_MODIFIED  # imports MLflow: only on this path
+
         started = "the run was not reopened" if resuming else "no MLflow run was created"
         raise TrainError(
             f"{location}: shards differ from the manifest, so the run's data version would not describe "

@@ -12,9 +12,9 @@ name") before the run is opened, so a bad config, a missing dataset, shards chan
 manifest (the run's data version would describe data it did not see) or an unreachable server fail
 in seconds and leave no run behind. Ray's start (seconds, mostly waiting for its processes) runs
 beside the MLflow preparation rather than after it (:class:`~aigc.training.cluster.RayStart`);
-``startup/*`` metrics record each phase (:class:`StartupClock`). Everything after the run is opened runs inside one lifecycle (``tracking.job_run`` /
-``tracking.resumed_job_run``): any failure ends the run FAILED with the ``aigc.error`` tag, an
-interrupt KILLED, never RUNNING.
+``startup/*`` metrics record each phase (:class:`StartupClock`). Everything after the run is
+opened runs inside one lifecycle (``tracking.job_run`` / ``tracking.resumed_job_run``): any
+failure ends the run FAILED with the ``aigc.error`` tag, an interrupt KILLED, never RUNNING.
 
 One MLflow run per job, opened here; workers get its id in the :class:`TrainJob` and only rank 0
 logs to it. The config, data check, job file and naming rules live in :mod:`aigc.training.job`, Ray
