@@ -94,8 +94,8 @@ def start_head(work: Path) -> tuple[subprocess.Popen, str, dict[str, str]]:
     ray = str(Path(sys.executable).parent / "ray")
     cmd = [ray, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1"]
     cmd += ["--include-dashboard=false", "--disable-usage-stats"]
-    log = (work / "ray-head.log").open("w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with (work / "ray-head.log").open("w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while subprocess.run([ray, "status", f"--address={address}"], env=env, capture_output=True).returncode:
@@ -106,7 +106,8 @@ def start_head(work: Path) -> tuple[subprocess.Popen, str, dict[str, str]]:
 
 
 def stop_head(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)  # STACK: SIGTERM leaves some of Ray's processes behind
+    # SIGTERM leaves some of Ray's processes behind (docs/stack-pitfalls.md): the whole group, SIGKILL.
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
 
 

@@ -4,8 +4,9 @@ ceiling measured in the same run.
 The plain loop runs with 1 and with 2 threads (same model, per-rank batch and data). Two perfectly
 independent 1-thread workers would train at twice the 1-thread rate, so the ceiling of the speedup
 over the best plain process is ``2 x rate(1 thread) / best rate``. The figure is the speedup as a
-fraction of that ceiling (target >= 0.95); what is lost below it is gradient synchronisation, the
-Lightning/Ray loop and the two processes sharing the machine's memory bandwidth.
+fraction of that ceiling (target >= 0.95). Below it are gradient synchronisation, the Lightning/Ray
+loop, each rank's DataLoader process competing for the same cores, and the ranks sharing memory
+bandwidth; this script does not tell them apart.
 
     .venv/bin/python benchmarks/scaling.py [--config models/diffusion.yaml] [--steps 120]
 """
