@@ -2,6 +2,11 @@
 DataModule vs fed by batches already in memory, same model, batch and threads, in one run.
 Target <= 1.05. (Part (b) of the loader benchmark; part (a) is loader.py.)
 
+Two loader sides, each one DataModule whose loader is iterated epoch after epoch as Lightning does:
+with the decoded-sample cache (the default, ``stall_ratio``: steady state after the first epoch) and
+without it (``uncached_stall_ratio``: what a dataset bigger than the cache sees). Also printed: the
+loader's own read + decode time per sample on one core, next to the step's time per sample.
+
     .venv/bin/python benchmarks/data_stall.py [--config models/diffusion.yaml] [--steps 60] [--threads 2]
 """
 
@@ -42,7 +47,6 @@ def main() -> None:
         cfg, Tokenizer.build(read_captions(dataset, "train")), cfg.data.image_size, cfg.data.channels
     )
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.trainer.lr)
-    dm = ShardDataModule(cfg.data, location=dataset)
 
     def step(batch, i):
         loss = module.training_step(batch, i)
@@ -52,29 +56,35 @@ def main() -> None:
         if hasattr(module, "update_ema"):
             module.update_ema()
 
-    def stream(epoch0: int):
-        epoch = epoch0
-        while True:
-            dm.set_epoch(epoch)
-            yield from dm.train_dataloader()
-            epoch += 1
+    def make_stream(cache_mb: int):
+        """Endless batches from ONE loader iterated epoch after epoch, as Lightning uses it (its
+        persistent DataLoader workers keep their decoded-sample caches between epochs)."""
+        dm = ShardDataModule(cfg.data.model_copy(update={"decoded_cache_mb": cache_mb}), location=dataset)
+        loader = dm.train_dataloader()
 
-    in_memory = [b for _, b in zip(range(a.steps), stream(100), strict=False)]
-    for i, b in enumerate(in_memory[:10]):  # warm-up both paths
-        step(b, i)
-    loader_s, memory_s = [], []
-    for r in range(a.rounds):  # alternate so background load hits both alike
-        batches = stream(r)
-        t0 = time.perf_counter()
-        for i in range(a.steps):
-            step(next(batches), i)
-        loader_s.append((time.perf_counter() - t0) / a.steps)
-        batches.close()
-        t0 = time.perf_counter()
-        for i, b in enumerate(in_memory):
+        def stream(epoch: int):
+            while True:
+                dm.set_epoch(epoch)
+                yield from loader
+                epoch += 1
+
+        return stream
+
+    streams = {"cached": make_stream(cfg.data.decoded_cache_mb), "uncached": make_stream(0)}
+    in_memory = [b for _, b in zip(range(a.steps), streams["uncached"](100), strict=False)]
+    for stream in streams.values():  # warm-up: worker start, and the cache filled by epoch 0
+        for i, b in zip(range(a.steps), stream(0), strict=False):
             step(b, i)
-        memory_s.append((time.perf_counter() - t0) / a.steps)
-    ls, ms = statistics.median(loader_s), statistics.median(memory_s)
+    seconds = {"memory": [], "cached": [], "uncached": []}
+    for r in range(a.rounds):  # alternate so background load hits every side alike
+        for name in ("cached", "memory", "uncached"):
+            batches = streams[name](r + 1) if name != "memory" else iter(in_memory)
+            t0 = time.perf_counter()
+            for i in range(a.steps):
+                step(next(batches), i)
+            seconds[name].append((time.perf_counter() - t0) / a.steps)
+    ms, cs, us = (statistics.median(seconds[k]) for k in ("memory", "cached", "uncached"))
+    decode_s = decode_seconds_per_sample(cfg.data, dataset)
     print(
         json.dumps(
             {
@@ -86,13 +96,40 @@ def main() -> None:
                 "torch_threads": a.threads,
                 "steps_per_round": a.steps,
                 "rounds": a.rounds,
-                "loader_seconds_per_step": round(ls, 5),
                 "memory_seconds_per_step": round(ms, 5),
-                "stall_ratio": round(ls / ms, 3),
+                "loader_seconds_per_step": round(cs, 5),
+                "stall_ratio": round(cs / ms, 3),
+                "uncached_loader_seconds_per_step": round(us, 5),
+                "uncached_stall_ratio": round(us / ms, 3),
                 "target_ratio": 1.05,
+                "decoded_cache_mb": cfg.data.decoded_cache_mb,
+                # What a dataset too big for the cache pays: reading + decoding one sample on one
+                # core, next to the training step's own time per sample.
+                "loader_decode_ms_per_sample": round(1e3 * decode_s, 4),
+                "step_ms_per_sample": round(1e3 * ms / cfg.data.batch_size, 4),
             }
         )
     )
+
+
+def decode_seconds_per_sample(data_cfg, dataset) -> float:
+    """Seconds per sample for one uncached epoch read in this process (tar parse, decode, batching),
+    best of 3."""
+    import torch
+
+    from aigc.data.loader import ShardDataModule
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dm = ShardDataModule(data_cfg.model_copy(update={"num_workers": 0, "decoded_cache_mb": 0}), dataset)
+    best = float("inf")
+    for epoch in range(3):
+        dm.set_epoch(epoch)
+        t0 = time.perf_counter()
+        n = sum(int(b["valid"].sum()) for b in dm.train_dataloader())
+        best = min(best, (time.perf_counter() - t0) / n)
+    torch.set_num_threads(threads)
+    return best
 
 
 if __name__ == "__main__":

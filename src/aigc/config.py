@@ -82,6 +82,12 @@ class DataConfig(StrictModel):
     num_workers: int = Field(1, ge=0, le=64, description="DataLoader worker processes per rank")
     shuffle_buffer: int = Field(500, ge=0)
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    decoded_cache_mb: int = Field(
+        256,
+        ge=0,
+        description="per shard-reading process and split: keep decoded samples in memory up to this "
+        "many MiB, so later epochs skip reading and decoding them (no batch changes); 0 turns it off",
+    )
 
 
 # -------------------------------------------------------------------------------------------- model

@@ -103,6 +103,79 @@ def test_two_workers_split_the_rank_share(digits_dataset: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_loader_workers_persist_across_epochs_and_see_each_epoch(digits_dataset: Path) -> None:
+    # One loader iterated epoch after epoch, as Lightning does: its worker processes are forked once
+    # and still shuffle by the epoch set in the main process.
+    dm = ShardDataModule(_cfg(num_workers=2), digits_dataset, seed=3)
+    loader = dm.train_dataloader()
+    keys0 = _epoch(loader)[1]
+    pids = [w.pid for w in loader._iterator._workers]
+    dm.set_epoch(1)
+    keys1 = _epoch(loader)[1]
+    assert [w.pid for w in loader._iterator._workers] == pids and all(
+        w.is_alive() for w in loader._iterator._workers
+    )
+    fresh = ShardDataModule(_cfg(num_workers=2), digits_dataset, seed=3)
+    assert _epoch(fresh.train_dataloader())[1] == keys0
+    fresh.set_epoch(1)
+    assert _epoch(fresh.train_dataloader())[1] == keys1 != keys0
+
+
+def _move_tars(folder: Path, split: str, to: Path) -> None:
+    to.mkdir(exist_ok=True)
+    for tar in folder.glob(f"{split}-*.tar"):
+        tar.rename(to / tar.name)
+
+
+@pytest.mark.timeout(60)
+def test_decoded_cache_serves_later_epochs_without_changing_a_batch(tmp_path: Path, caplog) -> None:
+    folder = tmp_path / "ds"
+    bad = {"train-01-0003": "image", "train-02-0004": "json"}
+    write_dataset(folder, {"train": [40, 40, 21], "val": [10]}, bad=bad)
+    cfg = {"batch_size": 16, "max_bad_fraction": 0.05}
+    plain = ShardDataModule(_cfg(**cfg, decoded_cache_mb=0), folder, seed=5)
+    cached = ShardDataModule(_cfg(**cfg), folder, seed=5)
+    a, b = plain.train_dataloader(), cached.train_dataloader()
+    expected = []
+    for epoch in range(3):
+        plain.set_epoch(epoch)
+        expected.append((_epoch(a)[0], dict(a.dataset.stats.bad)))
+    _epoch(b)  # epoch 0 reads the tars and fills the cache
+    _move_tars(folder, "train", tmp_path / "away")  # later epochs cannot have read them
+    for epoch in (1, 2):
+        cached.set_epoch(epoch)
+        with caplog.at_level(logging.WARNING, logger="aigc.data.loader"):
+            caplog.clear()
+            batches = _epoch(b)[0]
+        want, want_bad = expected[epoch]
+        assert [x["key"] for x in batches] == [x["key"] for x in want]
+        assert all(torch.equal(x["image"], y["image"]) for x, y in zip(batches, want, strict=True))
+        assert all(torch.equal(x["valid"], y["valid"]) for x, y in zip(batches, want, strict=True))
+        # Bad samples are still counted, and named, every epoch.
+        assert dict(b.dataset.stats.bad) == want_bad and sum(want_bad.values()) == 2
+        assert "train-01-0003" in caplog.text
+
+
+@pytest.mark.timeout(60)
+def test_persistent_workers_keep_their_decoded_cache(tmp_path: Path) -> None:
+    folder = tmp_path / "ds"
+    write_dataset(folder, {"train": [8], "val": [12, 9, 7]})
+    dm = ShardDataModule(_cfg(batch_size=4, num_workers=2), folder)
+    loader = dm.val_dataloader()
+    first = _epoch(loader)[1]
+    _move_tars(folder, "val", tmp_path / "away")
+    assert _epoch(loader)[1] == first and sorted(first) == sorted(all_keys(read_manifest(folder), "val"))
+    # Without the cache the same second pass has nothing to read.
+    _move_tars(tmp_path / "away", "val", folder)
+    dm = ShardDataModule(_cfg(batch_size=4, num_workers=2, decoded_cache_mb=0), folder)
+    loader = dm.val_dataloader()
+    _epoch(loader)
+    _move_tars(folder, "val", tmp_path / "away2")
+    with pytest.raises(BadDataError):
+        _epoch(loader)
+
+
+@pytest.mark.timeout(60)
 def test_file_url_location(digits_dataset: Path) -> None:
     dm = ShardDataModule(_cfg(), digits_dataset.as_uri())
     assert dm.location.startswith("file://")
@@ -183,6 +256,13 @@ def test_truncated_shard_is_reported_with_its_path_and_skipped(tmp_path: Path, c
     stats = loader.dataset.stats
     assert stats.bad == {str(folder / "train-000001.tar"): len(lost)}
     assert stats.good == len(keys) and stats.assigned == 90
+    # A piece of a cut tar is never cached: the next epoch reads it again and reports the same loss.
+    dm.set_epoch(1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="aigc.data.loader"):
+        assert sorted(_epoch(loader)[1]) == sorted(keys)
+    assert str(folder / "train-000001.tar") in caplog.text
+    assert loader.dataset.stats.bad == {str(folder / "train-000001.tar"): len(lost)}
 
 
 @pytest.mark.timeout(30)

@@ -25,8 +25,17 @@ Shuffling (train only): the shard order is shuffled with ``seed + epoch`` (so ra
 shards each epoch), and each worker passes its samples through a shuffle buffer of
 ``DataConfig.shuffle_buffer`` samples seeded by ``(seed, epoch, rank, worker)``. The epoch comes from
 ``trainer.current_epoch`` when the DataModule is attached to a Lightning trainer, else from
-:meth:`ShardDataModule.set_epoch`. It reaches the workers when the DataLoader is iterated, so
-persistent workers are not used.
+:meth:`ShardDataModule.set_epoch`. It reaches the DataLoader workers through one shared-memory cell
+that the workers read each time an epoch starts, so the workers are persistent: forked once per
+loader, not once per epoch (a fork per epoch stalled training every ~23 steps on the digits).
+
+Decoded-sample cache: each process that reads shards (a DataLoader worker, or the main process when
+``num_workers=0``) keeps the samples it decoded, up to ``DataConfig.decoded_cache_mb``, and later
+epochs take them from memory instead of reading and decoding the tar again. The cache changes no
+batch: samples, order, padding, bad-sample counts and mid-epoch resume are the same with it as
+without it. A piece of a tar that could not be read to its end (truncated, missing) is never cached,
+so its loss is found and reported again every epoch. Memory: up to the budget per reading process
+and split; with shuffled shard orders every worker eventually sees every shard of its split.
 
 Bad data: a truncated tar, an undecodable image, a missing caption or bad json is logged (shard URL
 and key), skipped and counted per process (a DataLoader worker, or the main process when
@@ -124,6 +133,7 @@ class ShardStream(IterableDataset):
         max_bad_fraction: float = 0.0,
         loader_workers: int = 0,
         latent: dict[str, Any] | None = None,
+        cache_bytes: int = 0,
     ) -> None:
         if len(urls) != len(sizes):
             raise ValueError(f"{len(urls)} shard URLs but {len(sizes)} sizes")
@@ -136,7 +146,13 @@ class ShardStream(IterableDataset):
         self.max_bad_fraction = max_bad_fraction
         # A latent dataset (aigc.data.latents): batches carry the stored arrays, not pixels.
         self.latent = latent
-        self.epoch = 0
+        # The epoch, in shared memory: persistent DataLoader workers hold copies of this object made
+        # when they started, and read the epoch from here each time an epoch starts.
+        self._epoch_cell = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # Decoded-sample cache of the process reading the shards: shard index -> one entry per
+        # sample position (None until decoded); see the module docstring.
+        self._cache: dict[int, list[tuple[str, tuple | None, str | None] | None]] = {}
+        self._cache_left = int(cache_bytes)
         self.stats = ReadStats()
         self.resume_epoch: int | None = None
         self.resume_batches = 0
@@ -154,9 +170,15 @@ class ShardStream(IterableDataset):
         resumed mid-epoch then sees exactly the batches an uninterrupted run would have seen)."""
         self.resume_epoch, self.resume_batches = int(epoch), int(batches_done)
 
+    @property
+    def epoch(self) -> int:
+        """The epoch whose shard order and shuffle the next iteration uses."""
+        return int(self._epoch_cell[0])
+
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose shard order and shuffle the next iteration uses."""
-        self.epoch = int(epoch)
+        """Choose the epoch whose shard order and shuffle the next iteration uses (seen by every
+        DataLoader worker of this stream, persistent ones included, from their next epoch)."""
+        self._epoch_cell[0] = int(epoch)
 
     def __len__(self) -> int:
         return batches_per_epoch(sum(self.sizes), self.world, self.batch_size)
@@ -176,15 +198,16 @@ class ShardStream(IterableDataset):
             )
         self._bad_row = self._bad_table[worker]
         self._bad_row.zero_()  # a new epoch: this worker's row starts again (only it writes there)
-        order = epoch_shard_order(len(self.sizes), self.seed, self.epoch, self.shuffle)
+        epoch = self.epoch  # read once: the main process may set the next one while this one runs
+        order = epoch_shard_order(len(self.sizes), self.seed, epoch, self.shuffle)
         slot = plan_slot(self.sizes, self.world, workers, self.batch_size, self.rank, worker, order)
         self.stats = stats = ReadStats(assigned=slot.num_samples)
-        rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank}/{worker}")
-        samples = self._raw(slot.pieces, stats)
+        rng = random.Random(f"samples/{self.seed}/{epoch}/{self.rank}/{worker}")
+        samples = self._samples(slot.pieces, stats)
         if self.shuffle and self.shuffle_buffer > 1:
             samples = _shuffled(samples, self.shuffle_buffer, rng)
-        batches = self._batches(self._decoded(samples, stats), slot.batches, stats)
-        if self.resume_epoch == self.epoch and self.resume_batches:
+        batches = self._batches(samples, slot.batches, stats)
+        if self.resume_epoch == epoch and self.resume_batches:
             # The DataLoader takes batches from its workers round-robin (worker w gives global
             # batches w, w + W, ...), so the first k batches hold ceil((k - w) / W) of worker w's.
             # They are read and dropped: decoding is the price of an exact position.
@@ -203,23 +226,49 @@ class ShardStream(IterableDataset):
                 shards,
             )
 
-    def _raw(self, pieces, stats: ReadStats) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+    def _samples(self, pieces, stats: ReadStats) -> Iterator[tuple[np.ndarray, str, int, str]]:
+        """The decoded ``(image, caption, label, key)`` of the pieces, in order; bad samples are
+        counted (every epoch, cached or not) and skipped."""
         for piece in pieces:
             url = self.urls[piece.shard]
-            for key, parts in iter_piece(url, piece.start, piece.stop, stats):
-                yield url, key, parts
+            for key, sample, reason in self._entries(piece, url, stats):
+                if sample is None:
+                    stats.record_bad(url, key, reason)
+                    self._settle(stats)
+                    continue
+                yield sample
             self._settle(stats)
 
-    def _decoded(self, samples, stats: ReadStats) -> Iterator[tuple[np.ndarray, str, int, str]]:
+    def _entries(self, piece, url: str, stats: ReadStats) -> Iterator[tuple[str, tuple | None, str | None]]:
+        """``(key, sample or None, reason it is bad or None)`` per sample of a piece of a tar: from
+        the cache when it holds the whole piece, else read and decoded (and cached if it fits)."""
+        cached = self._cache.get(piece.shard)
+        if cached is not None:
+            entries = cached[piece.start : piece.stop]
+            if all(e is not None for e in entries):
+                yield from entries
+                return
         mode = "L" if self.channels == 1 else "RGB"
-        for url, key, parts in samples:
+        fresh: list | None = [] if self._cache_left > 0 else None
+        cost = 0
+        for key, parts in iter_piece(url, piece.start, piece.stop, stats):
             try:
                 image, caption, label = decode_sample(parts, mode, self.image_size, self.latent)
+                entry = (key, (image, caption, label, key), None)
+                cost += image.nbytes + len(caption) + 2 * len(key) + 200  # + ~200 B of Python objects
             except BadSample as err:
-                stats.record_bad(url, key, str(err))
-                self._settle(stats)
-                continue
-            yield image, caption, label, key
+                entry = (key, None, str(err))
+            if fresh is not None:
+                fresh.append(entry)
+                if cost > self._cache_left:
+                    fresh = None  # does not fit: this piece stays uncached
+            yield entry
+        # Only a piece read to its end is kept: a short tar's loss is recorded by iter_piece, and
+        # must be found again next epoch.
+        if fresh is not None and len(fresh) == piece.stop - piece.start:
+            slots = self._cache.setdefault(piece.shard, [None] * self.sizes[piece.shard])
+            slots[piece.start : piece.stop] = fresh
+            self._cache_left -= cost
 
     def _settle(self, stats: ReadStats) -> None:
         """After bad samples may have been counted: publish this worker's counts (see ``__init__``),
@@ -413,6 +462,7 @@ class ShardDataModule(pl.LightningDataModule):
             max_bad_fraction=self.cfg.max_bad_fraction,
             loader_workers=self.cfg.num_workers,
             latent=latent_spec(self.manifest),
+            cache_bytes=self.cfg.decoded_cache_mb * 2**20,
         )
 
     def _loader(self, split: str) -> DataLoader:
@@ -427,6 +477,9 @@ class ShardDataModule(pl.LightningDataModule):
             batch_size=None,
             num_workers=workers,
             worker_init_fn=_worker_init if workers else None,
+            # Forked once, kept across epochs: they keep their decoded-sample caches, and the epoch
+            # reaches them through the stream's shared cell (ShardStream.set_epoch).
+            persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
