@@ -1,11 +1,24 @@
-"""Loader throughput: samples/s through ShardDataModule vs decoding the same PNGs from memory.
+"""Loader throughput: samples/s through ShardDataModule vs decoding the same images from memory.
 
-Part (a) of the loader benchmark. Both sides run in this one process, on the same images, one after
-the other: the loader streams the train shards (tar parsing, JSON/caption decoding, shuffle buffer,
-PIL decode, batching); the baseline loops over PNG bytes already in RAM (PIL decode -> float
-tensor in [-1, 1]) on one core. The ratio is loader / baseline (target >= 0.5). Prints JSON.
+Part (a) of the loader benchmark, in two sections, each in this one process on one core:
 
-    .venv/bin/python benchmarks/loader.py --batch-size 64 --num-workers 0 --threads 1
+- ``digits_png``: the 8x8 grey digits (PNG). The loader streams the train shards (tar parsing,
+  JSON/caption decoding, shuffle buffer, PIL decode, batching); the baseline loops over the PNG
+  bytes already in RAM (PIL decode -> float tensor in [-1, 1]). Target ratio >= 0.5.
+- ``openmoji_jpeg64``: the emoji rendered at 64x64 RGB and stored as JPEG (quality 90), the size
+  and format real image-text shards have. Baseline: PIL's own decode of the same JPEG bytes in a
+  tight loop (``Image.open`` -> ``np.asarray``, nothing else). Target ratio >= 0.8. Also printed:
+  how many DataLoader workers (one core each) would feed one GPU training at 64 px, from the GPU's
+  samples/s (``--gpu-samples-per-s``, what ``throughput.py --device cuda`` prints for
+  ``diffusion-rgb64``) or, without it, an estimate from the config's counted FLOPs per sample and an
+  assumed achieved ``--gpu-tflops``.
+
+The loader side runs with the decoded-sample cache off (``decoded_cache_mb=0``): every timed epoch
+reads and decodes, which is what a dataset bigger than the cache pays. Sides alternate epoch by
+epoch; ratios are the median of per-round ratios. Prints JSON.
+
+    .venv/bin/python benchmarks/loader.py                  # both sections
+    .venv/bin/python benchmarks/loader.py --sections digits_png --batch-size 64
 
 Part (b), the data-stall ratio against the diffusion model, is ``benchmarks/data_stall.py``.
 """
@@ -15,6 +28,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -22,8 +36,12 @@ import time
 import warnings
 from pathlib import Path
 
+_loaders: dict = {}  # DataModule id -> its train loader
+# diffusion-rgb64's counted training FLOPs per sample (benchmarks/throughput.py; models/diffusion.md).
+DIFFUSION_RGB64_GFLOP = 9.99
 
-def memory_decode_rate(pngs: list[bytes], mode: str, repeats: int) -> list[float]:
+
+def memory_decode_rate(images: list[bytes], mode: str, repeats: int) -> list[float]:
     """Samples/s of PIL decode -> (C, H, W) float tensor in [-1, 1] over bytes held in RAM."""
     import numpy as np
     import torch
@@ -33,7 +51,7 @@ def memory_decode_rate(pngs: list[bytes], mode: str, repeats: int) -> list[float
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
-        for data in pngs:
+        for data in images:
             # Restricting PIL to the loader's decoders skips format probing: the fastest fair baseline.
             with Image.open(io.BytesIO(data), formats=["PNG", "JPEG", "WEBP"]) as im:
                 arr = np.asarray(im.convert(mode))  # (H, W) or (H, W, 3) uint8
@@ -42,14 +60,32 @@ def memory_decode_rate(pngs: list[bytes], mode: str, repeats: int) -> list[float
                 x = x.unsqueeze(0)  # (1, H, W)
             else:
                 x = x.permute(2, 0, 1)  # (3, H, W)
-        rates.append(len(pngs) / (time.perf_counter() - start))
+        rates.append(len(images) / (time.perf_counter() - start))
+    return rates
+
+
+def pil_decode_rate(images: list[bytes], mode: str, repeats: int) -> list[float]:
+    """Samples/s of PIL's own decode (bytes in RAM -> uint8 array), nothing else."""
+    import numpy as np
+    from PIL import Image
+
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for data in images:
+            with Image.open(io.BytesIO(data), formats=["JPEG", "PNG"]) as im:
+                np.asarray(im if im.mode == mode else im.convert(mode))
+        rates.append(len(images) / (time.perf_counter() - start))
     return rates
 
 
 def loader_rate(dm, epoch: int) -> tuple[float, int]:
-    """Samples/s (real samples, padding excluded) and batches of one train epoch via the DataModule."""
+    """Samples/s (real samples, padding excluded) and batches of one train epoch via the DataModule's
+    loader, made once and iterated every epoch as Lightning does."""
     dm.set_epoch(epoch)
-    loader = dm.train_dataloader()
+    if id(dm) not in _loaders:
+        _loaders[id(dm)] = dm.train_dataloader()
+    loader = _loaders[id(dm)]
     start = time.perf_counter()
     real = batches = 0
     for batch in loader:
@@ -58,8 +94,111 @@ def loader_rate(dm, epoch: int) -> tuple[float, int]:
     return real / (time.perf_counter() - start), batches
 
 
+def jpeg_shards(png_folder: Path, out: Path, quality: int = 90) -> Path:
+    """Copy a PNG shard folder to ``out`` with every image re-encoded as JPEG (same samples, keys,
+    captions and shard sizes; a manifest of its own)."""
+    from PIL import Image
+
+    from aigc.data.manifest import compute_digest, read_manifest, write_manifest
+    from aigc.data.sample import Sample
+    from aigc.data.shards import ShardWriter, iter_tar_samples
+
+    manifest = read_manifest(png_folder)
+    splits = {}
+    for split, info in manifest["splits"].items():
+        writer = ShardWriter(out, split, samples_per_shard=manifest["samples_per_shard"])
+        for shard in info["shards"]:
+            for key, parts in iter_tar_samples(png_folder / shard["name"]):
+                with Image.open(io.BytesIO(parts["png"])) as im:
+                    buf = io.BytesIO()
+                    im.convert("RGB").save(buf, format="JPEG", quality=quality)
+                meta = json.loads(parts["json"])
+                writer.write(Sample(key, buf.getvalue(), "jpg", parts["txt"].decode(), meta))
+        shards = writer.close()
+        splits[split] = {
+            "num_samples": sum(s.num_samples for s in shards),
+            "shards": [s.to_json() for s in shards],
+        }
+    write_manifest(out, {**manifest, "name": out.name, "splits": splits, "digest": compute_digest(splits)})
+    return out
+
+
+def compare(folder: Path, args, baseline, target: float) -> dict:
+    """Loader epochs vs ``baseline(images, mode, 1)`` rounds, alternated; a JSON-ready dict."""
+    from aigc.config import DataConfig
+    from aigc.data.loader import ShardDataModule
+    from aigc.data.shards import iter_tar_samples, read_manifest
+
+    manifest = read_manifest(folder)
+    cfg = DataConfig(
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        shuffle_buffer=args.shuffle_buffer,
+        image_size=manifest["image_size"],
+        channels=manifest["channels"],
+        decoded_cache_mb=0,  # every epoch reads and decodes: the cost of a dataset bigger than the cache
+    )
+    dm = ShardDataModule(cfg, folder)
+    shards = manifest["splits"]["train"]["shards"]
+    images = [
+        parts[ext]
+        for s in shards
+        for _, parts in iter_tar_samples(folder / s["name"])
+        for ext in ("png", "jpg")
+        if ext in parts
+    ]
+    mode = "L" if manifest["channels"] == 1 else "RGB"
+    loader_rate(dm, 0)  # warm-up: page cache, imports, worker start
+    baseline(images, mode, 1)
+    # Alternate the two sides round by round so load from other processes hits both alike.
+    loader_rates, baseline_rates, batches = [], [], 0
+    for epoch in range(args.epochs):
+        rate, n = loader_rate(dm, epoch + 1)
+        loader_rates.append(rate)
+        batches += n
+        baseline_rates += baseline(images, mode, 1)
+    ratios = [a / b for a, b in zip(loader_rates, baseline_rates, strict=True)]
+    return {
+        "dataset": manifest["name"],
+        "image_size": manifest["image_size"],
+        "channels": manifest["channels"],
+        "format": sorted(
+            {ext for s in shards[:1] for _, p in iter_tar_samples(folder / s["name"]) for ext in p}
+        ),
+        "train_samples": len(images),
+        "train_shards": len(shards),
+        "batches_per_epoch": batches // args.epochs,
+        "loader_samples_per_s": round(statistics.median(loader_rates), 1),
+        "baseline_samples_per_s": round(statistics.median(baseline_rates), 1),
+        "ratio": round(statistics.median(ratios), 3),  # median of the per-round ratios
+        "ratio_min": round(min(ratios), 3),
+        "target_ratio": target,
+        "loader_samples_per_s_all": [round(r, 1) for r in loader_rates],
+        "baseline_samples_per_s_all": [round(r, 1) for r in baseline_rates],
+    }
+
+
+def gpu_feed(loader_sps: float, args) -> dict:
+    """DataLoader workers (one core each, at this machine's per-core loader rate) that one GPU
+    training diffusion-rgb64 would need to never wait for data."""
+    if args.gpu_samples_per_s:
+        gpu_sps, source = args.gpu_samples_per_s, "--gpu-samples-per-s"
+    else:
+        gpu_sps = args.gpu_tflops * 1e3 / DIFFUSION_RGB64_GFLOP
+        source = (
+            f"estimate: {args.gpu_tflops} TFLOP/s achieved (--gpu-tflops, an assumption) / "
+            f"{DIFFUSION_RGB64_GFLOP} GFLOP per sample (diffusion-rgb64, counted by throughput.py)"
+        )
+    return {
+        "gpu_samples_per_s": round(gpu_sps, 1),
+        "gpu_samples_per_s_from": source,
+        "loader_workers_needed": math.ceil(gpu_sps / loader_sps),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sections", nargs="+", default=["digits_png", "openmoji_jpeg64"])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for the loader side")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (intra-op)")
@@ -69,79 +208,49 @@ def main() -> None:
         "--dataset",
         type=Path,
         default=None,
-        help="an existing shard folder; default: build digits shards into a temp dir",
+        help="digits_png: an existing shard folder instead of the digits",
     )
+    parser.add_argument(
+        "--gpu-samples-per-s", type=float, default=None, help="measured GPU training rate at 64 px"
+    )
+    parser.add_argument("--gpu-tflops", type=float, default=100.0, help="assumed achieved TFLOP/s without it")
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
     from aigc.config import DataConfig
-    from aigc.data.loader import ShardDataModule
-    from aigc.data.shards import build_dataset, iter_tar_samples, read_manifest
+    from aigc.data.shards import build_dataset
 
+    out = {
+        "benchmark": "loader_vs_memory_decode",
+        "batch_size": args.batch_size,
+        "dataloader_workers": args.num_workers,
+        "torch_threads": torch.get_num_threads(),
+        "shuffle_buffer": args.shuffle_buffer,
+        "epochs_timed": args.epochs,
+        "cpu_count": os.cpu_count(),
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        folder = args.dataset
-        if folder is None:
-            folder = Path(tmp) / "digits"
-            build_dataset(DataConfig(), folder)
-        manifest = read_manifest(folder)
-        cfg = DataConfig(
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            shuffle_buffer=args.shuffle_buffer,
-            image_size=manifest["image_size"],
-            channels=manifest["channels"],
-        )
-        dm = ShardDataModule(cfg, folder)
-        shards = manifest["splits"]["train"]["shards"]
-        pngs = [
-            parts[ext]
-            for s in shards
-            for _, parts in iter_tar_samples(folder / s["name"])
-            for ext in ("png", "jpg")
-            if ext in parts
-        ]
-
-        loader_rate(dm, 0)  # warm-up: page cache, imports, worker start
-        memory_decode_rate(pngs, "L" if manifest["channels"] == 1 else "RGB", 1)
-        # Alternate the two sides round by round so load from other processes hits both alike.
-        loader_rates, memory_rates, batches = [], [], 0
-        for epoch in range(args.epochs):
-            rate, n = loader_rate(dm, epoch + 1)
-            loader_rates.append(rate)
-            batches += n
-            memory_rates += memory_decode_rate(pngs, "L" if manifest["channels"] == 1 else "RGB", 1)
-
-    loader_sps, memory_sps = statistics.median(loader_rates), statistics.median(memory_rates)
-    ratios = [a / b for a, b in zip(loader_rates, memory_rates, strict=True)]
-    print(
-        json.dumps(
-            {
-                "benchmark": "loader_vs_memory_decode",
-                "dataset": manifest["name"],
-                "image_size": manifest["image_size"],
-                "channels": manifest["channels"],
-                "train_samples": len(pngs),
-                "train_shards": len(shards),
-                "batch_size": args.batch_size,
-                "dataloader_workers": args.num_workers,
-                "torch_threads": torch.get_num_threads(),
-                "shuffle_buffer": args.shuffle_buffer,
-                "epochs_timed": args.epochs,
-                "batches_per_epoch": batches // args.epochs,
-                "loader_samples_per_s": round(loader_sps, 1),
-                "memory_decode_samples_per_s": round(memory_sps, 1),
-                "ratio": round(statistics.median(ratios), 3),  # median of the per-round ratios
-                "ratio_min": round(min(ratios), 3),
-                "target_ratio": 0.5,
-                "loader_samples_per_s_all": [round(r, 1) for r in loader_rates],
-                "memory_decode_samples_per_s_all": [round(r, 1) for r in memory_rates],
-                "cpu_count": os.cpu_count(),
-            },
-            indent=2,
-        )
-    )
+        if "digits_png" in args.sections:
+            folder = args.dataset
+            if folder is None:
+                folder = Path(tmp) / "digits"
+                build_dataset(DataConfig(), folder)
+            out["digits_png"] = {
+                "baseline": "PIL decode of the PNG bytes -> float tensor in [-1, 1]",
+                **compare(folder, args, memory_decode_rate, 0.5),
+            }
+        if "openmoji_jpeg64" in args.sections:
+            png = Path(tmp) / "openmoji64"
+            build_dataset(DataConfig(name=png.name, source="openmoji", image_size=64, channels=3), png)
+            result = compare(jpeg_shards(png, Path(tmp) / "openmoji64-jpeg"), args, pil_decode_rate, 0.8)
+            out["openmoji_jpeg64"] = {
+                "baseline": "PIL decode of the JPEG bytes -> uint8 array, tight loop",
+                **result,
+                **gpu_feed(result["loader_samples_per_s"], args),
+            }
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

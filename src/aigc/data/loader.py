@@ -312,7 +312,9 @@ class ShardStream(IterableDataset):
             # One conversion per batch: (B, H, W, C) uint8 -> (B, C, H, W) float32 in [-1, 1].
             # Latents go as stored: float32 as is, codes as int64 (what embeddings index with).
             if latent is None:
-                x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+                # The permuting copy and the conversion in one pass, straight into (B, C, H, W) order.
+                x = torch.from_numpy(images).permute(0, 3, 1, 2)
+                x = x.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
             else:
                 x = torch.from_numpy(images)
                 x = x.long() if latent["kind"] == "vq" else x
