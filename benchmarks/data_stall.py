@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common import ROOT, digits_dataset
 from common import workdir as make_workdir
+from loader import loader_rate
 
 
 def main() -> None:
@@ -114,7 +115,7 @@ def main() -> None:
 
 def decode_seconds_per_sample(data_cfg, dataset) -> float:
     """Seconds per sample for one uncached epoch read in this process (tar parse, decode, batching),
-    best of 3."""
+    best of 3 (``loader.py``'s loader side)."""
     import torch
 
     from aigc.data.loader import ShardDataModule
@@ -122,14 +123,10 @@ def decode_seconds_per_sample(data_cfg, dataset) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     dm = ShardDataModule(data_cfg.model_copy(update={"num_workers": 0, "decoded_cache_mb": 0}), dataset)
-    best = float("inf")
-    for epoch in range(3):
-        dm.set_epoch(epoch)
-        t0 = time.perf_counter()
-        n = sum(int(b["valid"].sum()) for b in dm.train_dataloader())
-        best = min(best, (time.perf_counter() - t0) / n)
+    loader = dm.train_dataloader()
+    best_rate = max(loader_rate(dm, loader, epoch)[0] for epoch in range(3))
     torch.set_num_threads(threads)
-    return best
+    return 1 / best_rate
 
 
 if __name__ == "__main__":

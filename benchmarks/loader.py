@@ -36,7 +36,6 @@ import time
 import warnings
 from pathlib import Path
 
-_loaders: dict = {}  # DataModule id -> its train loader
 # diffusion-rgb64's counted training FLOPs per sample (benchmarks/throughput.py; models/diffusion.md).
 DIFFUSION_RGB64_GFLOP = 9.99
 
@@ -79,13 +78,10 @@ def pil_decode_rate(images: list[bytes], mode: str, repeats: int) -> list[float]
     return rates
 
 
-def loader_rate(dm, epoch: int) -> tuple[float, int]:
-    """Samples/s (real samples, padding excluded) and batches of one train epoch via the DataModule's
-    loader, made once and iterated every epoch as Lightning does."""
+def loader_rate(dm, loader, epoch: int) -> tuple[float, int]:
+    """Samples/s (real samples, padding excluded) and batches of epoch ``epoch`` of ``loader``, the
+    DataModule's train loader made once and iterated every epoch, as Lightning does."""
     dm.set_epoch(epoch)
-    if id(dm) not in _loaders:
-        _loaders[id(dm)] = dm.train_dataloader()
-    loader = _loaders[id(dm)]
     start = time.perf_counter()
     real = batches = 0
     for batch in loader:
@@ -139,6 +135,7 @@ def compare(folder: Path, args, baseline, target: float) -> dict:
         decoded_cache_mb=0,  # every epoch reads and decodes: the cost of a dataset bigger than the cache
     )
     dm = ShardDataModule(cfg, folder)
+    loader = dm.train_dataloader()
     shards = manifest["splits"]["train"]["shards"]
     images = [
         parts[ext]
@@ -148,12 +145,12 @@ def compare(folder: Path, args, baseline, target: float) -> dict:
         if ext in parts
     ]
     mode = "L" if manifest["channels"] == 1 else "RGB"
-    loader_rate(dm, 0)  # warm-up: page cache, imports, worker start
+    loader_rate(dm, loader, 0)  # warm-up: page cache, imports, worker start
     baseline(images, mode, 1)
     # Alternate the two sides round by round so load from other processes hits both alike.
     loader_rates, baseline_rates, batches = [], [], 0
     for epoch in range(args.epochs):
-        rate, n = loader_rate(dm, epoch + 1)
+        rate, n = loader_rate(dm, loader, epoch + 1)
         loader_rates.append(rate)
         batches += n
         baseline_rates += baseline(images, mode, 1)
