@@ -3,6 +3,14 @@ threads on the same model, batch and data, in one run, for T = 1 and 2. Target r
 The two sides alternate ``--rounds`` times and the ratio is the median of the rounds' ratios (this
 shared machine's speed moves by 10-25 % within a minute, so one pair is not enough).
 
+A third side splits the overhead: the same plain loop inside one bare Ray Train V2 worker
+(``ray_plain_loop.py``: no Lightning, no aigc). ``stack_ratio`` (bare worker / own process) is what
+running in a Ray Train worker costs by itself; ``ratio_vs_ray_plain`` (aigc / bare worker) is what aigc
+and Lightning add on top. On this 2-core machine the stack's share is the whole gap at 2 threads: a
+2-thread OpenMP team on 2 cores stalls at every barrier when any other process (Ray's raylet, GCS,
+log monitor, the polling driver and controller: about 0.1 core together) takes a core for a moment;
+at 1 thread the idle core absorbs them.
+
     .venv/bin/python benchmarks/train_overhead.py [--config models/diffusion.yaml] [--steps 120]
 """
 
@@ -11,10 +19,26 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 from common import ROOT, bench_overrides, digits_dataset, plain_loop, run_aigc_train, steady_seconds_per_step
 from common import workdir as make_workdir
+
+
+def ray_plain_loop(
+    config: Path, overrides: list[str], threads: int, steps: int, skip: int, work: Path, r: int
+):
+    """Seconds per step of the plain loop in one bare Ray Train worker (``ray_plain_loop.py``)."""
+    out = work / f"ray-plain-t{threads}-r{r}.json"
+    args = [sys.executable, str(Path(__file__).with_name("ray_plain_loop.py")), "--config", str(config)]
+    args += ["--out", str(out), "--threads", str(threads), "--steps", str(steps), "--skip", str(skip)]
+    args += ["--storage", str(work / "ray-plain-runs")] + [f"--set={o}" for o in overrides]
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"ray_plain_loop.py failed:\n{done.stderr[-4000:]}")
+    return json.loads(out.read_text())["seconds_per_step"]
 
 
 def main() -> None:
@@ -24,21 +48,36 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=20, help="warm-up steps left out of the timing")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=3, help="aigc/plain pairs per thread count")
+    p.add_argument(
+        "--no-ray-plain", action="store_true", help="leave out the plain loop in a bare Ray worker"
+    )
     a = p.parse_args()
     work = make_workdir()
     dataset = digits_dataset(work)
     results = []
     for t in a.threads:
         overrides = bench_overrides(work, dataset, a.steps, workers=1, threads=t)
-        aigc_all, plain_all = [], []
+        aigc_all, plain_all, ray_all = [], [], []
         for r in range(a.rounds):  # alternate the sides, round by round
             uri, run_id, _ = run_aigc_train(a.config, overrides, name=f"overhead-t{t}-r{r}")
             aigc_all.append(steady_seconds_per_step(uri, run_id, a.skip))
             # In this process (torch.set_num_threads(t) inside): a spawned child ran the same loop
             # 2-3x slower here, which made the baseline, not aigc, the thing measured.
             plain_all.append(plain_loop(a.config, overrides, t, a.steps, a.skip)["seconds_per_step"])
+            if not a.no_ray_plain:
+                ray_all.append(ray_plain_loop(a.config, overrides, t, a.steps, a.skip, work, r))
+        extra = {}
+        if ray_all:
+            med = statistics.median
+            extra = {
+                "ray_plain_seconds_per_step": round(min(ray_all), 5),
+                "stack_ratio": round(med(x / y for x, y in zip(ray_all, plain_all, strict=True)), 3),
+                "ratio_vs_ray_plain": round(med(x / y for x, y in zip(aigc_all, ray_all, strict=True)), 3),
+                "ray_plain_seconds_per_step_all": [round(x, 5) for x in ray_all],
+            }
         results.append(
-            {
+            extra
+            | {
                 "threads": t,
                 "aigc_seconds_per_step": round(min(aigc_all), 5),
                 "plain_seconds_per_step": round(min(plain_all), 5),

@@ -1,0 +1,72 @@
+"""The plain loop of ``common.plain_loop`` run inside one bare Ray Train V2 worker: no Lightning, no
+aigc driver, callbacks or logging. ``train_overhead.py`` times it beside ``aigc train`` and the same
+loop in its own process, which splits aigc's step overhead into the stack's share and aigc's own.
+
+Ray is started as ``bare_stack.py`` starts it (loopback, no dashboard), the worker gets ``--threads``
+CPUs, and the loop writes its JSON (``seconds_per_step``, ``samples_per_s``) to ``--out``.
+
+    .venv/bin/python benchmarks/ray_plain_loop.py --config models/diffusion.yaml --out /tmp/r.json \\
+        --threads 2 --steps 220 --skip 40 --set data.location=/tmp/digits ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def loop(config: dict) -> None:
+    import sys
+
+    sys.path.insert(0, config["benchmarks"])  # the worker runs in Ray's session folder
+    from common import plain_loop
+
+    result = plain_loop(
+        Path(config["config"]), config["overrides"], config["threads"], config["steps"], config["skip"]
+    )
+    Path(config["out"]).write_text(json.dumps(result))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--skip", type=int, default=20)
+    p.add_argument("--storage", default="/tmp/aigc-ray-plain-loop")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE")
+    a = p.parse_args()
+
+    import ray
+    import ray.train
+    from ray._private import ray_constants
+    from ray.train.torch import TorchTrainer
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    config = {
+        "benchmarks": str(HERE),
+        "config": str(a.config.resolve()),
+        "overrides": a.overrides,
+        "threads": a.threads,
+        "steps": a.steps,
+        "skip": a.skip,
+        "out": a.out,
+    }
+    TorchTrainer(
+        loop,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": a.threads}),
+        run_config=ray.train.RunConfig(storage_path=a.storage),
+    ).fit()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
