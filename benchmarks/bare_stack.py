@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import pytorch_lightning as pl
@@ -87,11 +86,9 @@ def main() -> None:
     if a.address:
         ray.init(address=a.address, log_to_driver=False)
     else:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        from ray._private import ray_constants
+        from common import start_embedded_ray
 
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+        start_embedded_ray()
     trainer = TorchTrainer(
         loop,
         train_loop_config={

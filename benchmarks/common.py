@@ -130,6 +130,18 @@ def plain_loop(config: Path, overrides: list[str], threads: int, steps: int, ski
     return {"seconds_per_step": per_step, "samples_per_s": cfg.data.batch_size / per_step}
 
 
+def start_embedded_ray() -> None:
+    """Start Ray in this process as ``aigc train`` starts its embedded instance (loopback, no
+    dashboard; see ``aigc.training.cluster``), for the bare-stack sides that must differ from
+    ``aigc train`` only by what aigc adds."""
+    import ray
+    from ray._private import ray_constants
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
 def workdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="aigc-bench-"))
 

@@ -2,8 +2,8 @@
 aigc driver, callbacks or logging. ``train_overhead.py`` times it beside ``aigc train`` and the same
 loop in its own process, which splits aigc's step overhead into the stack's share and aigc's own.
 
-Ray is started as ``bare_stack.py`` starts it (loopback, no dashboard), the worker gets ``--threads``
-CPUs, and the loop writes its JSON (``seconds_per_step``, ``samples_per_s``) to ``--out``.
+Ray is started as ``bare_stack.py`` starts it (``common.start_embedded_ray``), the worker gets
+``--threads`` CPUs, and the loop writes its JSON (``seconds_per_step``, ``samples_per_s``) to ``--out``.
 
     .venv/bin/python benchmarks/ray_plain_loop.py --config models/diffusion.yaml --out /tmp/r.json \\
         --threads 2 --steps 220 --skip 40 --set data.location=/tmp/digits ...
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -44,12 +43,11 @@ def main() -> None:
 
     import ray
     import ray.train
-    from ray._private import ray_constants
     from ray.train.torch import TorchTrainer
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from common import start_embedded_ray
+
+    start_embedded_ray()
     config = {
         "benchmarks": str(HERE),
         "config": str(a.config.resolve()),
