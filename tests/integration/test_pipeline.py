@@ -12,7 +12,7 @@ The copied dvc.yaml keeps every stage but runs the foreach stages for the config
 diffusion (a pixel family), autoencoder and latent-diffusion (the latent chain). gan, vae and
 autoregressive are the same train and register templates with another model file (checked below),
 and each of them trains, registers and loads through `aigc train` in tests/integration/test_train.py;
-running their stages here too cost about 150 s of CI's 40-minute budget (6 train stages of ~40 s each
+running their stages here too cost about 180 s of CI's 40-minute budget (train stages of ~40 s each
 on 2 cores, most of it job start-up).
 """
 
