@@ -6,10 +6,8 @@ shared machine's speed moves by 10-25 % within a minute, so one pair is not enou
 A third side splits the overhead: the same plain loop inside one bare Ray Train V2 worker
 (``ray_plain_loop.py``: no Lightning, no aigc). ``stack_ratio`` (bare worker / own process) is what
 running in a Ray Train worker costs by itself; ``ratio_vs_ray_plain`` (aigc / bare worker) is what aigc
-and Lightning add on top. On this 2-core machine the stack's share is the whole gap at 2 threads: a
-2-thread OpenMP team on 2 cores stalls at every barrier when any other process (Ray's raylet, GCS,
-log monitor, the polling driver and controller: about 0.1 core together) takes a core for a moment;
-at 1 thread the idle core absorbs them.
+and Lightning add on top. Why the stack's share is the whole gap at 2 threads on 2 cores:
+docs/stack-pitfalls.md ("CPU step time in a Ray Train worker"); figures in benchmarks/README.md.
 
     .venv/bin/python benchmarks/train_overhead.py [--config models/diffusion.yaml] [--steps 120]
 """
@@ -41,6 +39,11 @@ def ray_plain_loop(
     return json.loads(out.read_text())["seconds_per_step"]
 
 
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """The median of the rounds' ratios a/b: each round's pair ran back to back."""
+    return round(statistics.median(x / y for x, y in zip(a, b, strict=True)), 3)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", type=Path, default=ROOT / "models" / "diffusion.yaml")
@@ -68,26 +71,25 @@ def main() -> None:
                 ray_all.append(ray_plain_loop(a.config, overrides, t, a.steps, a.skip, work, r))
         extra = {}
         if ray_all:
-            med = statistics.median
             extra = {
                 "ray_plain_seconds_per_step": round(min(ray_all), 5),
-                "stack_ratio": round(med(x / y for x, y in zip(ray_all, plain_all, strict=True)), 3),
-                "ratio_vs_ray_plain": round(med(x / y for x, y in zip(aigc_all, ray_all, strict=True)), 3),
+                "stack_ratio": median_ratio(ray_all, plain_all),
+                "ratio_vs_ray_plain": median_ratio(aigc_all, ray_all),
                 "ray_plain_seconds_per_step_all": [round(x, 5) for x in ray_all],
             }
         results.append(
-            extra
-            | {
+            {
                 "threads": t,
                 "aigc_seconds_per_step": round(min(aigc_all), 5),
                 "plain_seconds_per_step": round(min(plain_all), 5),
                 # Each round's pair ran back to back; the median of their ratios is the figure,
                 # best over best a second view (it favours whichever side met a quiet minute).
-                "ratio": round(statistics.median(x / y for x, y in zip(aigc_all, plain_all, strict=True)), 3),
+                "ratio": median_ratio(aigc_all, plain_all),
                 "ratio_best_over_best": round(min(aigc_all) / min(plain_all), 3),
                 "aigc_seconds_per_step_all": [round(x, 5) for x in aigc_all],
                 "plain_seconds_per_step_all": [round(x, 5) for x in plain_all],
             }
+            | extra
         )
     from aigc.config import load_config
 
