@@ -239,6 +239,57 @@ def test_rgb_and_jpg_decode(tmp_path: Path) -> None:
     assert all(float(b["image"].min()) >= -1.0 and float(b["image"].max()) <= 1.0 for b in batches)
 
 
+def _jpeg(pixels, **save) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+def test_jpeg_fast_path_gives_pils_pixels_and_leaves_the_rest_to_pil() -> None:
+    """JPEGs at the dataset size decode through libjpeg-turbo (simplejpeg) to exactly PIL's pixels;
+    conversions, other sizes and broken files stay PIL's, errors included."""
+    import numpy as np
+    from PIL import Image
+
+    from aigc.data.loader_read import _decode_jpeg, decode_image
+
+    rng = np.random.default_rng(0)
+    # Smooth colour ramps plus noise: chroma subsampling and the DCT both have something to do.
+    ramp = np.linspace(0, 255, 32)
+    rgb = np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], 255 - ramp[:, None]), -1)
+    rgb = np.clip(rgb + rng.normal(0, 20, rgb.shape), 0, 255).astype(np.uint8)  # (32, 32, 3)
+    grey = rgb[..., 1].copy()
+
+    def pil(data: bytes, mode: str) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert(mode))
+
+    fast = {
+        "rgb 4:4:4": (_jpeg(rgb, subsampling=0), "RGB"),
+        "rgb 4:2:0": (_jpeg(rgb, subsampling=2), "RGB"),
+        "grey as L": (_jpeg(grey), "L"),
+    }
+    for case, (data, mode) in fast.items():
+        taken = _decode_jpeg(data, mode, 32)
+        assert taken is not None, case
+        assert taken.shape == pil(data, mode).shape and np.array_equal(taken, pil(data, mode)), case
+        assert np.array_equal(decode_image(data, mode, 32), pil(data, mode)), case
+    for case, (data, mode, size) in {
+        "grey as RGB": (_jpeg(grey), "RGB", 32),
+        "rgb as L (PIL's luma)": (_jpeg(rgb), "L", 32),
+        "other size (crop + resize)": (_jpeg(rgb), "RGB", 16),
+    }.items():
+        assert _decode_jpeg(data, mode, size) is None, case
+        assert decode_image(data, mode, size).shape == ((size, size, 3) if mode == "RGB" else (size, size))
+    assert np.array_equal(decode_image(_jpeg(grey), "RGB", 32), pil(_jpeg(grey), "RGB"))
+    broken = _jpeg(rgb)[:300]  # the header survives, the scan is cut
+    assert _decode_jpeg(broken, "RGB", 32) is None
+    with pytest.raises(OSError, match="(?i)truncated"):
+        decode_image(broken, "RGB", 32)  # PIL's verdict and wording
+
+
 @pytest.mark.timeout(60)
 def test_truncated_shard_is_reported_with_its_path_and_skipped(tmp_path: Path, caplog) -> None:
     folder = tmp_path / "cut"

@@ -2,7 +2,8 @@
 
 Tars are opened through ``fsspec.open(url, "rb")`` (local paths, ``file://``, ``s3://``, ``gs://``,
 ``https://``...) and read forward as a stream by :func:`iter_tar_files`, never through a shell. Only three
-kinds of member are ever decoded: the image (png/jpg/jpeg/webp, by PIL; in a latent dataset the
+kinds of member are ever decoded: the image (png/jpg/jpeg/webp, by PIL, and JPEG at the dataset's size
+by libjpeg-turbo through ``simplejpeg``, see :func:`decode_image`; in a latent dataset the
 ``.npy`` latent array, by ``numpy.load(allow_pickle=False)``, see :mod:`aigc.data.latents`), the
 caption (``.txt``, UTF-8) and the metadata (``.json``); everything else in a sample is ignored, so
 nothing is unpickled.
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
+import simplejpeg
 from PIL import Image
 
 __all__ = [
@@ -262,7 +264,16 @@ def iter_piece(url: str, start: int, stop: int, stats: ReadStats) -> Iterator[tu
 
 
 def decode_image(data: bytes, mode: str, size: int) -> np.ndarray:
-    """PNG/JPEG/WebP bytes -> uint8 array ``(H, W)`` (mode L) or ``(H, W, 3)`` (RGB) at ``size``."""
+    """PNG/JPEG/WebP bytes -> uint8 array ``(H, W)`` (mode L) or ``(H, W, 3)`` (RGB) at ``size``.
+
+    A JPEG already at ``size`` whose colour space needs no conversion PIL would do its own way goes
+    through :func:`_decode_jpeg` (the same pixels, about 4x faster); everything else, and anything
+    that path cannot read, goes through PIL, which also words the error of a bad image.
+    """
+    if data[:2] == b"\xff\xd8":  # JPEG's start-of-image marker
+        image = _decode_jpeg(data, mode, size)
+        if image is not None:
+            return image
     with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as im:
         if im.width * im.height > _MAX_PIXELS:
             raise ValueError(f"{im.width}x{im.height} pixels is more than the {_MAX_PIXELS} allowed")
@@ -275,6 +286,32 @@ def decode_image(data: bytes, mode: str, size: int) -> np.ndarray:
             box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
             im = im.resize((size, size), Image.Resampling.BICUBIC, box=box)
         return np.asarray(im)
+
+
+def _decode_jpeg(data: bytes, mode: str, size: int) -> np.ndarray | None:
+    """A ``size`` x ``size`` JPEG decoded by libjpeg-turbo through ``simplejpeg``, or None for PIL.
+
+    Why: at 64 px, PIL's JPEG decode (``Image.open`` parses the markers in Python, then the decode
+    and the copy out) was ~80 us a sample on one core here, more than the rest of the loader
+    together; through ``simplejpeg.decode_jpeg`` it is ~24 us (``benchmarks/loader.py``). Both run
+    libjpeg-turbo with the same defaults (accurate integer DCT, smooth chroma upsampling), so the
+    pixels are PIL's (``tests/integration/test_loader.py`` checks it on 4:4:4, 4:2:0 and grey JPEGs).
+    Only the cases with nothing to convert are taken: YCbCr (or RGB) to RGB, and grey to L. A grey
+    JPEG wanted as RGB, RGB wanted as L (PIL's own luma formula), CMYK, another size (centre crop
+    and resize) and anything turbojpeg refuses are PIL's.
+    """
+    try:
+        height, width, space, _subsampling = simplejpeg.decode_jpeg_header(data)
+        if (height, width) != (size, size):
+            return None
+        if mode == "RGB" and space in ("YCbCr", "RGB"):
+            return simplejpeg.decode_jpeg(data, colorspace="RGB")  # (H, W, 3) uint8
+        if mode == "L" and space == "Gray":
+            grey = simplejpeg.decode_jpeg(data, colorspace="GRAY")  # (H, W, 1)
+            return grey.reshape(height, width)
+    except ValueError:
+        pass  # PIL decides, and says why a bad image is bad
+    return None
 
 
 def decode_sample(
