@@ -312,9 +312,11 @@ class ShardStream(IterableDataset):
             # One conversion per batch: (B, H, W, C) uint8 -> (B, C, H, W) float32 in [-1, 1].
             # Latents go as stored: float32 as is, codes as int64 (what embeddings index with).
             if latent is None:
-                # The permuting copy and the conversion in one pass, straight into (B, C, H, W) order.
-                x = torch.from_numpy(images).permute(0, 3, 1, 2)
-                x = x.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
+                # The permuting copy on the uint8 bytes first, then the conversion on contiguous
+                # memory, which vectorises: 6.5 us a 64 px RGB sample against 9.1 for converting
+                # while permuting (one core, bit-identical; benchmarks/loader.py times the loader).
+                x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+                x = x.to(torch.float32).div_(127.5).sub_(1.0)
             else:
                 x = torch.from_numpy(images)
                 x = x.long() if latent["kind"] == "vq" else x
