@@ -7,7 +7,9 @@ Part (a) of the loader benchmark, in two sections, each in this one process on o
   bytes already in RAM (PIL decode -> float tensor in [-1, 1]). Target ratio >= 0.5.
 - ``openmoji_jpeg64``: the emoji rendered at 64x64 RGB and stored as JPEG (quality 90), the size
   and format real image-text shards have. Baseline: PIL's own decode of the same JPEG bytes in a
-  tight loop (``Image.open`` -> ``np.asarray``, nothing else). Target ratio >= 0.8. Also printed:
+  tight loop (``Image.open`` -> ``np.asarray``, nothing else). Target ratio >= 0.8. The loader
+  decodes such JPEGs with libjpeg-turbo through ``simplejpeg`` (same pixels, ~4x PIL's rate), so
+  the ratio can pass 1. Also printed:
   how many DataLoader workers (one core each) would feed one GPU training at 64 px, from the GPU's
   samples/s (``--gpu-samples-per-s``, what ``throughput.py --device cuda`` prints for
   ``diffusion-rgb64``) or, without it, an estimate from the config's counted FLOPs per sample and an
@@ -15,7 +17,9 @@ Part (a) of the loader benchmark, in two sections, each in this one process on o
 
 The loader side runs with the decoded-sample cache off (``decoded_cache_mb=0``): every timed epoch
 reads and decodes, which is what a dataset bigger than the cache pays. Sides alternate epoch by
-epoch; ratios are the median of per-round ratios. Prints JSON.
+epoch; ratios are the median of per-round ratios. Each section also times the loader's own decoder
+(``decode_image``) alone and splits a sample's microseconds into that decode and the rest of the
+loader. Prints JSON.
 
     .venv/bin/python benchmarks/loader.py                  # both sections
     .venv/bin/python benchmarks/loader.py --sections digits_png --batch-size 64
@@ -90,6 +94,17 @@ def loader_rate(dm, loader, epoch: int) -> tuple[float, int]:
     return real / (time.perf_counter() - start), batches
 
 
+def own_decode_rate(images: list[bytes], mode: str, size: int) -> float:
+    """Samples/s of the loader's own decoder (``decode_image``: simplejpeg for JPEG at the dataset's
+    size, else PIL) in a tight loop: what the loader's rate is left with once its decode is paid."""
+    from aigc.data.loader_read import decode_image
+
+    start = time.perf_counter()
+    for data in images:
+        decode_image(data, mode, size)
+    return len(images) / (time.perf_counter() - start)
+
+
 def jpeg_shards(png_folder: Path, out: Path, quality: int = 90) -> Path:
     """Copy a PNG shard folder to ``out`` with every image re-encoded as JPEG (same samples, keys,
     captions and shard sizes; a manifest of its own)."""
@@ -147,14 +162,17 @@ def compare(folder: Path, args, baseline, target: float) -> dict:
     mode = "L" if manifest["channels"] == 1 else "RGB"
     loader_rate(dm, loader, 0)  # warm-up: page cache, imports, worker start
     baseline(images, mode, 1)
-    # Alternate the two sides round by round so load from other processes hits both alike.
-    loader_rates, baseline_rates, batches = [], [], 0
+    # Alternate the sides round by round so load from other processes hits them alike.
+    loader_rates, baseline_rates, decode_rates, batches = [], [], [], 0
     for epoch in range(args.epochs):
         rate, n = loader_rate(dm, loader, epoch + 1)
         loader_rates.append(rate)
         batches += n
         baseline_rates += baseline(images, mode, 1)
+        decode_rates.append(own_decode_rate(images, mode, manifest["image_size"]))
     ratios = [a / b for a, b in zip(loader_rates, baseline_rates, strict=True)]
+    loader_us = 1e6 / statistics.median(loader_rates)
+    decode_us = 1e6 / statistics.median(decode_rates)
     return {
         "dataset": manifest["name"],
         "image_size": manifest["image_size"],
@@ -170,6 +188,14 @@ def compare(folder: Path, args, baseline, target: float) -> dict:
         "ratio": round(statistics.median(ratios), 3),  # median of the per-round ratios
         "ratio_min": round(min(ratios), 3),
         "target_ratio": target,
+        # Where a sample's time goes in the loader: its decode (decode_image alone, tight loop) and
+        # the rest (tar parsing, caption and JSON, shuffle buffer, batch assembly and conversion).
+        "own_decode_samples_per_s": round(statistics.median(decode_rates), 1),
+        "us_per_sample": {
+            "loader": round(loader_us, 1),
+            "decode": round(decode_us, 1),
+            "rest": round(loader_us - decode_us, 1),
+        },
         "loader_samples_per_s_all": [round(r, 1) for r in loader_rates],
         "baseline_samples_per_s_all": [round(r, 1) for r in baseline_rates],
     }
