@@ -7,7 +7,9 @@ sets torch's threads explicitly).
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,8 +87,14 @@ def steady_seconds_per_step(uri: str, run_id: str, skip: int) -> float:
     return (hist[-1].timestamp - hist[0].timestamp) / 1000 / (hist[-1].step - hist[0].step)
 
 
-def plain_loop(config: Path, overrides: list[str], threads: int, steps: int, skip: int) -> dict[str, Any]:
-    """The same model, batch and data in a plain PyTorch loop (no Lightning trainer, no Ray)."""
+def plain_loop(
+    config: Path, overrides: list[str], threads: int, steps: int, skip: int, ddp: bool = False
+) -> dict[str, Any]:
+    """The same model, batch and data in a plain PyTorch loop (no Lightning trainer, no Ray).
+
+    ``ddp``: this process is one rank of an initialised ``torch.distributed`` group; the module is
+    wrapped in ``DistributedDataParallel`` (gradients averaged in buckets during the backward, as
+    Lightning's DDP strategy does) and the DataModule reads this rank's shards."""
     import warnings
 
     import torch
@@ -106,6 +114,21 @@ def plain_loop(config: Path, overrides: list[str], threads: int, steps: int, ski
         cfg, Tokenizer.build(read_captions(dataset, "train")), cfg.data.image_size, cfg.data.channels
     )
     opt = torch.optim.AdamW(module.parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
+    step_fn = module.training_step
+    if ddp:
+
+        class TrainingStep(torch.nn.Module):
+            """DDP syncs in the backward of what its forward returned, so its forward is the training
+            step, as in Lightning's wrapper of a LightningModule."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.inner = module
+
+            def forward(self, batch, batch_idx):
+                return self.inner.training_step(batch, batch_idx)
+
+        step_fn = torch.nn.parallel.DistributedDataParallel(TrainingStep())
     dm = ShardDataModule(cfg.data, location=dataset, seed=cfg.trainer.seed)
     loader = dm.train_dataloader()  # one loader iterated every epoch, as Lightning does
     step, t_start, epoch = 0, None, 0
@@ -114,7 +137,7 @@ def plain_loop(config: Path, overrides: list[str], threads: int, steps: int, ski
         for i, batch in enumerate(loader):
             if step == skip:
                 t_start = time.perf_counter()
-            loss = module.training_step(batch, i)
+            loss = step_fn(batch, i)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.trainer.grad_clip:
@@ -128,6 +151,78 @@ def plain_loop(config: Path, overrides: list[str], threads: int, steps: int, ski
         epoch += 1
     per_step = (time.perf_counter() - t_start) / (steps - skip)
     return {"seconds_per_step": per_step, "samples_per_s": cfg.data.batch_size / per_step}
+
+
+def _run_script(name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name(name)), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _loop_args(
+    config: Path, overrides: list[str], threads: int, steps: int, skip: int, out: Path
+) -> list[str]:
+    args = ["--config", str(config), "--out", str(out), "--threads", str(threads)]
+    return args + ["--steps", str(steps), "--skip", str(skip)] + [f"--set={o}" for o in overrides]
+
+
+def _results(procs: list[tuple[subprocess.Popen, Path]], what: str) -> list[dict[str, Any]]:
+    """Wait for every process, then each one's JSON; a failure raises with its stderr's tail."""
+    errors = [proc.communicate()[1] for proc, _ in procs]
+    for (proc, out), err in zip(procs, errors, strict=True):
+        if proc.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"{what} failed:\n{err[-4000:]}")
+    return [json.loads(out.read_text()) for _, out in procs]
+
+
+def ray_plain_loop(
+    config: Path,
+    overrides: list[str],
+    threads: int,
+    steps: int,
+    skip: int,
+    work: Path,
+    tag: str,
+    workers: int = 1,
+) -> dict[str, Any]:
+    """The plain loop in bare Ray Train V2 workers (``ray_plain_loop.py``; DDP when ``workers`` > 1):
+    rank 0's ``seconds_per_step`` and ``samples_per_s``."""
+    out = work / f"ray-plain-{tag}.json"
+    args = _loop_args(config, overrides, threads, steps, skip, out)
+    args += ["--workers", str(workers), "--storage", str(work / "ray-plain-runs")]
+    return _results([(_run_script("ray_plain_loop.py", args), out)], "ray_plain_loop.py")[0]
+
+
+def plain_processes(
+    config: Path, overrides: list[str], threads: int, steps: int, skip: int, work: Path, tag: str, ddp: bool
+) -> list[dict[str, Any]]:
+    """Two plain loops started at once, each in its own process (``plain_process.py``): independent,
+    or the two ranks of one DDP job over gloo on 127.0.0.1. Each one's figures.
+
+    Independent processes start and stop apart by up to a second or so: in that time one runs
+    alone, which flatters their sum by a little (a second of 20-30 timed)."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        out = work / f"plain-process-{tag}-{rank}.json"
+        args = _loop_args(config, overrides, threads, steps, skip, out) + (["--ddp"] if ddp else [])
+        env = os.environ | {"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+        env["MASTER_PORT"] = str(port)
+        procs.append((_run_script("plain_process.py", args, env if ddp else None), out))
+    return _results(procs, "plain_process.py")
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """The median of the rounds' ratios a/b: each round's sides ran back to back."""
+    return round(statistics.median(x / y for x, y in zip(a, b, strict=True)), 3)
 
 
 def start_embedded_ray() -> None:

@@ -16,32 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-from common import ROOT, bench_overrides, digits_dataset, plain_loop, run_aigc_train, steady_seconds_per_step
+from common import (
+    ROOT,
+    bench_overrides,
+    digits_dataset,
+    median_ratio,
+    plain_loop,
+    ray_plain_loop,
+    run_aigc_train,
+    steady_seconds_per_step,
+)
 from common import workdir as make_workdir
-
-
-def ray_plain_loop(
-    config: Path, overrides: list[str], threads: int, steps: int, skip: int, work: Path, r: int
-):
-    """Seconds per step of the plain loop in one bare Ray Train worker (``ray_plain_loop.py``)."""
-    out = work / f"ray-plain-t{threads}-r{r}.json"
-    args = [sys.executable, str(Path(__file__).with_name("ray_plain_loop.py")), "--config", str(config)]
-    args += ["--out", str(out), "--threads", str(threads), "--steps", str(steps), "--skip", str(skip)]
-    args += ["--storage", str(work / "ray-plain-runs")] + [f"--set={o}" for o in overrides]
-    done = subprocess.run(args, capture_output=True, text=True)
-    if done.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"ray_plain_loop.py failed:\n{done.stderr[-4000:]}")
-    return json.loads(out.read_text())["seconds_per_step"]
-
-
-def median_ratio(a: list[float], b: list[float]) -> float:
-    """The median of the rounds' ratios a/b: each round's pair ran back to back."""
-    return round(statistics.median(x / y for x, y in zip(a, b, strict=True)), 3)
 
 
 def main() -> None:
@@ -68,7 +55,8 @@ def main() -> None:
             # 2-3x slower here, which made the baseline, not aigc, the thing measured.
             plain_all.append(plain_loop(a.config, overrides, t, a.steps, a.skip)["seconds_per_step"])
             if not a.no_ray_plain:
-                ray_all.append(ray_plain_loop(a.config, overrides, t, a.steps, a.skip, work, r))
+                ray = ray_plain_loop(a.config, overrides, t, a.steps, a.skip, work, f"t{t}-r{r}")
+                ray_all.append(ray["seconds_per_step"])
         extra = {}
         if ray_all:
             extra = {
