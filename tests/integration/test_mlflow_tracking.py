@@ -166,6 +166,36 @@ def test_job_run_ends_killed_on_keyboard_interrupt(store: str) -> None:
     assert MlflowClient(store).get_run(run.run_id).info.status == "KILLED"
 
 
+@pytest.mark.timeout(120)
+def test_run_opener_opens_in_a_child_what_start_job_run_opens_and_relays_its_errors(store: str) -> None:
+    """aigc train's driver opens its run through RunOpener (a child process): the same params, tags
+    and dataset as in-process, a deleted experiment refused with the same message, an abandoned run
+    ended FAILED with the driver's error, never left RUNNING."""
+    from aigc.tracking import RunOpener
+
+    tags = lineage_tags("vae", "digits", DVC_MD5, 2, "abc123")
+    dataset = {"name": "digits", "source": "/data/digits", "digest": DVC_MD5}
+    run = RunOpener(store, "aigc-open", "child", {"trainer": {"max_steps": 7}}, tags, dataset).result()
+    client = MlflowClient(store)
+    info = client.get_run(run.run_id)
+    assert info.info.status == "RUNNING" and info.info.run_name == "child"
+    assert info.info.experiment_id == run.experiment_id
+    assert info.data.params == {"trainer.max_steps": "7"}
+    assert {k: info.data.tags[k] for k in tags} == tags
+    assert [d.dataset.digest for d in info.inputs.dataset_inputs] == [DVC_MD5]
+
+    client.delete_experiment(run.experiment_id)
+    with pytest.raises(ValueError, match="is deleted: restore it"):
+        RunOpener(store, "aigc-open", "refused", {}, {}).result()
+
+    opener = RunOpener(store, "aigc-abandoned", "abandoned", {"a": 1}, {})
+    opener.abandon(RuntimeError("tokenizer failed on shard x"))
+    experiment = client.get_experiment_by_name("aigc-abandoned")
+    (abandoned,) = client.search_runs([experiment.experiment_id])
+    assert abandoned.info.status == "FAILED"
+    assert abandoned.data.tags["aigc.error"].startswith("RuntimeError: tokenizer failed on shard x")
+
+
 def test_end_job_run_truncates_long_errors_keeping_the_end(store: str) -> None:
     run_id = start_job_run(store, "aigc-test", "long-error")
     error = "frame\n" * 5000 + "ValueError: the real cause"

@@ -195,10 +195,11 @@ def test_every_family_trains_on_two_workers(family, ray_local, digits_dataset, t
     # Start-up phases (benchmarks/cold_start.py reads them): the driver's own steps add up to its
     # preparation, and the job reached its worker, first batch and first step in that order.
     m = run.data.metrics
-    steps = ["config", "manifest", "data_check", "tracking_store", "data_version", "git", "mlflow_run"]
-    steps += ["tokenizer", "job_file", "submit"]
+    steps = ["config", "manifest", "data_check", "data_version", "git", "mlflow_run", "tokenizer"]
+    steps += ["job_file", "submit"]
     assert sum(m[f"startup/prepare.{s}_s"] for s in steps) == pytest.approx(m["startup/prepare_s"])
     assert 0 <= m["startup/ray_wait_s"] <= m["startup/ray_s"]
+    assert m["startup/tracking_wait_s"] >= 0  # the child opening the run, waited for apart
     order = ["startup/fit_call_s", "startup/worker_s", "startup/first_batch_s", "startup/first_step_s"]
     assert [m[k] for k in order] == sorted(m[k] for k in order)
     # Dataset input and a sample image over steps.
@@ -432,6 +433,35 @@ def test_a_failure_after_the_run_opens_ends_it_failed(digits_dataset, tmp_path):
     assert [r.info.run_name for r in runs] == ["doomed"]
     assert runs[0].info.status == "FAILED"
     assert shard.name in runs[0].data.tags["aigc.error"]
+
+
+@pytest.mark.timeout(120)
+def test_a_failure_while_the_run_is_being_opened_ends_it_failed(digits_dataset, tmp_path):
+    """The run is opened by a child process while the driver builds the tokenizer from the train
+    captions (aigc.tracking.opener): a corrupt train shard failing that read must still end the run
+    the child opened FAILED with aigc.error, never leave it RUNNING."""
+    from aigc.training import train
+
+    data = _copy_dataset(digits_dataset, tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    shard = data / manifest["splits"]["train"]["shards"][1]["name"]
+    _truncate(shard)
+    with pytest.raises(Exception, match=shard.name):
+        train(
+            None,
+            tiny_overrides("diffusion", tmp_path, data),
+            name="doomed-early",
+            evaluate=False,
+            register=False,
+            messages=None,
+            allow_modified_data=True,  # past the size check, to the caption read
+        )
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_name for r in runs] == ["doomed-early"]
+    assert runs[0].info.status == "FAILED"
+    assert shard.name in runs[0].data.tags["aigc.error"]
+    assert runs[0].data.params  # the child logged the config before the driver gave up
 
 
 @pytest.mark.timeout(120)

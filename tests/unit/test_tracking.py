@@ -159,6 +159,46 @@ def test_source_tags_are_what_the_mlflow_ui_shows_as_source_commit_and_creator()
     assert unknown["mlflow.user"] == getpass.getuser()
 
 
+def test_spelled_out_mlflow_tag_names_are_mlflows_own() -> None:
+    """aigc.tracking.context spells MLflow's tag names out (the driver builds tags without
+    importing MLflow): each must still be MLflow's."""
+    from mlflow.entities import SourceType
+    from mlflow.utils import mlflow_tags
+
+    from aigc.tracking import context
+
+    assert context.TAG_RUN_NOTE == mlflow_tags.MLFLOW_RUN_NOTE
+    assert context.TAG_SOURCE_NAME == mlflow_tags.MLFLOW_SOURCE_NAME
+    assert context.TAG_SOURCE_TYPE == mlflow_tags.MLFLOW_SOURCE_TYPE
+    assert context.TAG_GIT_COMMIT == mlflow_tags.MLFLOW_GIT_COMMIT
+    assert context.TAG_USER == mlflow_tags.MLFLOW_USER
+    assert SourceType.to_string(SourceType.LOCAL) == context.SOURCE_TYPE_LOCAL
+
+
+def test_driver_builds_a_runs_tags_without_importing_mlflow() -> None:
+    """What ``aigc train``'s driver does before the run is open (config, manifest, tags, description,
+    the tokenizer) must not import MLflow: that import (seconds) is the child's
+    (aigc.tracking.opener), beside the driver's own start-up. Nor torch: Ray's thread imports it
+    for TorchTrainer, after the tokenizer is built."""
+    code = (
+        "import sys\n"
+        "from aigc import tracking\n"
+        "from aigc.training import launcher\n"
+        "from aigc.data.captions_io import read_captions\n"
+        "from aigc.models.tokenizer import Tokenizer\n"
+        "tracking.lineage_tags('vae', 'digits', 'abc', 1, 'sha')\n"
+        "tracking.source_tags(tracking.command_line(), 'sha')\n"
+        "tracking.data_modified_tags(['a: size'])\n"
+        "tracking.run_description('vae', max_steps=1, workers=1, data='d')\n"
+        "tracking.resolve_tracking_uri('sqlite:///x.db')\n"
+        "tracking.RunOpener\n"
+        "Tokenizer.build(['a b'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'torch')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout[:2000]
+
+
 def test_command_line_reads_as_typed() -> None:
     from aigc.tracking import command_line
 

@@ -21,113 +21,24 @@ cross-attention and the autoregressive prefix), their mask ``(B, T)`` and a pool
 from __future__ import annotations
 
 import functools
-import json
-import re
-from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
-SPECIALS = (PAD, UNK, BOS, EOS)
-CHAR_PREFIX = "##"  # character-fallback tokens are "##a", "##7", ...
-_WORD_RE = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
-
-
-def split_words(text: str) -> list[str]:
-    """Lower-case and split into words and single punctuation marks."""
-    return _WORD_RE.findall(text.lower())
-
-
-class Tokenizer:
-    """Word-level tokenizer with a character fallback; ids 0..3 are ``<pad> <unk> <bos> <eos>``."""
-
-    def __init__(self, vocab: list[str]):
-        if list(vocab[: len(SPECIALS)]) != list(SPECIALS):
-            raise ValueError(f"vocabulary must start with {SPECIALS}")
-        if len(set(vocab)) != len(vocab):
-            raise ValueError("vocabulary has duplicate tokens")
-        self.vocab = list(vocab)
-        self.index = {tok: i for i, tok in enumerate(self.vocab)}
-
-    pad_id, unk_id, bos_id, eos_id = 0, 1, 2, 3
-
-    @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 1) -> Tokenizer:
-        """Vocabulary from ``captions``: words seen ``min_count`` times, then every character seen."""
-        words: Counter[str] = Counter()
-        chars: set[str] = set()
-        for caption in captions:
-            for w in split_words(caption):
-                words[w] += 1
-                chars.update(w)
-        # Sorted so that the same captions give the same ids whatever their order.
-        vocab = list(SPECIALS)
-        vocab += sorted(w for w, c in words.items() if c >= min_count)
-        vocab += sorted(CHAR_PREFIX + c for c in chars)
-        return cls(vocab)
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    def tokenize(self, text: str) -> list[int]:
-        """Ids for one caption, without ``<bos>``/``<eos>`` and without truncation."""
-        ids: list[int] = []
-        for w in split_words(text):
-            if w in self.index:
-                ids.append(self.index[w])
-                continue
-            ids.append(self.unk_id)
-            ids.extend(self.index.get(CHAR_PREFIX + c, self.unk_id) for c in w)
-        return ids
-
-    def encode(self, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch-encode to ``ids (B, max_len)`` and ``mask (B, max_len)`` (True on real tokens).
-
-        Each row is ``<bos> tokens... <eos>`` truncated to ``max_len`` and right-padded.
-        """
-        if max_len < 2:
-            raise ValueError("max_len must be at least 2 (<bos> and <eos>)")
-        ids = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)
-        for i, text in enumerate(texts):
-            row = [self.bos_id, *self.tokenize(text)[: max_len - 2], self.eos_id]
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        return ids, ids != self.pad_id
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Best-effort inverse of :meth:`tokenize` (for debugging and model cards)."""
-        out: list[str] = []
-        for i in ids:
-            tok = self.vocab[int(i)]
-            if tok in (PAD, BOS, EOS):
-                continue
-            if tok.startswith(CHAR_PREFIX) and out and out[-1] != UNK:
-                out[-1] += tok[len(CHAR_PREFIX) :]
-            elif tok.startswith(CHAR_PREFIX):
-                out[-1] = tok[len(CHAR_PREFIX) :]
-            else:
-                out.append(tok)
-        return " ".join(out)
-
-    def to_dict(self) -> dict:
-        return {"type": "aigc-word-char/1", "vocab": self.vocab}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Tokenizer:
-        if data.get("type") != "aigc-word-char/1":
-            raise ValueError(f"unknown tokenizer type {data.get('type')!r}; expected 'aigc-word-char/1'")
-        return cls(list(data["vocab"]))
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+# The tokenizer is pure Python in its own module, so that `aigc train`'s driver builds it without
+# importing torch; it is re-exported here, where the encoders that read its ids live.
+from aigc.models.tokenizer import (  # noqa: F401 - re-exported
+    BOS,
+    CHAR_PREFIX,
+    EOS,
+    PAD,
+    SPECIALS,
+    UNK,
+    Tokenizer,
+    split_words,
+)
 
 
 @dataclass

@@ -59,6 +59,7 @@ _EXPORTS = {
     "log_dataset_input": "lineage",
     "logged_dataset": "lineage",
     "NullRunLogger": "logger",
+    "RunOpener": "opener",
     "RunLogger": "logger",
     "flatten_params": "params",
     "truncate": "params",
@@ -78,6 +79,7 @@ __all__ = [
     "METRIC_BAD_SAMPLES",
     "NullRunLogger",
     "RunLogger",
+    "RunOpener",
     "TAG_DATA_BAD_SHARDS",
     "TAG_DATA_MODIFIED",
     "TAG_DATA_MODIFIED_SHARDS",
@@ -170,6 +172,7 @@ if TYPE_CHECKING:
         skipped_samples,
     )
     from aigc.tracking.logger import NullRunLogger, RunLogger
+    from aigc.tracking.opener import RunOpener
     from aigc.tracking.params import flatten_params, truncate
     from aigc.tracking.query import format_runs_table, list_runs
     from aigc.tracking.server import mlflow_server_command

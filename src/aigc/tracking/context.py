@@ -19,15 +19,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mlflow.entities import SourceType
-from mlflow.utils.mlflow_tags import (
-    MLFLOW_GIT_COMMIT,
-    MLFLOW_RUN_NOTE,
-    MLFLOW_SOURCE_NAME,
-    MLFLOW_SOURCE_TYPE,
-    MLFLOW_USER,
-)
-
 __all__ = [
     "EXPERIMENT_KIND",
     "TAG_EXPERIMENT_KIND",
@@ -40,7 +31,16 @@ __all__ = [
 
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-TAG_RUN_NOTE = MLFLOW_RUN_NOTE
+# MLflow's tag names (mlflow.utils.mlflow_tags: MLFLOW_RUN_NOTE, MLFLOW_SOURCE_NAME, ...) and
+# SourceType.LOCAL's string, spelled out so that the driver builds a run's tags without importing
+# MLflow (seconds; the run is opened in a child process, see aigc.tracking.opener).
+# tests/unit/test_tracking.py checks each against MLflow's own.
+TAG_RUN_NOTE = "mlflow.note.content"
+TAG_SOURCE_NAME = "mlflow.source.name"
+TAG_SOURCE_TYPE = "mlflow.source.type"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_USER = "mlflow.user"
+SOURCE_TYPE_LOCAL = "LOCAL"
 
 
 def needs_experiment_kind(current: str | None) -> bool:
@@ -74,10 +74,10 @@ def source_tags(command: str, git_sha: str | None, user: str | None = None) -> d
     (default: the login name). The source type is LOCAL, a process started by hand, as
     ``mlflow.start_run`` records a script. Unknown values are left out."""
     tags = {
-        MLFLOW_SOURCE_NAME: command,
-        MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
-        MLFLOW_GIT_COMMIT: git_sha.removesuffix("-dirty") if git_sha else None,
-        MLFLOW_USER: user or _login(),
+        TAG_SOURCE_NAME: command,
+        TAG_SOURCE_TYPE: SOURCE_TYPE_LOCAL,
+        TAG_GIT_COMMIT: git_sha.removesuffix("-dirty") if git_sha else None,
+        TAG_USER: user or _login(),
     }
     return {k: v for k, v in tags.items() if v}
 

@@ -13,11 +13,7 @@ import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
-
-from mlflow import MlflowClient
-from mlflow.entities import Param
-from mlflow.exceptions import MlflowException
+from typing import TYPE_CHECKING, Any
 
 from aigc.tracking.context import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, needs_experiment_kind
 from aigc.tracking.lineage import TAG_ERROR
@@ -29,6 +25,12 @@ from aigc.tracking.params import (
     truncate,
 )
 from aigc.tracking.store import default_artifact_root, ensure_tracking_store, is_local_store
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+# MLflow is imported inside the functions that use it: the driver holds guard_run's lifecycle from
+# before it has imported MLflow (the run is opened in a child process, see aigc.tracking.opener).
 
 _log = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
     server's own artifact root applies. A deleted experiment raises ``ValueError`` (MLflow refuses
     to log to it) with the way out.
     """
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
@@ -101,6 +105,9 @@ def start_job_run(
     nested config: it goes through ``flatten_params`` and is sent in batches of 100. If logging the
     params fails the run is ended FAILED, never left RUNNING.
     """
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
     ensure_tracking_store(uri)
     client = MlflowClient(uri)
     experiment_id = get_or_create_experiment(client, experiment)
@@ -122,6 +129,8 @@ def end_job_run(uri: str, run_id: str, status: str = "FINISHED", error: str | No
     tag (truncated to MLflow's 8000 characters, keeping the end, where the exception is)."""
     if status not in END_STATUSES:
         raise ValueError(f"run status must be one of {', '.join(END_STATUSES)}, got {status!r}")
+    from mlflow import MlflowClient
+
     client = MlflowClient(uri)
     if error:
         client.set_tag(run_id, TAG_ERROR, truncate(error, MAX_TAG_VALUE_LENGTH, keep_tail=True))
@@ -163,6 +172,8 @@ def reopen_job_run(uri: str, run_id: str) -> None:
     """Mark an ended run RUNNING again (``aigc train --resume`` continues into the same run).
 
     Prefer :func:`resumed_job_run`, which also guards the run."""
+    from mlflow import MlflowClient
+
     ensure_tracking_store(uri)
     client = MlflowClient(uri)
     client.get_run(run_id)  # a clear MlflowException if the run is gone
@@ -183,6 +194,8 @@ def job_run(
 
     Creates the run, then behaves as :func:`guard_run`: no run is left RUNNING.
     """
+    from mlflow import MlflowClient
+
     run_id = start_job_run(uri, experiment, run_name, params, tags)
     experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
     with guard_run(uri, run_id):
@@ -193,6 +206,8 @@ def job_run(
 def resumed_job_run(uri: str, run_id: str) -> Iterator[JobRun]:
     """The driver's run when a job is resumed: reopens ``run_id`` (:func:`reopen_job_run`), then
     behaves as :func:`guard_run`, so a resume that fails leaves the run FAILED, never RUNNING."""
+    from mlflow import MlflowClient
+
     reopen_job_run(uri, run_id)
     experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
     with guard_run(uri, run_id):

@@ -6,12 +6,15 @@ from __future__ import annotations
 import subprocess
 import warnings
 from pathlib import Path
-
-from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from typing import TYPE_CHECKING
 
 from aigc.tracking.params import MAX_TAG_VALUE_LENGTH, truncate
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+# MLflow is imported only by the functions that talk to a store: the driver builds a run's tags
+# before it imports MLflow (the run is opened in a child process, see aigc.tracking.opener).
 
 TAG_FAMILY = "aigc.family"
 TAG_GIT_SHA = "aigc.git_sha"
@@ -124,6 +127,8 @@ def log_dataset_input(
     """
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     if not digest or len(digest) > MAX_DATASET_DIGEST_LENGTH:
         raise ValueError(

@@ -1,20 +1,24 @@
 """The driver side of ``aigc train``: one training job from the command line to MLflow.
 
     resolve the config -> read the dataset's manifest -> check the shards against it and the
-      storage path -> [Ray starts on a thread] -> reach the tracking store -> open the MLflow run
-      (or reopen it on --resume), and inside its lifecycle: build the job record -> write
-      aigc-job.json -> wait for Ray -> Ray Train fit -> final evaluation -> the run's description
+      storage path -> [a child process opens the MLflow run, the store checked first] -> build the
+      tokenizer -> [Ray starts on a thread] -> take the run (or reopen it on --resume), and inside
+      its lifecycle: build the job record -> write aigc-job.json -> wait for Ray -> Ray Train fit
+      -> final evaluation -> the run's description
 
 Order matters. The config is validated, the manifest read, every shard's size compared with it and
 the storage path written to before Ray starts, and the tracking store reached (and, for sqlite, its
 schema migrated: two ranks opening a fresh sqlite store race on the migration with "duplicate column
 name") before the run is opened, so a bad config, a missing dataset, shards changed since their
 manifest (the run's data version would describe data it did not see) or an unreachable server fail
-in seconds and leave no run behind. Ray's start (seconds, mostly waiting for its processes) runs
-beside the MLflow preparation rather than after it (:class:`~aigc.training.cluster.RayStart`);
-``startup/*`` metrics record each phase (:class:`StartupClock`). Everything after the run is
-opened runs inside one lifecycle (``tracking.job_run`` / ``tracking.resumed_job_run``): any
-failure ends the run FAILED with the ``aigc.error`` tag, an interrupt KILLED, never RUNNING.
+in seconds and leave no run behind. Ray's start (seconds, mostly waiting for its processes) runs on
+a thread (:class:`~aigc.training.cluster.RayStart`) and the MLflow run is opened by a child process
+(:class:`~aigc.tracking.opener.RunOpener`), both beside the driver's own preparation: this process
+imports MLflow only once ``trainer.fit()`` has been called. ``startup/*`` metrics record each phase
+(:class:`StartupClock`). Everything after the run is opened runs inside one lifecycle
+(``tracking.guard_run`` / ``tracking.resumed_job_run``; a tokenizer that fails while the child opens
+the run ends it too): any failure ends the run FAILED with the ``aigc.error`` tag, an interrupt
+KILLED, never RUNNING.
 
 One MLflow run per job, opened here; workers get its id in the :class:`TrainJob` and only rank 0
 logs to it. The config, data check, job file and naming rules live in :mod:`aigc.training.job`, Ray
@@ -215,72 +219,85 @@ def train(
     if saved is None:
         check_storage(storage)  # a storage path the job cannot write fails before the run opens
     clock.mark("data_check")
-    # The inputs are checked: Ray starts on a thread while the rest of the preparation runs here.
-    ray_start = RayStart(cfg.scaling.ray_address)
-    try:
-        # A resumed job's run lives in the store its job file names, whatever the environment says now.
-        tracking_uri = saved.tracking_uri if saved else tracking.resolve_tracking_uri(cfg.tracking.uri)
-        tracking.ensure_tracking_store(tracking_uri)  # a dead server fails here within ~10 s
-        clock.mark("tracking_store")
-        dversion = saved.data_version if same_data else version(location)
-        clock.mark("data_version")
-        run_dir = f"{storage}/{name}"
-        data_name = manifest.get("name", cfg.data.name)
-        modified_tags = tracking.data_modified_tags(modified)
+    # A resumed job's run lives in the store its job file names, whatever the environment says now.
+    tracking_uri = saved.tracking_uri if saved else tracking.resolve_tracking_uri(cfg.tracking.uri)
+    dversion = saved.data_version if same_data else version(location)
+    clock.mark("data_version")
+    run_dir = f"{storage}/{name}"
+    data_name = manifest.get("name", cfg.data.name)
+    modified_tags = tracking.data_modified_tags(modified)
 
-        def description(**done: Any) -> str:
-            return tracking.run_description(
-                cfg.model.family,
-                max_steps=cfg.trainer.max_steps,
+    def description(**done: Any) -> str:
+        return tracking.run_description(
+            cfg.model.family,
+            max_steps=cfg.trainer.max_steps,
+            workers=cfg.scaling.num_workers,
+            data=f"`{data_name}` version `{dversion}`" + (" (modified, see the tags)" if modified else ""),
+            **done,
+        )
+
+    # The git sha, the run's child process, the tokenizer and then Ray's thread, in this order: while
+    # that thread loads torch's libraries this one waits up to ~2 s for each turn on the interpreter
+    # (`git` took 2 s then, 0.006 s before it; the tokenizer 2 s, 0.15 s before it).
+    opener = None
+    if saved is None:
+        sha = tracking.git_sha(root)
+        clock.mark("git")
+        # The run is opened by a child process (the store checked first: a dead server fails within
+        # ~10 s), beside Ray's start and the tokenizer here: importing MLflow in this process would
+        # take turns on one core with Ray's import of torch (aigc.tracking.opener).
+        opener = tracking.RunOpener(
+            tracking_uri,
+            cfg.tracking.experiment,
+            run_name=cfg.tracking.run_name or name,
+            params=cfg.model_dump(mode="json"),
+            tags=tracking.lineage_tags(
+                family=cfg.model.family,
+                data_name=data_name,
+                data_version=dversion,
                 workers=cfg.scaling.num_workers,
-                data=f"`{data_name}` version `{dversion}`"
-                + (" (modified, see the tags)" if modified else ""),
-                **done,
+                git_sha=sha,
+                registered_model=cfg.tracking.model_name(cfg.model.family),
             )
+            | tracking.source_tags(tracking.command_line(), sha)
+            | modified_tags
+            | {"aigc.run.name": name, "aigc.storage": run_dir, tracking.TAG_RUN_NOTE: description()},
+            dataset={"name": data_name, "source": location, "digest": dversion},
+        )
+        clock.mark("mlflow_run")
+    ray_start: RayStart | None = None
+    try:
+        if opener is not None:
+            from aigc.data.captions_io import read_captions
+            from aigc.models.tokenizer import Tokenizer  # not models.text: that imports torch
 
-        if saved is None:
-            sha = tracking.git_sha(root)
-            clock.mark("git")
-            lifecycle = tracking.job_run(
-                tracking_uri,
-                cfg.tracking.experiment,
-                run_name=cfg.tracking.run_name or name,
-                params=cfg.model_dump(mode="json"),
-                tags=tracking.lineage_tags(
-                    family=cfg.model.family,
-                    data_name=data_name,
-                    data_version=dversion,
-                    workers=cfg.scaling.num_workers,
-                    git_sha=sha,
-                    registered_model=cfg.tracking.model_name(cfg.model.family),
-                )
-                | tracking.source_tags(tracking.command_line(), sha)
-                | modified_tags
-                | {"aigc.run.name": name, "aigc.storage": run_dir, tracking.TAG_RUN_NOTE: description()},
-            )
-        else:
-            lifecycle = tracking.resumed_job_run(tracking_uri, saved.run_id)
-
-        with lifecycle as run:
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(tracking_uri)
-            if saved is not None and modified_tags:
-                for key, value in modified_tags.items():
-                    client.set_tag(run.run_id, key, value)
-            if saved is None:
-                from aigc.data.captions_io import read_captions
-                from aigc.models.text import Tokenizer
-
-                tracking.log_dataset_input(
-                    client, run.run_id, name=data_name, source=location, digest=dversion
-                )
-                clock.mark("mlflow_run")
+            try:
+                # Also before Ray's thread: 0.15 s alone, 2 s while that thread loads torch.
                 tokenizer = Tokenizer.build(read_captions(location, "train")).to_dict()
                 clock.mark("tokenizer")
-            else:
-                clock.mark("mlflow_run")
-                tokenizer = saved.tokenizer
+                # The inputs are checked: Ray starts on a thread while the child opens the run.
+                ray_start = RayStart(cfg.scaling.ray_address)
+                opened = opener.result()  # raises what the child raised (TrackingUnavailable, ...)
+                clock.mark("tracking_wait")
+            except BaseException as err:
+                opener.abandon(err)  # a run the child opened ends FAILED with this error
+                raise
+            lifecycle = tracking.guard_run(tracking_uri, opened.run_id)
+        else:
+            ray_start = RayStart(cfg.scaling.ray_address)
+            # The resumed run is reopened here (a dead server fails within ~10 s), beside Ray's start.
+            lifecycle = tracking.resumed_job_run(tracking_uri, saved.run_id)
+            clock.mark("mlflow_run")
+            tokenizer = saved.tokenizer
+            opened = None
+
+        with lifecycle as resumed:
+            run = opened or resumed
+            if saved is not None and modified_tags:
+                from mlflow.tracking import MlflowClient
+
+                for key, value in modified_tags.items():
+                    MlflowClient(tracking_uri).set_tag(run.run_id, key, value)
             job = TrainJob(
                 name=name,
                 run_id=run.run_id,
@@ -300,7 +317,11 @@ def train(
             )
             write_job(job)
             clock.mark("job_file")
+            assert ray_start is not None  # started above on both paths
             result = _fit(job, progress, ray_start, clock)
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri)
             checkpoint = _checkpoint_path(result, run_dir)
             out = TrainResult(
                 name=name,
@@ -339,7 +360,8 @@ def train(
                 ),
             )
     finally:
-        ray_start.join()  # a job that failed before Ray was up leaves no thread starting it
+        if ray_start is not None:
+            ray_start.join()  # a job that failed before Ray was up leaves no thread starting it
 
     if register and out.checkpoint:
         out.registered = _register(out, say)
@@ -420,7 +442,7 @@ def _fit(
     poller = ProgressPoller(job.tracking_uri, job.run_id, cfg.trainer.max_steps, callback=progress)
     poller.start()
     clock.mark("submit")
-    _log_startup(job, clock, ray_start.seconds, ray_wait)
+    startup = _startup_figures(job, clock, ray_start.seconds, ray_wait)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
@@ -429,38 +451,53 @@ def _fit(
         raise TrainError(f"training failed: {err}") from err
     finally:
         poller.stop()
+        # Logged once fit() is done: this process imports MLflow after the workers have started.
+        _log_startup(job, startup)
     if result.error is not None:
         raise TrainError(f"training failed: {result.error}") from result.error
     return result
 
 
-def _log_startup(job: TrainJob, clock: StartupClock, ray_s: float, ray_wait_s: float) -> None:
+def _startup_figures(job: TrainJob, clock: StartupClock, ray_s: float, ray_wait_s: float) -> dict[str, float]:
     """Driver-side start-up figures in seconds (``benchmarks/cold_start.py`` reads them):
 
     - ``startup/imports_s``: process start -> the ``train()`` call (interpreter, imports, CLI);
-    - ``startup/prepare_s``: the driver's own work in ``train()``, Ray's wait left out, and
-      ``startup/prepare.<phase>_s`` for each phase of :class:`StartupClock`;
+    - ``startup/prepare_s``: the driver's own work in ``train()``, the waits for Ray and for the
+      MLflow run left out, and ``startup/prepare.<phase>_s`` for each phase of :class:`StartupClock`
+      (``mlflow_run`` is starting the child that opens the run, or reopening a resumed run);
     - ``startup/ray_s``: starting (or joining) Ray and importing Ray Train, on the thread;
       ``startup/ray_wait_s``: what of it the driver still waited for after its preparation;
+    - ``startup/tracking_wait_s``: what the driver waited for the child opening the MLflow run
+      (:class:`~aigc.tracking.opener.RunOpener`) after building the tokenizer;
     - ``startup/fit_call_s``: ``train()`` -> ``trainer.fit()``.
 
     Rank 0 adds when its worker loop, first batch and first step came (``StartupTimer``)."""
     import psutil
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
 
-    own = {k: v for k, v in clock.phases.items() if k != "ray_wait"}
-    figures = {
+    waits = ("ray_wait", "tracking_wait")
+    own = {k: v for k, v in clock.phases.items() if k not in waits}
+    return {
         "startup/imports_s": job.launched_at - psutil.Process().create_time(),
         "startup/prepare_s": sum(own.values()),
         "startup/ray_s": ray_s,
         "startup/ray_wait_s": ray_wait_s,
+        "startup/tracking_wait_s": clock.phases.get("tracking_wait", 0.0),
         "startup/fit_call_s": time.time() - job.launched_at,
     } | {f"startup/prepare.{k}_s": v for k, v in own.items()}
-    now = int(time.time() * 1000)
-    MlflowClient(job.tracking_uri).log_batch(
-        job.run_id, metrics=[Metric(k, v, now, 0) for k, v in figures.items()]
-    )
+
+
+def _log_startup(job: TrainJob, figures: dict[str, float]) -> None:
+    """Log :func:`_startup_figures` to the run; best effort (the job's own outcome is what counts)."""
+    try:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        now = int(time.time() * 1000)
+        MlflowClient(job.tracking_uri).log_batch(
+            job.run_id, metrics=[Metric(k, v, now, 0) for k, v in figures.items()]
+        )
+    except Exception:  # noqa: BLE001 - a store that fails now fails the run's own logging too
+        log.warning("could not log the start-up figures of run %s", job.run_id, exc_info=True)
 
 
 def _checkpoint_path(result, run_dir: str) -> str | None:
