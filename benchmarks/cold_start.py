@@ -4,9 +4,10 @@ The floor is `bare_stack.py`: the smallest Ray Train V2 `TorchTrainer` + Lightni
 job (1 worker, a small conv net on tensors in memory, Ray started the way aigc starts it). Both are
 started as fresh processes, alternately, `--repeat` times each; the figure is aigc's best total over
 the floor's best total (target <= 1.05). aigc's own phases (imports, its preparation split by step:
-config, manifest, data check, tracking store, data version, git, MLflow run, tokenizer, job file)
-are reported apart from Ray's (Ray start on its thread and what the driver still waited for, worker
-start, first batch, first step), from the run's `startup/*` metrics.
+config, manifest, data check, data version, git, starting the child that opens the MLflow run,
+tokenizer, job file) are reported apart from the waits (for that child, and for Ray's start on its
+thread) and from Ray's phases (worker start, first batch, first step), from the run's `startup/*`
+metrics.
 
 Two modes, in one run by default: `cold`, each job starting its own embedded Ray, and `warm`, each
 job joining a Ray instance that is already running on 127.0.0.1 (`ray start --head`, started and
@@ -75,6 +76,8 @@ def aigc(config: Path, work: Path, dataset: Path, i: int, address: str | None, e
         },
         "ray_start_s": round(m["startup/ray_s"], 2),
         "ray_wait_s": round(m["startup/ray_wait_s"], 2),
+        # Waiting for the child process that opens the MLflow run (aigc.tracking.opener).
+        "tracking_wait_s": round(m.get("startup/tracking_wait_s", 0.0), 2),
         "fit_call_s": round(m["startup/fit_call_s"], 2),
         "worker_start_s": round(m["startup/worker_s"] - m["startup/fit_call_s"], 2),
         "first_batch_s": round(m["startup/first_batch_s"] - m["startup/worker_s"], 2),

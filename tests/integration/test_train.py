@@ -409,13 +409,24 @@ def _val_shard(dataset: Path) -> Path:
 
 
 @pytest.mark.timeout(120)
-def test_a_failure_after_the_run_opens_ends_it_failed(digits_dataset, tmp_path):
-    """Once the MLflow run is open every failure ends it FAILED with aigc.error, before Ray starts:
-    here a corrupt val shard, read for the sample-grid prompts."""
+@pytest.mark.parametrize(
+    "split, index",
+    [
+        # Read for the sample-grid prompts, once the run is open.
+        ("val", 0),
+        # Read for the tokenizer while a child process opens the run (aigc.tracking.opener): the run
+        # the child opened must still end FAILED, never RUNNING.
+        ("train", 1),
+    ],
+)
+def test_a_failure_once_the_run_is_being_opened_ends_it_failed(digits_dataset, tmp_path, split, index):
+    """Once the MLflow run is being opened every failure ends it FAILED with aigc.error, before Ray
+    trains: here a corrupt shard, read for the sample prompts or the tokenizer."""
     from aigc.training import train
 
     data = _copy_dataset(digits_dataset, tmp_path)
-    shard = _val_shard(data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    shard = data / manifest["splits"][split]["shards"][index]["name"]
     _truncate(shard)
     with pytest.raises(Exception, match=shard.name):
         # allow_modified_data: the truncated shard must pass the start-up size check to be read.
@@ -433,35 +444,7 @@ def test_a_failure_after_the_run_opens_ends_it_failed(digits_dataset, tmp_path):
     assert [r.info.run_name for r in runs] == ["doomed"]
     assert runs[0].info.status == "FAILED"
     assert shard.name in runs[0].data.tags["aigc.error"]
-
-
-@pytest.mark.timeout(120)
-def test_a_failure_while_the_run_is_being_opened_ends_it_failed(digits_dataset, tmp_path):
-    """The run is opened by a child process while the driver builds the tokenizer from the train
-    captions (aigc.tracking.opener): a corrupt train shard failing that read must still end the run
-    the child opened FAILED with aigc.error, never leave it RUNNING."""
-    from aigc.training import train
-
-    data = _copy_dataset(digits_dataset, tmp_path)
-    manifest = json.loads((data / "manifest.json").read_text())
-    shard = data / manifest["splits"]["train"]["shards"][1]["name"]
-    _truncate(shard)
-    with pytest.raises(Exception, match=shard.name):
-        train(
-            None,
-            tiny_overrides("diffusion", tmp_path, data),
-            name="doomed-early",
-            evaluate=False,
-            register=False,
-            messages=None,
-            allow_modified_data=True,  # past the size check, to the caption read
-        )
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert [r.info.run_name for r in runs] == ["doomed-early"]
-    assert runs[0].info.status == "FAILED"
-    assert shard.name in runs[0].data.tags["aigc.error"]
-    assert runs[0].data.params  # the child logged the config before the driver gave up
+    assert runs[0].data.params  # the config was logged before the failure
 
 
 @pytest.mark.timeout(120)
