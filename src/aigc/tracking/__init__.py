@@ -11,6 +11,14 @@ Driver::
     with resumed_job_run(uri, run_id) as run:             # --resume: the same run, RUNNING again
         launch(run.uri, run.run_id)
 
+``aigc train`` opens the run the first way, but in a child process, so that the driver does not
+import MLflow beside Ray's import of torch (:mod:`aigc.tracking.opener`)::
+
+    opener = RunOpener(uri, experiment, run_name, params, tags, dataset={"name": ..., ...})
+    run = opener.result()                                  # or opener.abandon(err) if the driver fails
+    with guard_run(run.uri, run.run_id):
+        launch(run.uri, run.run_id)
+
 Worker::
 
     logger = RunLogger.for_rank(rank, uri, run_id, system_metrics=cfg.tracking.system_metrics)
