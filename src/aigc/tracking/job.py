@@ -119,7 +119,7 @@ def start_job_run(
         for batch in chunked([Param(k, v) for k, v in flat.items()], MAX_PARAMS_PER_BATCH):
             client.log_batch(run_id, params=batch)
     except BaseException as e:
-        _end_quietly(uri, run_id, "FAILED" if isinstance(e, Exception) else "KILLED", _describe(e))
+        end_run_with_error(uri, run_id, e)
         raise
     return run_id
 
@@ -152,6 +152,13 @@ def _end_quietly(uri: str, run_id: str, status: str, error: str | None) -> None:
         _log.warning("could not mark MLflow run %s %s in %s", run_id, status, uri, exc_info=True)
 
 
+def end_run_with_error(uri: str, run_id: str, error: BaseException) -> None:
+    """End the run FAILED for an ``Exception``, KILLED for KeyboardInterrupt, SystemExit and the
+    like, with ``error`` described in ``aigc.error``. Called while ``error`` propagates, so a store
+    that fails now is logged, not raised over it."""
+    _end_quietly(uri, run_id, "FAILED" if isinstance(error, Exception) else "KILLED", _describe(error))
+
+
 @contextmanager
 def guard_run(uri: str, run_id: str) -> Iterator[None]:
     """End an existing run FINISHED when the block completes, FAILED (with the ``aigc.error`` tag)
@@ -159,11 +166,8 @@ def guard_run(uri: str, run_id: str) -> Iterator[None]:
     ``SystemExit``; re-raises. No run is left RUNNING."""
     try:
         yield
-    except Exception as e:
-        _end_quietly(uri, run_id, "FAILED", _describe(e))
-        raise
-    except BaseException as e:  # KeyboardInterrupt, SystemExit, GeneratorExit
-        _end_quietly(uri, run_id, "KILLED", _describe(e))
+    except BaseException as e:  # an Exception, or KeyboardInterrupt, SystemExit, GeneratorExit
+        end_run_with_error(uri, run_id, e)
         raise
     end_job_run(uri, run_id, "FINISHED")
 

@@ -103,10 +103,9 @@ class RunOpener:
             self._proc.kill()
             return
         if "run_id" in answer:
-            from aigc.tracking.job import _describe, _end_quietly
+            from aigc.tracking.job import end_run_with_error
 
-            status = "FAILED" if isinstance(error, Exception) else "KILLED"
-            _end_quietly(self.uri, answer["run_id"], status, _describe(error))
+            end_run_with_error(self.uri, answer["run_id"], error)
 
     def _wait(self) -> dict[str, Any]:
         if self._answer is None:
@@ -129,7 +128,7 @@ def main() -> int:
     try:
         from mlflow import MlflowClient
 
-        from aigc.tracking.job import _end_quietly, start_job_run
+        from aigc.tracking.job import end_run_with_error, start_job_run
         from aigc.tracking.lineage import log_dataset_input
 
         run_id = start_job_run(
@@ -141,9 +140,7 @@ def main() -> int:
                 log_dataset_input(client, run_id, **request["dataset"])
             experiment_id = client.get_run(run_id).info.experiment_id
         except Exception as e:
-            from aigc.tracking.job import _describe
-
-            _end_quietly(request["uri"], run_id, "FAILED", _describe(e))
+            end_run_with_error(request["uri"], run_id, e)
             raise
     except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
         print(json.dumps({"error": type(e).__name__, "message": str(e)}), flush=True)
