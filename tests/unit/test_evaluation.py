@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from aigc.evaluation import (
     reference_evaluator,
 )
 from aigc.evaluation.data import read_split
+from aigc.evaluation.evaluator import files_hash
 from aigc.evaluation.metrics import (
     frechet_distance,
     group_diversity,
@@ -234,11 +236,27 @@ def test_evaluator_is_cached_by_data_version_and_hash_covers_its_files(tiny, tin
     ev = tiny_evaluator
     assert ev.path.name.startswith(data_version(tiny) + "-")  # non-default config: own folder
     assert {p.name for p in ev.path.iterdir()} == {"weights.safetensors", "config.json", "tokenizer.json"}
-    h = hashlib.sha256()
-    for name in ("weights.safetensors", "config.json", "tokenizer.json"):
-        h.update(name.encode())
-        h.update((ev.path / name).read_bytes())
-    assert ev.hash == h.hexdigest()
+    # The hash covers every file, but not the training time config.json records: the same weights
+    # trained again (another train_seconds) are the same evaluator.
+    copy = tmp_path / "copy"
+    shutil.copytree(ev.path, copy)
+    doc = json.loads((copy / "config.json").read_text())
+    doc["train_seconds"] += 12.5
+    (copy / "config.json").write_text(json.dumps(doc))
+    assert files_hash(copy) == ev.hash
+    changes = (("config.json", "torch_threads"), ("weights.safetensors", None), ("tokenizer.json", None))
+    for name, change in changes:
+        changed = tmp_path / f"changed-{name}"
+        shutil.copytree(ev.path, changed)
+        if change:
+            doc = json.loads((changed / name).read_text())
+            doc[change] += 1
+            (changed / name).write_text(json.dumps(doc))
+        else:
+            data = bytearray((changed / name).read_bytes())
+            data[-2] ^= 1
+            (changed / name).write_bytes(bytes(data))
+        assert files_hash(changed) != ev.hash, name
     again = reference_evaluator(tiny, cache_dir=ev.path.parent, config=TINY)  # loads, no training
     assert again.hash == ev.hash and again.info["train_seconds"] == ev.info["train_seconds"]
     images = read_split(tiny, "val").images

@@ -35,12 +35,22 @@ FORMAT = "aigc-evaluator/1"
 FILES = ("weights.safetensors", "config.json", "tokenizer.json")
 
 
+# What config.json records about how long the training took: not part of what the evaluator is, so
+# two trainings of the same weights (same data, config, seed and thread count) get the same hash and
+# their results stay comparable (the gate and lineage compare evaluator hashes).
+UNHASHED = ("train_seconds",)
+
+
 def files_hash(folder: Path) -> str:
-    """sha256 over the evaluator's files, in a fixed order."""
+    """sha256 over the evaluator's files in a fixed order, config.json without :data:`UNHASHED`."""
     h = hashlib.sha256()
     for name in FILES:
+        data = (folder / name).read_bytes()
+        if name == "config.json":
+            doc = {k: v for k, v in json.loads(data).items() if k not in UNHASHED}
+            data = json.dumps(doc, indent=2, sort_keys=True).encode("utf-8")
         h.update(name.encode("utf-8"))
-        h.update((folder / name).read_bytes())
+        h.update(data)
     return h.hexdigest()
 
 
