@@ -1,4 +1,5 @@
-"""A Ray cluster started by a test the way a team starts one (`ray start`), on 127.0.0.1.
+"""A Ray cluster started by a test the way a team starts one (`ray start`), on 127.0.0.1, and the
+embedded Ray that `aigc train` starts (``embedded_ray``).
 
 Used by test_cluster.py (a head with the dashboard and a second node, for `ray job submit`) and by
 test_pipeline.py (one warm head that every `aigc train` of `dvc repro` joins). Every process is
@@ -112,3 +113,37 @@ def ray_cluster(
             log.close()
         for d in node_dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def embedded_ray() -> Iterator[None]:
+    """An embedded Ray started by aigc's ``init_ray`` in this process, as `aigc train` starts one.
+
+    On exit, ``ray.shutdown()``; then every process ``init_ray`` started (GCS, raylet, dashboard, ...)
+    and every descendant of those (Ray's workers and actors, and what they started) that is still
+    alive 10 s later is killed by pid. Ray leaves an idle ``ray::TrainController`` behind now and then
+    (one was alive 13 minutes after its test module ended), and on a 2-core machine it takes CPU from
+    every test after it. A server another fixture started meanwhile is not under these processes and
+    is never touched; psutil checks each process's start time, so a reused pid is safe."""
+    import psutil
+    import ray
+
+    from aigc.training.cluster import init_ray
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    init_ray(None)
+    roots = [p for p in me.children() if p.pid not in before]
+    try:
+        yield
+    finally:
+        started = []
+        for root in roots:
+            with contextlib.suppress(psutil.NoSuchProcess):  # it ended already
+                started += [root, *root.children(recursive=True)]
+        ray.shutdown()
+        _, alive = psutil.wait_procs(started, timeout=10)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):  # it ended meanwhile
+                proc.kill()
+        psutil.wait_procs(alive, timeout=10)

@@ -101,17 +101,6 @@ def encoded(digits_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     return out
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from aigc.training.cluster import init_ray
-
-    init_ray(None)
-    yield
-    ray.shutdown()
-
-
 def _samples(folder: Path, split: str) -> dict[str, dict[str, bytes]]:
     from aigc.data.manifest import read_manifest
     from aigc.data.shards import iter_tar_samples

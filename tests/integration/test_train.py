@@ -89,17 +89,6 @@ def tiny_overrides(family: str, tmp: Path, dataset: Path, steps: int = 20, worke
     ]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from aigc.training.cluster import init_ray
-
-    init_ray(None)
-    yield
-    ray.shutdown()
-
-
 def test_embedded_ray_stays_on_loopback(ray_local):
     """init_ray keeps the embedded cluster on 127.0.0.1 although ray was imported before it ran."""
     import ray
@@ -107,6 +96,47 @@ def test_embedded_ray_stays_on_loopback(ray_local):
     nodes = [n for n in ray.nodes() if n["Alive"]]
     assert [n["NodeManagerAddress"] for n in nodes] == ["127.0.0.1"]
     assert ray.util.get_node_ip_address() == "127.0.0.1"
+
+
+@pytest.mark.timeout(180)
+def test_embedded_ray_fixture_leaves_no_process_of_ray_behind(tmp_path):
+    """``ray_local`` (``ray_cluster.embedded_ray``) stops what Ray started, even a process that
+    outlives ``ray.shutdown()``, standing in for the idle ``ray::TrainController`` Ray leaves behind
+    now and then: a task's grandchild (Ray kills a worker's children when it exits, not theirs). A
+    process started beside Ray is kept."""
+    import psutil
+
+    code = f"""
+import subprocess, sys, time, psutil, ray
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from ray_cluster import embedded_ray
+beside = subprocess.Popen(["sleep", "120"])
+def grandchild():
+    shell = psutil.Process(subprocess.Popen(["sh", "-c", "sleep 120; exit 0"], start_new_session=True).pid)
+    while not shell.children():
+        time.sleep(0.05)
+    return shell.children()[0].pid
+with embedded_ray():
+    print("ray's", ray.get(ray.remote(grandchild).remote(), timeout=60), flush=True)
+print("beside", beside.pid, beside.poll(), flush=True)
+beside.kill()
+"""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=150, env=env, cwd=tmp_path
+    )
+    lines = [line.split(" ", 1) for line in out.stdout.splitlines()]
+    words = {w[0]: w[1] for w in lines if len(w) == 2}
+    assert "ray's" in words and words.get("beside", "").endswith(" None"), out.stdout + out.stderr[-3000:]
+    pid = int(words["ray's"])
+    try:
+        stale = psutil.Process(pid)
+        alive = stale.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        alive = False
+    if alive:
+        stale.kill()  # ours: the test started it through Ray
+    assert not alive, f"Ray's process {pid} outlived the fixture"
 
 
 @pytest.mark.timeout(180)
