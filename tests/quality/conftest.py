@@ -54,6 +54,7 @@ DIGITS_RUNS = {
 # figures with data.num_workers 0 and 1).
 DIGITS_COMMON = ("--set", "data.num_workers=0")
 EMOJI_SECONDS = {
+    "gan": 330,
     "latent-autoregressive": 270,
     "diffusion": 190,
     "vae": 150,
