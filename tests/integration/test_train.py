@@ -714,6 +714,26 @@ def test_unreachable_tracking_server_fails_fast(digits_dataset, tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.timeout(180)
+def test_a_ray_address_where_nothing_listens_fails_fast_and_ends_the_run_failed(digits_dataset, tmp_path):
+    """ray.init retries a dead GCS for minutes; `aigc train --ray-address` says so in seconds."""
+    port = _free_port()
+    args = ["train", str(ROOT / "models" / "diffusion.yaml"), "--ray-address", f"127.0.0.1:{port}"]
+    for o in tiny_overrides("diffusion", tmp_path, digits_dataset):
+        args += ["--set", o]
+    t0 = time.monotonic()
+    out = run_cli(args, env={"RAY_ADDRESS": ""})
+    elapsed = time.monotonic() - t0
+    assert out.returncode != 0, out.stdout[-2000:]
+    assert f"cannot join the Ray cluster at 127.0.0.1:{port}: nothing answers there" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert elapsed < 60, elapsed
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "nothing answers there" in runs[0].data.tags["aigc.error"]
+
+
 def test_config_files_resolve_for_every_family():
     assert set(TINY) == set(FAMILIES)  # a new family needs its tiny test config here
     for family in TINY:

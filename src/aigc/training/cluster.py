@@ -12,6 +12,9 @@ The facts this relies on (ray 2.60 on Linux, see ``docs/stack-pitfalls.md``):
 - ``ray.init`` from the main thread installs a SIGTERM handler that calls ``sys.exit`` (so a
   terminated driver unwinds and ends its MLflow run KILLED); from another thread it installs none and
   logs a warning. :class:`RayStart` runs it on a thread and installs the same handler itself.
+- ``ray.init(address="host:port")`` with nothing listening there retries the GCS for minutes (over
+  100 s here, logging "Failed to connect to GCS") before it raises: ``init_ray`` first checks that
+  something accepts a TCP connection at a ``host:port`` address, and fails at once if not.
 - The embedded Ray's GCS and raylet are started with ``prctl(PR_SET_PDEATHSIG)`` (they die with
   their parent), and Linux sends that signal when the parent *thread* exits, not the process: a
   thread that started them and then ended took the instance down with it ("Failed to connect to
@@ -23,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -62,6 +66,7 @@ def init_ray(address: str | None) -> None:
             # A cluster on this machine (`ray start --head` here) listens on loopback only; without
             # the setting this driver looks for its raylet on the interface address and waits forever.
             _stay_on_loopback()
+        _check_listening(address)
         try:
             ray.init(address=address, log_to_driver=to_driver)
         except ConnectionError as err:
@@ -83,6 +88,24 @@ def init_ray(address: str | None) -> None:
     os.environ.setdefault(API_SERVER_ENV, NO_API_SERVER)
     # address="local": always a new embedded instance, never a cluster that `ray start` left behind.
     ray.init(address="local", include_dashboard=False, log_to_driver=to_driver, configure_logging=False)
+
+
+def _check_listening(address: str, timeout_s: float = 5.0) -> None:
+    """Raise :class:`TrainError` at once when nothing accepts a connection at a ``host:port`` address
+    (``ray.init`` would retry a dead GCS for minutes). ``auto``, ``ray://`` client addresses and
+    other forms are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "/" in host or not host:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise TrainError(
+            f"cannot join the Ray cluster at {address}: nothing answers there ({err}). Start the cluster"
+            f" there (`ray start --head --port {port}`) or give its GCS address with --ray-address or"
+            " RAY_ADDRESS; leave both unset to train on an embedded local Ray."
+        ) from err
 
 
 class RayStart:
