@@ -104,7 +104,7 @@ def _check_listening(address: str, timeout_s: float = 5.0) -> None:
         raise TrainError(
             f"cannot join the Ray cluster at {address}: nothing answers there ({err}). Start the cluster"
             f" there (`ray start --head --port {port}`) or give its GCS address with --ray-address or"
-            " RAY_ADDRESS; leave both unset to train on an embedded local Ray."
+            " RAY_ADDRESS; leave both unset for an embedded local Ray."
         ) from err
 
 
