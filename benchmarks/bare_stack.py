@@ -7,7 +7,7 @@ conv net fed from tensors in memory, and writes the wall-clock time of its first
 library imports, Ray start, the controller and worker actors, the process group, the first step.
 
 Ray is started the way ``aigc train`` starts its embedded instance (loopback, no dashboard, see
-``aigc.training.cluster``), so the two differ only by what aigc adds.
+``aigc.cluster``), so the two differ only by what aigc adds.
 
     .venv/bin/python benchmarks/bare_stack.py --out /tmp/first-step.json [--threads 1]
 """

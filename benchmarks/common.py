@@ -227,7 +227,7 @@ def median_ratio(a: list[float], b: list[float]) -> float:
 
 def start_embedded_ray() -> None:
     """Start Ray in this process as ``aigc train`` starts its embedded instance (loopback, no
-    dashboard; see ``aigc.training.cluster``), for the bare-stack sides that must differ from
+    dashboard; see ``aigc.cluster``), for the bare-stack sides that must differ from
     ``aigc train`` only by what aigc adds."""
     import ray
     from ray._private import ray_constants

@@ -128,7 +128,7 @@ def embedded_ray() -> Iterator[None]:
     import psutil
     import ray
 
-    from aigc.training.cluster import init_ray
+    from aigc.cluster import init_ray
 
     me = psutil.Process()
     before = {p.pid for p in me.children()}

@@ -147,7 +147,7 @@ def test_ray_started_on_a_thread_stays_up_after_the_start(tmp_path):
     the start, with a loopback address."""
     code = """
 import time, ray
-from aigc.training.cluster import RayStart
+from aigc.cluster import RayStart
 RayStart(None).wait()
 time.sleep(3)
 print("answer", ray.get(ray.remote(lambda: 7).remote(), timeout=60), ray.util.get_node_ip_address())

@@ -291,7 +291,8 @@ def test_export_round_trip_and_generate(kind: str, digits: torch.Tensor, tmp_pat
 # ------------------------------------------------------------------- evaluation by reconstruction
 def test_evaluate_reconstruction_reports_psnr_and_fd(digits_dataset: Path, tmp_path: Path) -> None:
     from aigc.evaluation import EvaluatorConfig, reference_evaluator
-    from aigc.evaluation.evaluate import PROVENANCE, evaluate_reconstruction
+    from aigc.contract import PROVENANCE
+    from aigc.evaluation.evaluate import evaluate_reconstruction
 
     tiny = EvaluatorConfig(
         width=8,

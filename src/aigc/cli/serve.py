@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         from aigc.serving.config import ServeConfig
         from aigc.serving.limits import RequestLimits
         from aigc.serving.server import start_serving, stop_serving, wait_for_signal
-        from aigc.training import TrainError
+        from aigc.cluster import ClusterError
 
         try:
             cfg = ServeConfig(
@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"starting Ray Serve for {ref} ...")
         try:
             serving = start_serving(cfg)
-        except (RegistryError, TrainError, RuntimeError) as err:
+        except (RegistryError, ClusterError, RuntimeError) as err:
             fail(str(err))
         h = serving.health
         how = f"alias {h['alias']}, followed" if h.get("alias") else "pinned version, not followed"

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aigc.contract import DEFAULT_EVAL_SAMPLES, PROVENANCE
 from aigc.data.manifest import read_manifest
 from aigc.data.version import version as data_version
 from aigc.evaluation.data import read_split
@@ -65,7 +66,6 @@ COPYING_ABOVE = 0.05  # more than 5 % near-copies of training images: copying
 # nearest-neighbour search is O(generated x train x pixels).
 MAX_REFERENCE_IMAGES = 20_000
 MAX_CALIBRATION_IMAGES = 1_000  # val images whose nearest-train distances set copy_distance
-PROVENANCE = ("evaluator_hash", "data_version", "num_samples", "seed")
 
 
 def reference_statistics(evaluator: ReferenceEvaluator, dataset_dir: str | Path) -> dict[str, Any]:
@@ -226,7 +226,7 @@ def evaluate_model(
     module: Any,
     evaluator: ReferenceEvaluator,
     dataset_dir: str | Path,
-    num_samples: int = 500,
+    num_samples: int = DEFAULT_EVAL_SAMPLES,
     seed: int = 0,
     batch_size: int = 100,
     **generate_options: Any,
@@ -274,7 +274,7 @@ def evaluate_reconstruction(
     module: Any,
     evaluator: ReferenceEvaluator,
     dataset_dir: str | Path,
-    num_samples: int = 500,
+    num_samples: int = DEFAULT_EVAL_SAMPLES,
     seed: int = 0,
     batch_size: int = 100,
 ) -> dict[str, Any]:

@@ -25,21 +25,23 @@ from typing import Any
 
 import torch
 
-from aigc.evaluation.evaluate import PROVENANCE, evaluate_model
+from aigc.contract import (  # noqa: F401 - re-exported for aigc.evaluation
+    DEFAULT_EVAL_SAMPLES,
+    EVAL_TAG_PREFIX,
+    GUARDS,
+    PROVENANCE,
+    eval_figures,
+)
+from aigc.evaluation.evaluate import evaluate_model
 from aigc.evaluation.evaluator import reference_evaluator
 
-#: Run tags holding each figure's provenance: aigc.eval.evaluator_hash, .data_version, .num_samples,
-#: .seed (figures of two runs are comparable only when all four match, DESIGN §3), and the guards
-#: aigc.eval.collapse and .copying ("True"/"False"; the registry's gate refuses a flagged model).
-EVAL_TAG_PREFIX = "aigc.eval."
-GUARDS = ("collapse", "copying")
 
 
 def final_evaluation(
     module: Any,
     dataset: str | Path,
     *,
-    num_samples: int = 500,
+    num_samples: int = DEFAULT_EVAL_SAMPLES,
     seed: int = 0,
     batch_size: int = 100,
     threads: int | None = None,
@@ -120,15 +122,6 @@ def load_model_from(location: str | Path) -> Any:
         except Exception as err:  # noqa: BLE001 - botocore & co. raise their own types: name the URL
             raise OSError(f"{url}: cannot read the model: {unreachable(url, err)}") from err
         return load_model(local)
-
-
-def eval_figures(report: dict[str, Any]) -> dict[str, float]:
-    """The numeric ``eval/*`` figures of a report (what is logged as MLflow metrics)."""
-    return {
-        k: float(v)
-        for k, v in report.items()
-        if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
 
 
 def log_evaluation(tracking_uri: str, run_id: str, report: dict[str, Any], step: int = 0) -> None:

@@ -27,8 +27,8 @@ from aigc.config import StrictModel
 
 # The provenance that makes two figures comparable and the tags holding it (aigc.eval.<key>) are
 # defined once, where the final evaluation records them.
-from aigc.evaluation.evaluate import PROVENANCE as PROVENANCE_TAGS
-from aigc.evaluation.final import EVAL_TAG_PREFIX
+from aigc.contract import EVAL_TAG_PREFIX, eval_figures
+from aigc.contract import PROVENANCE as PROVENANCE_TAGS
 from aigc.registry.store import (
     ALIAS_CANDIDATE,
     ALIAS_PREVIOUS,
@@ -144,7 +144,7 @@ def _alias_version(client: Any, name: str, alias: str) -> Any | None:
 
 def _reevaluate(client: Any, name: str, versions: list[Any], gate: GateConfig, progress) -> list[Figures]:
     """Re-measure ``versions`` on the candidate's (the first's) dataset and evaluator, the same way."""
-    from aigc.evaluation.final import eval_figures, final_evaluation
+    from aigc.evaluation.final import final_evaluation
     from aigc.tracking import logged_dataset
 
     dataset = logged_dataset(client.get_run(versions[0].tags[TAG_RUN_ID]))

@@ -90,7 +90,7 @@ def eligibility(run: Any) -> tuple[bool, str | None]:
     tags, metrics = run.data.tags, run.data.metrics
     if "eval/fd" not in metrics:
         return False, "the run has no final evaluation (eval/fd); re-run it with aigc evaluate --run"
-    from aigc.evaluation.final import EVAL_TAG_PREFIX, GUARDS
+    from aigc.contract import EVAL_TAG_PREFIX, GUARDS
 
     flagged = [g for g in GUARDS if tags.get(f"{EVAL_TAG_PREFIX}{g}") == "True"]
     if flagged:

@@ -13,18 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MODEL_PREFIX = "aigc-"
-ALIAS_CANDIDATE = "candidate"
-ALIAS_PRODUCTION = "production"
-ALIAS_PREVIOUS = "previous"
-
-# Version tags (DESIGN §3): where a version came from, and what the gate decided.
-TAG_RUN_ID = "aigc.run_id"
-TAG_ELIGIBLE = "aigc.gate.eligible"
-TAG_INELIGIBLE_REASON = "aigc.gate.ineligible_reason"
-
-_REF = re.compile(
-    r"^(?:models:/)?(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<version>\d+))?$"
+from aigc.contract import (  # noqa: F401 - re-exported for aigc.registry
+    ALIAS_CANDIDATE,
+    ALIAS_PREVIOUS,
+    ALIAS_PRODUCTION,
+    MODEL_PREFIX,
+    MODEL_REF,
+    TAG_ELIGIBLE,
+    TAG_INELIGIBLE_REASON,
+    TAG_RUN_ID,
 )
 
 
@@ -51,7 +48,7 @@ def model_name(family: str) -> str:
 
 def parse_ref(ref: str, default_alias: str | None = ALIAS_PRODUCTION) -> ModelRef:
     """``aigc-F@alias`` | ``aigc-F/N`` | ``models:/...`` | ``aigc-F`` (-> ``default_alias``)."""
-    m = _REF.match(ref.strip())
+    m = MODEL_REF.match(ref.strip())
     if not m:
         raise RegistryError(
             f"model reference {ref!r}: expected NAME@ALIAS, NAME/VERSION or models:/NAME@ALIAS, "

@@ -48,7 +48,7 @@ def start_serving(cfg: ServeConfig) -> Serving:
     """Resolve the reference (fail fast), start Ray and Serve, deploy and wait until it serves.
 
     Raises ``TrackingUnavailable`` (a ``RuntimeError``) for a registry that does not answer,
-    ``RegistryError`` for a reference that names nothing, ``TrainError`` for a Ray cluster that
+    ``RegistryError`` for a reference that names nothing, ``ClusterError`` for a Ray cluster that
     cannot be joined, and ``RuntimeError`` when Serve cannot start or deploy.
     """
     from aigc.registry.store import client_for, parse_ref, resolve_version
@@ -70,7 +70,7 @@ def start_serving(cfg: ServeConfig) -> Serving:
     from ray import serve
 
     from aigc.serving.app import build_app
-    from aigc.training.cluster import init_ray
+    from aigc.cluster import init_ray
 
     init_ray(cfg.ray_address)
     try:

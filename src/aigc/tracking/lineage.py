@@ -8,6 +8,22 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from aigc.contract import (  # noqa: F401 - re-exported for aigc.tracking
+    METRIC_BAD_FRACTION,
+    METRIC_BAD_SAMPLES,
+    TAG_DATA_BAD_SHARDS,
+    TAG_DATA_MODIFIED,
+    TAG_DATA_MODIFIED_SHARDS,
+    TAG_DATA_NAME,
+    TAG_DATA_VERSION,
+    TAG_ERROR,
+    TAG_FAMILY,
+    TAG_GIT_SHA,
+    TAG_RAY_WORKERS,
+    TAG_REGISTERED_MODEL,
+    TAG_RUN_NAME,
+    TAG_STORAGE,
+)
 from aigc.tracking.params import MAX_TAG_VALUE_LENGTH, truncate
 
 if TYPE_CHECKING:
@@ -15,24 +31,6 @@ if TYPE_CHECKING:
 
 # MLflow is imported only by the functions that talk to a store: the driver builds a run's tags
 # before it imports MLflow (the run is opened in a child process, see aigc.tracking.opener).
-
-TAG_FAMILY = "aigc.family"
-TAG_GIT_SHA = "aigc.git_sha"
-TAG_DATA_NAME = "aigc.data.name"
-TAG_DATA_VERSION = "aigc.data.version"
-TAG_RAY_WORKERS = "aigc.ray.workers"
-#: the registry name ``aigc register`` gives the run's model (``tracking.registered_model``)
-TAG_REGISTERED_MODEL = "aigc.registered_model"
-TAG_ERROR = "aigc.error"
-# What of the data the run did not see as its version describes it. Shards that differed from the
-# manifest when the job started (allowed by --allow-modified-data): "true", and which ones, how.
-TAG_DATA_MODIFIED = "aigc.data.modified"
-TAG_DATA_MODIFIED_SHARDS = "aigc.data.modified_shards"
-# Samples the loader skipped as unreadable: per epoch, summed over ranks (metrics), and the shards
-# that lost the most over the run (tag, "name (count), ...").
-METRIC_BAD_SAMPLES = "data/bad_samples"
-METRIC_BAD_FRACTION = "data/bad_fraction"
-TAG_DATA_BAD_SHARDS = "aigc.data.bad_shards"
 
 # MLflow 3.17 rejects longer dataset digests; a DVC folder md5 ("<32 hex>.dir") is exactly 36.
 MAX_DATASET_DIGEST_LENGTH = 36

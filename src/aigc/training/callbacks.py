@@ -31,7 +31,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-CHECKPOINT_NAME = "checkpoint.ckpt"
+from aigc.contract import CHECKPOINT_NAME, checkpoint_dir_name
 
 
 def _scalar_metrics(trainer: pl.Trainer, prefix: tuple[str, ...]) -> dict[str, float]:
@@ -68,7 +68,7 @@ class StepCheckpoint(pl.Callback):
             if trainer.global_rank == 0:
                 (tmp / "aigc-step.json").write_text(json.dumps({"global_step": step}))
                 checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-step{step:08d}")
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(step))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -12,7 +12,7 @@ schema migrated: two ranks opening a fresh sqlite store race on the migration wi
 name") before the run is opened, so a bad config, a missing dataset, shards changed since their
 manifest (the run's data version would describe data it did not see) or an unreachable server fail
 in seconds and leave no run behind. Ray's start (seconds, mostly waiting for its processes) runs on
-a thread (:class:`~aigc.training.cluster.RayStart`) and the MLflow run is opened by a child process
+a thread (:class:`~aigc.cluster.RayStart`) and the MLflow run is opened by a child process
 (:class:`~aigc.tracking.opener.RunOpener`), both beside the driver's own preparation: this process
 imports MLflow only once ``trainer.fit()`` has been called. ``startup/*`` metrics record each phase
 (:class:`StartupClock`). Everything after the run is opened runs inside one lifecycle
@@ -22,7 +22,7 @@ KILLED, never RUNNING.
 
 One MLflow run per job, opened here; workers get its id in the :class:`TrainJob` and only rank 0
 logs to it. The config, data check, job file and naming rules live in :mod:`aigc.training.job`, Ray
-start-up in :mod:`aigc.training.cluster`, the Trainer in :mod:`aigc.training.trainer`, the final
+start-up in :mod:`aigc.cluster`, the Trainer in :mod:`aigc.training.trainer`, the final
 evaluation in :mod:`aigc.evaluation.final`.
 """
 
@@ -40,7 +40,8 @@ from typing import Any
 
 from aigc import project_root
 from aigc.config import RunConfig
-from aigc.training.cluster import RayStart, worker_env
+from aigc.contract import FINAL_GRID, TAG_RUN_NAME, TAG_STORAGE
+from aigc.cluster import ClusterError, RayStart, worker_env
 from aigc.training.job import (
     TrainError,
     TrainJob,
@@ -55,7 +56,6 @@ from aigc.training.job import (
     storage_location,
     write_job,
 )
-from aigc.training.worker import FINAL_GRID
 
 log = logging.getLogger("aigc.training")
 
@@ -261,7 +261,7 @@ def train(
             )
             | tracking.source_tags(tracking.command_line(), sha)
             | modified_tags
-            | {"aigc.run.name": name, "aigc.storage": run_dir, tracking.TAG_RUN_NOTE: description()},
+            | {TAG_RUN_NAME: name, TAG_STORAGE: run_dir, tracking.TAG_RUN_NOTE: description()},
             dataset={"name": data_name, "source": location, "digest": dversion},
         )
         clock.mark("mlflow_run")
@@ -370,7 +370,7 @@ def train(
         Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
         # What DVC compares across experiments (`dvc metrics diff`, `dvc exp show`): the numeric
         # figures and the guards; their provenance stays in the run's aigc.eval.* tags.
-        from aigc.evaluation.final import GUARDS, eval_figures
+        from aigc.contract import GUARDS, eval_figures
 
         record = {"run_id": out.run_id, "step": out.global_step, **eval_figures(out.eval)}
         record.update({g: out.eval[g] for g in GUARDS if g in out.eval})
@@ -412,7 +412,10 @@ def _fit(
     clock: StartupClock,
 ):
     """Ray Train over ``job.run.scaling.num_workers`` workers; its checkpoints under ``job.run_dir``."""
-    ray_wait = ray_start.wait()  # Ray was started on a thread while the driver prepared the job
+    try:
+        ray_wait = ray_start.wait()  # Ray was started on a thread while the driver prepared the job
+    except ClusterError as err:
+        raise TrainError(str(err)) from None
     clock.mark("ray_wait")
     import ray.train
     from ray.train.torch import TorchTrainer

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aigc.contract import FINAL_GRID
+
 log = logging.getLogger("aigc.training")
 
 # Fault injection for tests of fault tolerance: the named rank exits hard at the named step on the
@@ -25,8 +27,6 @@ FAULT_ENV = "AIGC_FAULT_EXIT_AT_STEP"  # "<rank>:<step>"
 # Tests of data parallelism and placement: each rank appends the sample keys it trained on and its
 # Ray node id to files in this folder.
 RECORD_ENV = "AIGC_RECORD_KEYS_DIR"
-# The run's final sample grid, written once by rank 0 when training ends, beside the checkpoints.
-FINAL_GRID = "samples-final.png"
 
 
 class _FaultInjection:

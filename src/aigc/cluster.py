@@ -1,4 +1,4 @@
-"""Ray start-up for training jobs: join a cluster, or start an embedded one on loopback.
+"""Ray start-up for training jobs and serving: join a cluster, or start an embedded one on loopback.
 
 The facts this relies on (ray 2.60 on Linux, see ``docs/stack-pitfalls.md``):
 
@@ -31,7 +31,10 @@ import sys
 import threading
 import time
 
-from aigc.training.job import TrainError
+
+class ClusterError(RuntimeError):
+    """Ray could not be started or joined; the message says why and what to do."""
+
 
 # Environment the driver passes on to workers: fault injection and data recording for the tests,
 # the project root, and MLflow's retry settings (so a dead tracking server never stalls a worker).
@@ -76,7 +79,7 @@ def init_ray(address: str | None) -> None:
                     " If the cluster uses token authentication (the default of `ray start`),"
                     " set RAY_AUTH_MODE=token."
                 )
-            raise TrainError(f"cannot join the Ray cluster at {address}: {err}.{hint}") from err
+            raise ClusterError(f"cannot join the Ray cluster at {address}: {err}.{hint}") from err
         return
     _stay_on_loopback()
     # Ray Train's PlacementGroupCleaner asks the state API whether the run's controller is alive. With
@@ -91,7 +94,7 @@ def init_ray(address: str | None) -> None:
 
 
 def _check_listening(address: str, timeout_s: float = 5.0) -> None:
-    """Raise :class:`TrainError` at once when nothing accepts a connection at a ``host:port`` address
+    """Raise :class:`ClusterError` at once when nothing accepts a connection at a ``host:port`` address
     (``ray.init`` would retry a dead GCS for minutes). ``auto``, ``ray://`` client addresses and
     other forms are left to Ray."""
     host, sep, port = address.rpartition(":")
@@ -101,7 +104,7 @@ def _check_listening(address: str, timeout_s: float = 5.0) -> None:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
             pass
     except OSError as err:
-        raise TrainError(
+        raise ClusterError(
             f"cannot join the Ray cluster at {address}: nothing answers there ({err}). Start the cluster"
             f" there (`ray start --head --port {port}`) or give its GCS address with --ray-address or"
             " RAY_ADDRESS; leave both unset for an embedded local Ray."
