@@ -28,7 +28,7 @@ from aigc.data import (
     read_manifest,
     verify_dataset,
 )
-from aigc.quickstart import prepare_data
+from aigc.workflows.quickstart import prepare_data
 
 
 def read_split(folder: Path, split: str, *handlers: str) -> list[dict]:

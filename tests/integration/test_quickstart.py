@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from aigc.cli import app
 from aigc.data import read_manifest, verify_dataset
 from aigc.data.preview import iter_samples
-from aigc.quickstart import DIGIT_PROMPTS, GRID_COLUMNS, QUICKSTART_DATA, STEPS
+from aigc.workflows.quickstart import DIGIT_PROMPTS, GRID_COLUMNS, QUICKSTART_DATA, STEPS
 
 AIGC = str(Path(sys.executable).parent / "aigc")
 
@@ -65,7 +65,7 @@ def test_a_second_quickstart_reuses_everything_but_the_grid(quickstart_project):
 
 def test_only_a_finished_run_of_the_same_config_is_reused(quickstart_project):
     """What a second quickstart reuses is decided by the recorded config digest and the run's state."""
-    from aigc.quickstart import _recorded_run
+    from aigc.workflows.quickstart import _recorded_run
 
     root = quickstart_project["root"]
     state = json.loads((root / "outputs" / "quickstart" / "diffusion.json").read_text())

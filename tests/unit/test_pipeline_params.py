@@ -1,4 +1,4 @@
-"""aigc.pipeline: the params.yaml sections the DVC stages read, and the records they pass on."""
+"""aigc.workflows.pipeline: the params.yaml sections the DVC stages read, and the records they pass on."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from aigc.config import ConfigError, load_config
-from aigc.pipeline import as_overrides, params_section, run_of, train_overrides
+from aigc.workflows.pipeline import as_overrides, params_section, run_of, train_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -160,7 +160,7 @@ def register(app: typer.Typer) -> None:
         typer.echo(format_report({"data": dataset, "evaluator": str(evaluator.path), **record}))
         typer.echo(f"ready in {time.perf_counter() - start:.1f} s", err=True)
         if json_out is not None:
-            from aigc.pipeline import write_json
+            from aigc.workflows.pipeline import write_json
 
             write_json(json_out, record)
             typer.echo(f"wrote {json_out}", err=True)

@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         per prompt. A second run reuses what is already built and says so."""
         from aigc import project_root
         from aigc.config import FAMILIES, ConfigError
-        from aigc.quickstart import QUICKSTART_DATA, next_commands, prepare_data, quickstart
+        from aigc.workflows.quickstart import QUICKSTART_DATA, next_commands, prepare_data, quickstart
         from aigc.registry.store import RegistryError
         from aigc.tracking import TrackingUnavailable
         from aigc.tracking.server import ui_url

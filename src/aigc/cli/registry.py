@@ -40,12 +40,12 @@ def register(app: typer.Typer) -> None:
 
         try:
             if run.endswith(".json") and Path(run).is_file():
-                from aigc.pipeline import run_of
+                from aigc.workflows.pipeline import run_of
 
                 run = run_of(run)
             gate = None
             if then_promote and params is not None:
-                from aigc.pipeline import params_section
+                from aigc.workflows.pipeline import params_section
 
                 gate = validate(GateConfig, params_section(params, "register"), prefix="register")
             r = register_run(run, tracking_uri, progress=_say)
@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         except (ConfigError, RegistryError, FileNotFoundError, ValueError) as err:
             fail(str(err))
         if json_out is not None:
-            from aigc.pipeline import write_json
+            from aigc.workflows.pipeline import write_json
 
             record = {
                 "model": r.name,

@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
             if params is not None:
                 if config is None:
                     fail("--params needs the config it overrides, e.g. models/diffusion.yaml")
-                from aigc.pipeline import train_overrides
+                from aigc.workflows.pipeline import train_overrides
 
                 # params.yaml first, so a --set on the command line still wins.
                 set_ = train_overrides(params, config) + list(set_)
@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         except KeyboardInterrupt:
             fail("interrupted: the MLflow run is marked KILLED; continue with --resume", code=130)
         if loss_out is not None:
-            from aigc.pipeline import write_loss_curve
+            from aigc.workflows.pipeline import write_loss_curve
 
             write_loss_curve(result.tracking_uri, result.run_id, loss_out)
         print_summary(result)

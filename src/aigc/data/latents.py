@@ -174,7 +174,7 @@ def resolve_autoencoder(
     if ref.endswith(".json") and "://" not in ref:
         # Before the path branch: a record points to a run; it is not a model file to load.
         from aigc.config import ConfigError
-        from aigc.pipeline import run_of
+        from aigc.workflows.pipeline import run_of
 
         if not Path(ref).is_file():
             raise DatasetError(f"--autoencoder {ref}: no such file (an `aigc train --metrics-out` record)")

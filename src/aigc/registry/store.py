@@ -23,6 +23,7 @@ from aigc.contract import (  # noqa: F401 - re-exported for aigc.registry
     TAG_INELIGIBLE_REASON,
     TAG_RUN_ID,
 )
+from aigc.tracking.store import client_for  # noqa: F401 - the one client factory, used with the registry
 
 
 class RegistryError(RuntimeError):
@@ -58,16 +59,6 @@ def parse_ref(ref: str, default_alias: str | None = ALIAS_PRODUCTION) -> ModelRe
     if alias is None and version is None:
         alias = default_alias
     return ModelRef(m["name"], alias, version)
-
-
-def client_for(tracking_uri: str | None = None):
-    """An ``MlflowClient`` on the resolved store (registry and tracking are the same store)."""
-    from mlflow import MlflowClient
-
-    from aigc.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def resolve_version(client: Any, ref: ModelRef | str):

@@ -75,6 +75,7 @@ _EXPORTS = {
     "list_runs": "query",
     "mlflow_server_command": "server",
     "TrackingUnavailable": "store",
+    "client_for": "store",
     "default_artifact_root": "store",
     "ensure_tracking_store": "store",
     "resolve_tracking_uri": "store",

@@ -53,6 +53,15 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
     return _absolute_uri(uri)
 
 
+def client_for(tracking_uri: str | None = None):
+    """The one way aigc builds an ``MlflowClient``: on the resolved store (:func:`resolve_tracking_uri`),
+    with the model registry on the same store."""
+    from mlflow import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def _absolute_uri(uri: str) -> str:
     if uri.startswith("sqlite:"):
         path = sqlite_path(uri)
