@@ -418,3 +418,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if isinstance(cfg.model, AutoencoderConfig):
         cfg.model.check_image_size(cfg.data.image_size)
     return cfg
+
+
+def load_data_config(params: str | Path | None, overrides: list[str], **fields: Any) -> DataConfig:
+    """The ``data`` section of ``params`` (a YAML file such as ``params.yaml``, if given), then
+    ``--set`` overrides, then the non-None ``fields`` (command-line options): what ``aigc data
+    build`` and the quickstart build from.
+
+    Override keys may omit the ``data.`` prefix. Raises :class:`ConfigError` naming a bad key.
+    """
+    data: dict[str, Any] = {}
+    if params is not None:
+        section = load_yaml(params).get("data", {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{params}: data: expected a mapping")
+        data = dict(section)
+    tree = {"data": data}
+    apply_overrides(tree, [o if o.startswith("data.") else f"data.{o}" for o in overrides])
+    tree["data"].update({k: v for k, v in fields.items() if v is not None})
+    return validate(DataConfig, tree["data"], prefix="data")

@@ -40,11 +40,11 @@ def register(app: typer.Typer) -> None:
         for a cluster (a KubeRay RayService) instead."""
         from pydantic import ValidationError
 
+        from aigc.cluster import ClusterError
         from aigc.registry.store import RegistryError
         from aigc.serving.config import ServeConfig
         from aigc.serving.limits import RequestLimits
         from aigc.serving.server import start_serving, stop_serving, wait_for_signal
-        from aigc.cluster import ClusterError
 
         try:
             cfg = ServeConfig(

@@ -36,7 +36,6 @@ from aigc.evaluation.evaluate import evaluate_model
 from aigc.evaluation.evaluator import reference_evaluator
 
 
-
 def final_evaluation(
     module: Any,
     dataset: str | Path,

@@ -7,7 +7,6 @@ Loading goes through the version's export folder (safetensors + JSON): no pickle
 
 from __future__ import annotations
 
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path

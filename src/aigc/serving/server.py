@@ -69,8 +69,8 @@ def start_serving(cfg: ServeConfig) -> Serving:
     import ray
     from ray import serve
 
-    from aigc.serving.app import build_app
     from aigc.cluster import init_ray
+    from aigc.serving.app import build_app
 
     init_ray(cfg.ray_address)
     try:

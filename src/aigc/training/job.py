@@ -18,8 +18,8 @@ from typing import Any
 
 from pydantic import Field
 
-from aigc.contract import JOB_FILE
 from aigc.config import ConfigError, RunConfig, StrictModel, apply_overrides, load_config, validate
+from aigc.contract import JOB_FILE
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 

@@ -95,14 +95,14 @@ def prepare_data(root: str | Path, echo: Callable[[str], None] = print, data: st
     :class:`DatasetError` when an existing dataset fails verification (it is not rebuilt silently:
     rebuild with ``aigc data build <name> --overwrite``).
     """
-    from aigc.cli.data import data_config
+    from aigc.config import load_data_config
     from aigc.data.build import build_dataset
     from aigc.data.preview import iter_samples, write_preview
     from aigc.data.version import version
 
     root = Path(root)
     params = root / "params.yaml"
-    cfg = data_config(params if params.is_file() else None, list(quickstart_data(data).overrides))
+    cfg = load_data_config(params if params.is_file() else None, list(quickstart_data(data).overrides))
     dataset = root / cfg.root / cfg.name
     built = not dataset.exists()
     if built:
