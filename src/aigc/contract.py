@@ -83,6 +83,11 @@ def is_eval_key(key: str) -> bool:
     return key.startswith(EVAL_PREFIX)
 
 
+def eval_entries(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``eval/*`` entries of a mapping, values as they are (a version's tags hold them as text)."""
+    return {k: v for k, v in mapping.items() if is_eval_key(k)}
+
+
 def eval_figures(report: Mapping[str, Any]) -> dict[str, float]:
     """The numeric ``eval/*`` figures of a report or a run's metrics (what is logged as metrics,
     compared by the gate and written for DVC); provenance strings and boolean guards left out."""

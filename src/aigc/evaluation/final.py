@@ -127,9 +127,10 @@ def log_evaluation(tracking_uri: str, run_id: str, report: dict[str, Any], step:
     """Record a report in run ``run_id``: ``eval/*`` metrics at ``step``, the provenance tags
     (``aigc.eval.evaluator_hash``, ``data_version``, ``num_samples``, ``seed``) and the guards."""
     from mlflow.entities import Metric, RunTag
-    from mlflow.tracking import MlflowClient
+
+    from aigc.tracking.store import client_for
 
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, int(step)) for k, v in eval_figures(report).items()]
     tags = [RunTag(f"{EVAL_TAG_PREFIX}{k}", str(report[k])) for k in (*PROVENANCE, *GUARDS) if k in report]
-    MlflowClient(tracking_uri).log_batch(run_id, metrics=metrics, tags=tags)
+    client_for(tracking_uri).log_batch(run_id, metrics=metrics, tags=tags)

@@ -27,7 +27,15 @@ from aigc.config import StrictModel
 
 # The provenance that makes two figures comparable and the tags holding it (aigc.eval.<key>) are
 # defined once, where the final evaluation records them.
-from aigc.contract import EVAL_TAG_PREFIX, eval_figures
+from aigc.contract import (
+    EVAL_TAG_PREFIX,
+    TAG_GATE_COMPARED_WITH,
+    TAG_GATE_DECIDED_AT,
+    TAG_GATE_DECISION,
+    TAG_GATE_REASON,
+    eval_entries,
+    eval_figures,
+)
 from aigc.contract import PROVENANCE as PROVENANCE_TAGS
 from aigc.registry.store import (
     ALIAS_CANDIDATE,
@@ -100,7 +108,7 @@ class Decision:
 def figures_of(version: Any) -> Figures:
     """The ``eval/*`` figures and their provenance recorded on a version's tags."""
     tags = version.tags
-    metrics = {k: float(v) for k, v in tags.items() if k.startswith("eval/")}
+    metrics = {k: float(v) for k, v in eval_entries(tags).items()}
     keys = {k: f"{EVAL_TAG_PREFIX}{k}" for k in PROVENANCE_TAGS}
     provenance = {k: tags[tag] for k, tag in keys.items() if tag in tags}
     return Figures(
@@ -222,10 +230,10 @@ def promote(
     decision = Decision(name, cand_fig, prod_fig, passed, force and not passed, reason, reevaluated, checks)
     verdict = "passed" if passed else ("forced" if decision.forced else "refused")
     for key, value in {
-        "aigc.gate.decision": verdict,
-        "aigc.gate.reason": reason,
-        "aigc.gate.compared_with": "" if prod is None else str(prod.version),
-        "aigc.gate.decided_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        TAG_GATE_DECISION: verdict,
+        TAG_GATE_REASON: reason,
+        TAG_GATE_COMPARED_WITH: "" if prod is None else str(prod.version),
+        TAG_GATE_DECIDED_AT: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }.items():
         client.set_model_version_tag(name, cand.version, key, value)
     if decision.promoted:
@@ -248,5 +256,5 @@ def rollback(name: str, tracking_uri: str | None = None) -> tuple[str, str]:
         raise RegistryError(f"{name} has no {missing!r} alias: nothing to roll back to")
     client.set_registered_model_alias(name, ALIAS_PRODUCTION, prev.version)
     client.set_registered_model_alias(name, ALIAS_PREVIOUS, prod.version)
-    client.set_model_version_tag(name, prev.version, "aigc.gate.decision", "rolled back to")
+    client.set_model_version_tag(name, prev.version, TAG_GATE_DECISION, "rolled back to")
     return str(prev.version), str(prod.version)

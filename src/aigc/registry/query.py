@@ -6,6 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from aigc.contract import (
+    TAG_DATA_NAME,
+    TAG_DATA_VERSION,
+    TAG_GIT_SHA,
+    TAG_RUN_NAME,
+    TAG_STORAGE,
+    eval_entries,
+)
 from aigc.registry.store import MODEL_PREFIX, TAG_RUN_ID, ModelRef, client_for, parse_ref, resolve_version
 
 
@@ -28,7 +36,7 @@ def list_models(tracking_uri: str | None = None) -> list[ModelSummary]:
         figures = {}
         for alias, version in aliases.items():
             tags = client.get_model_version(model.name, version).tags
-            figures[alias] = {k: float(v) for k, v in tags.items() if k.startswith("eval/")}
+            figures[alias] = {k: float(v) for k, v in eval_entries(tags).items()}
         out.append(ModelSummary(model.name, str(latest), aliases, figures))
     return sorted(out, key=lambda m: m.name)
 
@@ -66,14 +74,14 @@ def lineage(ref: str | ModelRef, tracking_uri: str | None = None) -> dict[str, A
         "version": str(version.version),
         "aliases": list(getattr(version, "aliases", []) or []),
         "run_id": run_id,
-        "run_name": tags.get("aigc.run.name", run.info.run_name),
+        "run_name": tags.get(TAG_RUN_NAME, run.info.run_name),
         "run_status": run.info.status,
         "experiment_id": run.info.experiment_id,
-        "data_name": tags.get("aigc.data.name") or (dataset[0] if dataset else None),
-        "data_version": tags.get("aigc.data.version") or (dataset[2] if dataset else None),
+        "data_name": tags.get(TAG_DATA_NAME) or (dataset[0] if dataset else None),
+        "data_version": tags.get(TAG_DATA_VERSION) or (dataset[2] if dataset else None),
         "data_location": dataset[1] if dataset else None,
-        "git_sha": tags.get("aigc.git_sha"),
-        "checkpoints": tags.get("aigc.storage"),
+        "git_sha": tags.get(TAG_GIT_SHA),
+        "checkpoints": tags.get(TAG_STORAGE),
         "model_source": version.source,
     }
 

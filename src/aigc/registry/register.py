@@ -25,6 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aigc.contract import (
+    EVAL_TAG_PREFIX,
+    FINAL_GRID,
+    GUARDS,
+    TAG_DATA_NAME,
+    TAG_DATA_VERSION,
+    TAG_FAMILY,
+    TAG_GIT_SHA,
+    TAG_RUN_NAME,
+    TAG_STORAGE,
+    eval_entries,
+    eval_tags,
+)
 from aigc.registry.store import (
     ALIAS_CANDIDATE,
     TAG_ELIGIBLE,
@@ -90,7 +103,6 @@ def eligibility(run: Any) -> tuple[bool, str | None]:
     tags, metrics = run.data.tags, run.data.metrics
     if "eval/fd" not in metrics:
         return False, "the run has no final evaluation (eval/fd); re-run it with aigc evaluate --run"
-    from aigc.contract import EVAL_TAG_PREFIX, GUARDS
 
     flagged = [g for g in GUARDS if tags.get(f"{EVAL_TAG_PREFIX}{g}") == "True"]
     if flagged:
@@ -136,20 +148,20 @@ def pip_requirements(module: Any) -> list[str]:
 def _description(family: str, run: Any, figures: dict[str, float], eligible: bool, reason: str | None) -> str:
     tags = run.data.tags
     lines = [
-        f"aigc {family} model trained by run {tags.get('aigc.run.name', run.info.run_name)} "
+        f"aigc {family} model trained by run {tags.get(TAG_RUN_NAME, run.info.run_name)} "
         f"({run.info.run_id}).",
         "",
     ]
     if figures:
         shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in sorted(figures.items()))
-        n, seed = tags.get("aigc.eval.num_samples", "?"), tags.get("aigc.eval.seed", "?")
-        evaluator = tags.get("aigc.eval.evaluator_hash", "?")[:12]
+        n, seed = tags.get(f"{EVAL_TAG_PREFIX}num_samples", "?"), tags.get(f"{EVAL_TAG_PREFIX}seed", "?")
+        evaluator = tags.get(f"{EVAL_TAG_PREFIX}evaluator_hash", "?")[:12]
         lines.append(f"Figures ({n} samples, seed {seed}, evaluator {evaluator}): {shown}.")
     lines += [
-        f"Data: {tags.get('aigc.data.name', '?')} version {tags.get('aigc.data.version', '?')}.",
-        f"Code: git {tags.get('aigc.git_sha', 'unknown')}.",
+        f"Data: {tags.get(TAG_DATA_NAME, '?')} version {tags.get(TAG_DATA_VERSION, '?')}.",
+        f"Code: git {tags.get(TAG_GIT_SHA, 'unknown')}.",
         "Gate: eligible." if eligible else f"Gate: never promoted: {reason}.",
-        f"Sample grid: runs:/{run.info.run_id}/samples-final.png",
+        f"Sample grid: runs:/{run.info.run_id}/{FINAL_GRID}",
     ]
     return "\n".join(lines)
 
@@ -170,13 +182,13 @@ def register_run(ref: str, tracking_uri: str | None = None, progress=None) -> Re
     run_id, tags = run.info.run_id, run.data.tags
     if run.info.status != "FINISHED":
         raise RegistryError(f"run {run_id} is {run.info.status}: only a FINISHED run is registered")
-    family, run_dir = tags.get("aigc.family"), tags.get("aigc.storage")
+    family, run_dir = tags.get(TAG_FAMILY), tags.get(TAG_STORAGE)
     if not family or not run_dir:
-        raise RegistryError(f"run {run_id} was not made by aigc train (no aigc.family/aigc.storage tags)")
+        raise RegistryError(f"run {run_id} was not made by aigc train (no {TAG_FAMILY}/{TAG_STORAGE} tags)")
     # The name the run's config chose (tracking.registered_model), else aigc-<family>.
     name = tags.get(TAG_REGISTERED_MODEL) or model_name(family)
     eligible, reason = eligibility(run)
-    figures = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+    figures = eval_entries(run.data.metrics)
     checkpoint = final_checkpoint(run_dir)
     say(f"exporting {checkpoint}")
     with tempfile.TemporaryDirectory(prefix="aigc-register-") as tmp:
@@ -186,12 +198,12 @@ def register_run(ref: str, tracking_uri: str | None = None, progress=None) -> Re
         say(f"logging the pyfunc model into run {run_id}")
         version_tags = {
             TAG_RUN_ID: run_id,
-            "aigc.family": family,
-            "aigc.data.version": tags.get("aigc.data.version", ""),
-            "aigc.data.name": tags.get("aigc.data.name", ""),
-            "aigc.git_sha": tags.get("aigc.git_sha", ""),
+            TAG_FAMILY: family,
+            TAG_DATA_VERSION: tags.get(TAG_DATA_VERSION, ""),
+            TAG_DATA_NAME: tags.get(TAG_DATA_NAME, ""),
+            TAG_GIT_SHA: tags.get(TAG_GIT_SHA, ""),
             TAG_ELIGIBLE: str(eligible).lower(),
-            **{k: v for k, v in tags.items() if k.startswith("aigc.eval.")},
+            **eval_tags(tags),
             **{k: repr(float(v)) for k, v in figures.items()},
         }
         if reason:
@@ -264,7 +276,7 @@ def _ensure_registered_model(client: Any, name: str, family: str) -> None:
     try:
         client.create_registered_model(
             name,
-            tags={"aigc.family": family},
+            tags={TAG_FAMILY: family},
             description=f"aigc {family} text-to-image models; aliases candidate, production, previous.",
         )
     except MlflowException as err:

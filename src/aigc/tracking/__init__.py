@@ -6,7 +6,7 @@ Driver::
     sha = git_sha(project_root())
     tags = lineage_tags(family, data_name, data_version, workers, sha) | source_tags(command_line(), sha)
     with job_run(uri, cfg.tracking.experiment, cfg.tracking.run_name, flatten_params(cfg), tags) as run:
-        log_dataset_input(MlflowClient(run.uri), run.run_id, data_name, shard_dir, dvc_md5)
+        log_dataset_input(client_for(run.uri), run.run_id, data_name, shard_dir, dvc_md5)
         launch(run.uri, run.run_id)                       # FINISHED / FAILED / KILLED on the way out
     with resumed_job_run(uri, run_id) as run:             # --resume: the same run, RUNNING again
         launch(run.uri, run.run_id)

@@ -19,6 +19,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from aigc.contract import eval_entries
+
 __all__ = [
     "EXPERIMENT_KIND",
     "TAG_EXPERIMENT_KIND",
@@ -98,7 +100,7 @@ def run_description(
     final sample grid and ``notes`` (what went wrong with the data, one line each)."""
     done = f"{steps} of {max_steps} steps" if steps is not None else f"{max_steps} steps planned"
     lines = [f"**{family}** trained with `aigc train`: {done} on {workers} Ray worker(s), data {data}."]
-    figures = {k: v for k, v in sorted((eval_figures or {}).items()) if k.startswith("eval/")}
+    figures = dict(sorted(eval_entries(eval_figures or {}).items()))
     if figures:
         lines += ["", "| figure | value |", "| --- | --- |"]
         lines += [f"| {k} | {v:.4g} |" for k, v in figures.items()]

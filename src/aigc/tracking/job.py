@@ -1,6 +1,6 @@
 """One MLflow run per training job, opened and closed by the driver.
 
-Everything goes through ``MlflowClient(uri)`` rather than the fluent ``mlflow.start_run`` API: no
+Everything goes through ``client_for(uri)`` rather than the fluent ``mlflow.start_run`` API: no
 active run or tracking URI is set globally, so nothing leaks into other code in the driver process
 (Ray, the registry, tests) and the run id is the only thing the workers need.
 """
@@ -24,7 +24,7 @@ from aigc.tracking.params import (
     flatten_params,
     truncate,
 )
-from aigc.tracking.store import default_artifact_root, ensure_tracking_store, is_local_store
+from aigc.tracking.store import client_for, default_artifact_root, ensure_tracking_store, is_local_store
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -105,11 +105,10 @@ def start_job_run(
     nested config: it goes through ``flatten_params`` and is sent in batches of 100. If logging the
     params fails the run is ended FAILED, never left RUNNING.
     """
-    from mlflow import MlflowClient
     from mlflow.entities import Param
 
     ensure_tracking_store(uri)
-    client = MlflowClient(uri)
+    client = client_for(uri)
     experiment_id = get_or_create_experiment(client, experiment)
     run_tags = {k: truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in (tags or {}).items()}
     run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
@@ -129,9 +128,7 @@ def end_job_run(uri: str, run_id: str, status: str = "FINISHED", error: str | No
     tag (truncated to MLflow's 8000 characters, keeping the end, where the exception is)."""
     if status not in END_STATUSES:
         raise ValueError(f"run status must be one of {', '.join(END_STATUSES)}, got {status!r}")
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
+    client = client_for(uri)
     if error:
         client.set_tag(run_id, TAG_ERROR, truncate(error, MAX_TAG_VALUE_LENGTH, keep_tail=True))
     client.set_terminated(run_id, status=status)
@@ -176,10 +173,8 @@ def reopen_job_run(uri: str, run_id: str) -> None:
     """Mark an ended run RUNNING again (``aigc train --resume`` continues into the same run).
 
     Prefer :func:`resumed_job_run`, which also guards the run."""
-    from mlflow import MlflowClient
-
     ensure_tracking_store(uri)
-    client = MlflowClient(uri)
+    client = client_for(uri)
     client.get_run(run_id)  # a clear MlflowException if the run is gone
     client.update_run(run_id, status="RUNNING")
     if TAG_ERROR in client.get_run(run_id).data.tags:
@@ -198,10 +193,8 @@ def job_run(
 
     Creates the run, then behaves as :func:`guard_run`: no run is left RUNNING.
     """
-    from mlflow import MlflowClient
-
     run_id = start_job_run(uri, experiment, run_name, params, tags)
-    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    experiment_id = client_for(uri).get_run(run_id).info.experiment_id
     with guard_run(uri, run_id):
         yield JobRun(uri=uri, run_id=run_id, experiment_id=experiment_id)
 
@@ -210,9 +203,7 @@ def job_run(
 def resumed_job_run(uri: str, run_id: str) -> Iterator[JobRun]:
     """The driver's run when a job is resumed: reopens ``run_id`` (:func:`reopen_job_run`), then
     behaves as :func:`guard_run`, so a resume that fails leaves the run FAILED, never RUNNING."""
-    from mlflow import MlflowClient
-
     reopen_job_run(uri, run_id)
-    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    experiment_id = client_for(uri).get_run(run_id).info.experiment_id
     with guard_run(uri, run_id):
         yield JobRun(uri=uri, run_id=run_id, experiment_id=experiment_id)

@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 
 from aigc.tracking.params import MAX_KEY_LENGTH, MAX_TAG_VALUE_LENGTH, chunked, truncate
+from aigc.tracking.store import client_for
 
 _log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class RunLogger(NullRunLogger):
         self.uri = uri
         self.run_id = run_id
         self.flush_interval_s = flush_interval_s
-        self._client = MlflowClient(uri)
+        self._client = client_for(uri)
         self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=max_queue)
         self._closed = False
         self.batches_sent = 0

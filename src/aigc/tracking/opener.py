@@ -126,15 +126,14 @@ class RunOpener:
 def main() -> int:
     request = json.loads(sys.stdin.read())  # before any import: the parent writes, then waits
     try:
-        from mlflow import MlflowClient
-
         from aigc.tracking.job import end_run_with_error, start_job_run
         from aigc.tracking.lineage import log_dataset_input
+        from aigc.tracking.store import client_for
 
         run_id = start_job_run(
             request["uri"], request["experiment"], request["run_name"], request["params"], request["tags"]
         )
-        client = MlflowClient(request["uri"])
+        client = client_for(request["uri"])
         try:
             if request["dataset"]:
                 log_dataset_input(client, run_id, **request["dataset"])

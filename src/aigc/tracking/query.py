@@ -6,11 +6,10 @@ import time
 from datetime import datetime
 from typing import Any
 
-from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from aigc.tracking.lineage import TAG_FAMILY
-from aigc.tracking.store import ensure_tracking_store, resolve_tracking_uri
+from aigc.tracking.store import client_for, ensure_tracking_store, resolve_tracking_uri
 
 TABLE_METRICS = ("train/loss", "val/loss", "eval/fd", "eval/cond_accuracy")
 
@@ -26,7 +25,7 @@ def list_runs(
     """
     uri = resolve_tracking_uri(uri)
     ensure_tracking_store(uri)
-    client = MlflowClient(uri)
+    client = client_for(uri)
     experiments = client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
     names = {e.experiment_id: e.name for e in experiments}
     if experiment is not None:

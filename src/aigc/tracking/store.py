@@ -143,10 +143,8 @@ def _init_sqlite_store(uri: str) -> None:
         path = sqlite_path(uri)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-        from mlflow import MlflowClient
-
         try:
-            MlflowClient(uri).search_experiments(max_results=1)
+            client_for(uri).search_experiments(max_results=1)
         except Exception as e:  # noqa: BLE001 - any failure here means the store is unusable
             raise TrackingUnavailable(
                 f"cannot open the MLflow store {uri}: {e}. Check the file is writable and not a "

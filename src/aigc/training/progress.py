@@ -53,9 +53,9 @@ class ProgressPoller:
             sys.stderr.write("\n")
 
     def poll(self) -> dict[str, Any] | None:
-        from mlflow.tracking import MlflowClient
+        from aigc.tracking.store import client_for
 
-        client = MlflowClient(self.uri)
+        client = client_for(self.uri)
         history = client.get_metric_history(self.run_id, "train/loss")
         if not history:
             return None

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aigc.contract import eval_entries
 from aigc.data.captions import NUMBER_WORDS, TRAIN_TEMPLATES
 from aigc.data.manifest import DatasetError, VerifyReport, read_manifest, verify_dataset
 from aigc.tracking.server import ui_url
@@ -246,7 +247,7 @@ def quickstart(
             s["reused"] = True
             echo(f"  run {state['run_name']} ({state['run_id']}) of this config is FINISHED; reusing it")
             run_id, run_name, experiment_id = run.info.run_id, state["run_name"], run.info.experiment_id
-            eval_figures = {k: v for k, v in run.data.metrics.items() if k.startswith("eval/")}
+            eval_figures = eval_entries(run.data.metrics)
         else:
             n = cfg.trainer.max_steps
             echo(f"  models/{config_name}.yaml, {n} steps, {workers} workers on the embedded Ray")
@@ -258,7 +259,7 @@ def quickstart(
                 messages=lambda m: echo(f"  {m}"),
             )
             run_id, run_name, experiment_id = result.run_id, result.name, result.experiment_id
-            eval_figures = {k: v for k, v in result.eval.items() if k.startswith("eval/")}
+            eval_figures = eval_entries(result.eval)
             state = {"family": family, "digest": digest, "run_id": run_id, "run_name": run_name}
             _save(state_file, state)
         shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in sorted(eval_figures.items()))
