@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from aigc.cli.common import fail
+from aigc.contract import DEFAULT_EVAL_SAMPLES
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
@@ -58,7 +59,9 @@ def register(app: typer.Typer) -> None:
         data: str | None = typer.Option(
             None, "--data", help="shard folder or URL (s3://...); default <project>/datasets/digits"
         ),
-        num_samples: int = typer.Option(500, "-n", "--num-samples", help="images to generate"),
+        num_samples: int = typer.Option(
+            DEFAULT_EVAL_SAMPLES, "-n", "--num-samples", help="images to generate"
+        ),
         seed: int = typer.Option(0, "--seed", help="sampling seed (recorded with the figures)"),
         batch_size: int = typer.Option(100, "--batch-size", help="images per generate() call"),
         set_: list[str] = typer.Option([], "--set", help="generate option OPTION=VALUE (repeatable)"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from aigc.cli.common import fail
+from aigc.contract import DEFAULT_EVAL_SAMPLES
 
 
 def register(app: typer.Typer) -> None:
@@ -13,7 +14,9 @@ def register(app: typer.Typer) -> None:
         family: str = typer.Option("diffusion", "--family", help="diffusion | gan | vae | autoregressive"),
         steps: int | None = typer.Option(None, "--steps", min=1, help="override trainer.max_steps"),
         workers: int = typer.Option(2, "--workers", min=1, help="Ray Train workers"),
-        eval_samples: int = typer.Option(500, "--eval-samples", min=2, help="samples for the evaluation"),
+        eval_samples: int = typer.Option(
+            DEFAULT_EVAL_SAMPLES, "--eval-samples", min=2, help="samples for the evaluation"
+        ),
         set_: list[str] = typer.Option([], "--set", help="config override KEY=VALUE (repeatable)"),
         train: bool = typer.Option(True, "--train/--no-train", help="--no-train: stop after the data"),
         data: str = typer.Option(
@@ -27,11 +30,11 @@ def register(app: typer.Typer) -> None:
         per prompt. A second run reuses what is already built and says so."""
         from aigc import project_root
         from aigc.config import FAMILIES, ConfigError
-        from aigc.workflows.quickstart import QUICKSTART_DATA, next_commands, prepare_data, quickstart
         from aigc.registry.store import RegistryError
         from aigc.tracking import TrackingUnavailable
         from aigc.tracking.server import ui_url
         from aigc.training import TrainError
+        from aigc.workflows.quickstart import QUICKSTART_DATA, next_commands, prepare_data, quickstart
 
         if family == "autoencoder":  # the latent stage, not a text-to-image family
             fail("--family autoencoder: not a quickstart family; aigc train models/autoencoder-kl.yaml")

@@ -28,6 +28,7 @@ from aigc.config import StrictModel
 # The provenance that makes two figures comparable and the tags holding it (aigc.eval.<key>) are
 # defined once, where the final evaluation records them.
 from aigc.contract import (
+    DEFAULT_EVAL_SAMPLES,
     EVAL_TAG_PREFIX,
     TAG_GATE_COMPARED_WITH,
     TAG_GATE_DECIDED_AT,
@@ -59,7 +60,7 @@ class GateConfig(StrictModel):
 
     fd_margin: float = Field(0.05, ge=0.0, description="eval/fd must be lower by more than this")
     accuracy_tolerance: float = Field(0.01, ge=0.0, description="eval/cond_accuracy may drop at most this")
-    num_samples: int = Field(500, ge=2, description="samples when the gate must re-evaluate")
+    num_samples: int = Field(DEFAULT_EVAL_SAMPLES, ge=2, description="samples when the gate must re-evaluate")
     seed: int = Field(0, description="sampling seed when the gate must re-evaluate")
 
 

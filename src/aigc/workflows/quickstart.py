@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aigc.contract import eval_entries
+from aigc.contract import DEFAULT_EVAL_SAMPLES, eval_entries
 from aigc.data.captions import NUMBER_WORDS, TRAIN_TEMPLATES
 from aigc.data.manifest import DatasetError, VerifyReport, read_manifest, verify_dataset
 from aigc.tracking.server import ui_url
@@ -195,7 +195,7 @@ def quickstart(
     *,
     workers: int = 2,
     overrides: list[str] | None = None,
-    eval_samples: int = 500,
+    eval_samples: int = DEFAULT_EVAL_SAMPLES,
     echo: Callable[[str], None] = print,
     data: str = "digits",
 ) -> QuickstartResult:
