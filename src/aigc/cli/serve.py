@@ -4,29 +4,31 @@ from __future__ import annotations
 
 import typer
 
-from aigc.cli.common import fail
+from aigc.cli.common import fail, field_option
+from aigc.serving.config import ServeConfig
+from aigc.serving.limits import RequestLimits
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def serve(
-        ref: str = typer.Argument(..., help="model reference, e.g. aigc-diffusion@production"),
-        host: str = typer.Option("127.0.0.1", "--host", help="address to bind (0.0.0.0 inside a pod)"),
-        port: int = typer.Option(8000, "--port", help="HTTP port"),
-        replicas: int = typer.Option(1, "--replicas", help="Serve replicas"),
-        cpus_per_replica: float = typer.Option(0.5, "--cpus-per-replica", help="Ray CPUs per replica"),
-        threads_per_replica: int = typer.Option(1, "--threads-per-replica", help="torch threads per replica"),
-        ray_address: str | None = typer.Option(None, "--ray-address", help="join this Ray cluster"),
-        tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="MLflow store (registry)"),
-        poll_interval: float = typer.Option(2.0, "--poll-interval", help="seconds between alias polls"),
-        max_batch_size: int = typer.Option(8, "--max-batch-size", help="requests per dynamic batch"),
-        batch_wait: float = typer.Option(0.01, "--batch-wait", help="seconds a batch waits to fill"),
-        max_ongoing: int = typer.Option(16, "--max-ongoing-requests", help="requests a replica holds"),
-        max_queued: int = typer.Option(64, "--max-queued-requests", help="queued beyond those; 503 above"),
-        max_num_samples: int = typer.Option(16, "--max-num-samples", help="limit: images per request"),
-        max_prompt_chars: int = typer.Option(256, "--max-prompt-chars", help="limit: prompt length"),
-        max_steps: int = typer.Option(200, "--max-steps", help="limit: sampling steps (diffusion)"),
-        max_body_bytes: int = typer.Option(16384, "--max-body-bytes", help="limit: request body (413)"),
+        ref: str = typer.Argument(..., help=ServeConfig.model_fields["ref"].description),
+        host: str = field_option(ServeConfig, "host", "--host"),
+        port: int = field_option(ServeConfig, "port", "--port"),
+        replicas: int = field_option(ServeConfig, "replicas", "--replicas"),
+        cpus_per_replica: float = field_option(ServeConfig, "cpus_per_replica", "--cpus-per-replica"),
+        threads_per_replica: int = field_option(ServeConfig, "threads_per_replica", "--threads-per-replica"),
+        ray_address: str | None = field_option(ServeConfig, "ray_address", "--ray-address"),
+        tracking_uri: str | None = field_option(ServeConfig, "tracking_uri", "--tracking-uri"),
+        poll_interval: float = field_option(ServeConfig, "poll_interval_s", "--poll-interval"),
+        max_batch_size: int = field_option(ServeConfig, "max_batch_size", "--max-batch-size"),
+        batch_wait: float = field_option(ServeConfig, "batch_wait_timeout_s", "--batch-wait"),
+        max_ongoing: int = field_option(ServeConfig, "max_ongoing_requests", "--max-ongoing-requests"),
+        max_queued: int = field_option(ServeConfig, "max_queued_requests", "--max-queued-requests"),
+        max_num_samples: int = field_option(RequestLimits, "max_num_samples", "--max-num-samples"),
+        max_prompt_chars: int = field_option(RequestLimits, "max_prompt_chars", "--max-prompt-chars"),
+        max_steps: int = field_option(RequestLimits, "max_steps", "--max-steps"),
+        max_body_bytes: int = field_option(RequestLimits, "max_body_bytes", "--max-body-bytes"),
         print_config: bool = typer.Option(
             False,
             "--print-config",
@@ -42,8 +44,6 @@ def register(app: typer.Typer) -> None:
 
         from aigc.cluster import ClusterError
         from aigc.registry.store import RegistryError
-        from aigc.serving.config import ServeConfig
-        from aigc.serving.limits import RequestLimits
         from aigc.serving.server import start_serving, stop_serving, wait_for_signal
 
         try:

@@ -18,18 +18,20 @@ class ServeConfig(StrictModel):
     """Everything ``aigc serve`` sets; the replicas get it as JSON."""
 
     ref: str = Field(description="model reference, e.g. aigc-diffusion@production")
-    tracking_uri: str | None = Field(None, description="MLflow store (absolute; resolved by the driver)")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    ray_address: str | None = None
-    replicas: int = Field(1, ge=1)
+    tracking_uri: str | None = Field(
+        None, description="MLflow store (registry); absolute, resolved by the driver"
+    )
+    host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 inside a pod)")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    ray_address: str | None = Field(None, description="join this Ray cluster")
+    replicas: int = Field(1, ge=1, description="Serve replicas")
     # Replicas default to a whole CPU in Ray Serve; on a 2-core machine half a CPU each leaves room
     # for the proxy, the controller and a second replica.
-    cpus_per_replica: float = Field(0.5, gt=0)
-    threads_per_replica: int = Field(1, ge=1, description="torch threads of each replica")
+    cpus_per_replica: float = Field(0.5, gt=0, description="Ray CPUs per replica")
+    threads_per_replica: int = Field(1, ge=1, description="torch threads per replica")
     poll_interval_s: float = Field(2.0, ge=0, description="seconds between alias polls (0: never)")
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_batch_size: int = Field(8, ge=1, description="requests per dynamic batch")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="seconds a batch waits to fill")
     max_ongoing_requests: int = Field(16, ge=1, description="requests a replica holds at once")
     max_queued_requests: int = Field(64, ge=1, description="requests queued beyond those (503 above)")
     limits: RequestLimits = Field(default_factory=RequestLimits)

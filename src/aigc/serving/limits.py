@@ -31,10 +31,10 @@ _MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed; JSON i
 class RequestLimits(StrictModel):
     """What one ``/generate`` request may ask for. Each field is also an ``aigc serve`` flag."""
 
-    max_num_samples: int = Field(16, ge=1, le=1024, description="images per request")
-    max_prompt_chars: int = Field(256, ge=1, description="characters of the prompt")
-    max_steps: int = Field(200, ge=1, description="sampling steps (families with a `steps` option)")
-    max_body_bytes: int = Field(16 * 1024, ge=256, description="bytes of the request body (413 above)")
+    max_num_samples: int = Field(16, ge=1, le=1024, description="limit: images per request")
+    max_prompt_chars: int = Field(256, ge=1, description="limit: characters of the prompt")
+    max_steps: int = Field(200, ge=1, description="limit: sampling steps (families with a `steps` option)")
+    max_body_bytes: int = Field(16 * 1024, ge=256, description="limit: bytes of the request body (413 above)")
 
 
 class RequestRejected(Exception):
