@@ -1,6 +1,6 @@
 """bf16 mixed precision on CUDA, for every family (skipped without a GPU; CI has none).
 
-Issue 3 asks that ``trainer.precision: bf16-mixed`` be a config switch that works on GPU and is
+``trainer.precision: bf16-mixed`` is a config switch that works on GPU and is
 ignored cleanly on CPU. The CPU half is tested in ``tests/unit/test_precision.py``; this file is the
 GPU half. Each family trains from its shipped ``models/<family>.yaml`` with a plain Lightning Trainer
 on one GPU under ``precision="bf16-mixed"`` and must:

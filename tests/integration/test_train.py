@@ -208,7 +208,7 @@ def test_every_family_trains_on_two_workers(family, ray_local, digits_dataset, t
     # Params are the dotted config keys.
     assert run.data.params["trainer.max_steps"] == "20"
     assert run.data.params["model.family"] == family
-    # Lineage tags (DESIGN §3).
+    # Lineage tags (aigc.contract).
     tags = run.data.tags
     assert tags["aigc.family"] == family
     assert tags["aigc.ray.workers"] == "2"
@@ -515,7 +515,7 @@ def _train_shard(dataset: Path, i: int = 0) -> Path:
 
 
 def _cut_to_a_third(shard: Path) -> int:
-    """Truncate a shard to a third of its bytes, as in issue 14; returns how many of its samples are
+    """Truncate a shard to a third of its bytes; returns how many of its samples are
     no longer whole in the file (a sample is readable only if all its members end before the cut)."""
     import tarfile
 
@@ -591,7 +591,7 @@ def test_a_shard_changed_after_its_manifest_fails_the_job_before_ray_starts(
 def test_a_truncated_shard_under_the_threshold_is_reported_on_a_run_the_mlflow_ui_can_show(
     ray_local, digits_dataset, tmp_path, monkeypatch, capsys
 ):
-    """Issue 14's run: a train shard cut to a third (66 of its 100 samples unreadable), under
+    """A damaged shard: a train shard cut to a third (66 of its 100 samples unreadable), under
     data.max_bad_fraction=0.1, 2 workers with a DataLoader worker process each, trained with
     --allow-modified-data. It FINISHES, and its metrics (per epoch, summed over ranks), tags, the
     terminal and the summary name what was skipped. The same run carries MLflow's own source, user

@@ -1,4 +1,4 @@
-"""One emoji quality run (issue 12): a family's shipped 32 px RGB config, shrunk to a CPU test's
+"""One emoji quality run: a family's shipped 32 px RGB config, shrunk to a CPU test's
 budget, trained on the OpenMoji emoji and measured with the dataset's reference evaluator.
 
 Each :data:`RECIPES` entry names the shipped config and the overrides that make it a few CPU minutes

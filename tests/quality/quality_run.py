@@ -1,4 +1,4 @@
-"""The digits quality runs (issue 3): train, then evaluate.
+"""The digits quality runs: train, then evaluate.
 
 Each ``test_<family>_quality.py`` trains its shipped ``models/<family>.yaml`` as it is, for the
 config's ``trainer.max_steps`` (calibrated over 3 seeds, see ``models/<family>.md``), with the

@@ -1,4 +1,4 @@
-"""Autoregressive quality (issue 3): models/autoregressive.yaml trained on the digits shards meets
+"""Autoregressive quality: models/autoregressive.yaml trained on the digits shards meets
 its targets, and its sampling is reproducible end to end.
 
 The run is ``quality_run.py``, started by ``conftest.quality_runs``; the calibration in

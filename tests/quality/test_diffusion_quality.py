@@ -1,4 +1,4 @@
-"""Diffusion quality (issue 3): models/diffusion.yaml trained on the digits shards meets its targets.
+"""Diffusion quality: models/diffusion.yaml trained on the digits shards meets its targets.
 
 Samples use the config's defaults (DDIM, ``sample_steps``, ``guidance``). The run is ``quality_run.py``
 (seed and thread conventions), started by ``conftest.quality_runs``; the calibration in

@@ -1,4 +1,4 @@
-"""The families learn the RGB emoji at 32 px (issue 12), the latent ones through the whole Stable
+"""The families learn the RGB emoji at 32 px, the latent ones through the whole Stable
 Diffusion workflow (autoencoder -> ``aigc data encode`` -> latent model). ``make test`` runs them all.
 
 What each run trains and how it is measured is in ``emoji_run.py``: the shipped ``models/*-rgb32.yaml``

@@ -1,4 +1,4 @@
-"""GAN quality (issue 3): models/gan.yaml trained on the digits shards meets its targets.
+"""GAN quality: models/gan.yaml trained on the digits shards meets its targets.
 
 ``trainer.max_steps`` counts optimiser steps (each batch makes ``d_steps`` discriminator updates and
 one generator update); samples come from the EMA generator. The run is ``quality_run.py``, started

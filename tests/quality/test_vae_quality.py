@@ -1,4 +1,4 @@
-"""VAE quality (issue 3): models/vae.yaml trained on the digits shards meets its targets.
+"""VAE quality: models/vae.yaml trained on the digits shards meets its targets.
 
 Samples use the config's sampling temperature. The run is ``quality_run.py``, started by
 ``conftest.quality_runs``; the calibration in models/vae.md.

@@ -1,5 +1,5 @@
 """A job submitted with `ray job submit --working-dir` runs in a folder Ray deletes with its session:
-aigc refuses to put a tracking store, checkpoints or a dataset path there (issue 11)."""
+aigc refuses to put a tracking store, checkpoints or a dataset path there."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exports: what leaves training for the registry and serving (DESIGN §3).
+"""Exports: what leaves training for the registry and serving (``docs/architecture.md``, Contracts).
 
 An export folder holds ``weights.safetensors`` (no pickle), ``config.json`` (family, resolved model
 config, image size, channels, and for a latent model its ``latent`` section) and

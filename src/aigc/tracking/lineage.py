@@ -44,7 +44,7 @@ def lineage_tags(
     git_sha: str | None,
     registered_model: str | None = None,
 ) -> dict[str, str]:
-    """DESIGN §3's run tags. Unknown values (None) are left out rather than written as a placeholder,
+    """The run's lineage tags. Unknown values (None) are left out rather than written as a placeholder,
     so two runs never look comparable because both say "unknown"."""
     values = {
         TAG_FAMILY: family,
