@@ -48,7 +48,7 @@ def registered_model(work: Path, dataset: Path, steps: int) -> str:
     from aigc.models import build_module
     from aigc.models.text import Tokenizer
     from aigc.registry.register import register_run
-    from aigc.registry.store import client_for
+    from aigc.registry.versions import client_for
     from aigc.tracking import end_job_run, start_job_run
     from aigc.training.trainer import build_trainer
 
@@ -180,7 +180,7 @@ def floor(uri: str, args: argparse.Namespace) -> dict[str, Any]:
     """The same export in this process: ``generate()`` of one prompt, then of eight, in a loop."""
     import torch
 
-    from aigc.registry.store import client_for, load_version, resolve_version
+    from aigc.registry.versions import client_for, load_version, resolve_version
 
     torch.set_num_threads(args.threads)
     client = client_for(uri)

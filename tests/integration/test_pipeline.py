@@ -186,7 +186,7 @@ def test_repro_runs_every_stage_and_records_lineage(pipeline):
     # The registered latent model carries the autoencoder the latents were made with, unchanged, and
     # generates pixels (tests/integration/test_latents.py covers latent autoregression the same way).
     from aigc.models.export import load_export
-    from aigc.registry.store import client_for, load_version, resolve_version
+    from aigc.registry.versions import client_for, load_version, resolve_version
 
     store = client_for(f"sqlite:///{repo / 'mlflow' / 'mlflow.db'}")
     module = load_version(store, resolve_version(store, "aigc-latent-diffusion@production"))

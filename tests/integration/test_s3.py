@@ -220,7 +220,7 @@ def test_dvc_push_and_pull_against_an_s3_remote(stack, digits_dataset, tmp_path)
 def test_train_evaluate_register_and_load_on_s3(stack, tmp_path, shared_evaluator_cache, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from aigc.registry.store import load_version
+    from aigc.registry.versions import load_version
 
     env = stack.env
     # The reference evaluator trains on the data in the bucket, cached locally by data version.

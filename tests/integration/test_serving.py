@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from aigc.registry.store import ModelRef
+from aigc.registry.versions import ModelRef
 from aigc.serving.batching import ModelQueue, plan_calls
 from aigc.serving.follower import AliasFollower
 from aigc.serving.limits import GenerateRequest, RequestLimits, RequestRejected, parse_generate_request
@@ -314,7 +314,7 @@ def stop(proc: subprocess.Popen) -> int:
 @pytest.fixture(scope="module")
 def registry(digits_dataset, tmp_path_factory):
     """Two trained versions of aigc-diffusion; production names the first."""
-    from aigc.registry.store import client_for
+    from aigc.registry.versions import client_for
 
     tmp = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"

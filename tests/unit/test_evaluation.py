@@ -29,7 +29,6 @@ from aigc.evaluation import (
     reference_evaluator,
 )
 from aigc.evaluation.data import read_split
-from aigc.evaluation.evaluator import files_hash
 from aigc.evaluation.metrics import (
     frechet_distance,
     group_diversity,
@@ -37,6 +36,7 @@ from aigc.evaluation.metrics import (
     nearest_distances,
 )
 from aigc.evaluation.nets import clip_loss
+from aigc.evaluation.reference import files_hash
 from aigc.evaluation.training import random_shift
 
 TINY = EvaluatorConfig(
@@ -358,7 +358,7 @@ def test_training_uses_its_own_thread_count_and_restores_the_callers(tiny, monke
 
 
 def test_default_cache_follows_the_environment(monkeypatch, tmp_path):
-    from aigc.evaluation.evaluator import default_cache_dir
+    from aigc.evaluation.reference import default_cache_dir
 
     monkeypatch.setenv("AIGC_EVALUATOR_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path

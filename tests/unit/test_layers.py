@@ -46,8 +46,8 @@ def test_an_upward_import_inside_a_function_breaks_the_layers(tmp_path):
         ROOT / "src" / "aigc", tmp_path / "src" / "aigc", ignore=shutil.ignore_patterns("__pycache__")
     )
     planted = tmp_path / "src" / "aigc" / "data" / "planted.py"
-    planted.write_text("def f():\n    from aigc.registry.store import parse_ref\n\n    return parse_ref\n")
+    planted.write_text("def f():\n    from aigc.registry.versions import parse_ref\n\n    return parse_ref\n")
     result = lint_imports(tmp_path, tmp_path / "src")
     assert result.returncode != 0
     assert "aigc.data is not allowed to import aigc.registry" in result.stdout
-    assert "aigc.data.planted -> aigc.registry.store (l.2)" in result.stdout
+    assert "aigc.data.planted -> aigc.registry.versions (l.2)" in result.stdout

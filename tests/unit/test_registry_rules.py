@@ -11,7 +11,7 @@ from PIL import Image
 
 from aigc.registry.gate import Figures, GateConfig, compare, measured_alike
 from aigc.registry.pyfunc import generate_params, png_base64, prompts_of
-from aigc.registry.store import ModelRef, RegistryError, model_name, parse_ref
+from aigc.registry.versions import ModelRef, RegistryError, model_name, parse_ref
 
 PROV = {"evaluator_hash": "abc", "data_version": "d1", "num_samples": "500", "seed": "0"}
 

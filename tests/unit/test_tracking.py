@@ -20,7 +20,7 @@ from aigc.tracking import (
     resolve_tracking_uri,
     truncate,
 )
-from aigc.tracking.store import is_local_store, sqlite_path
+from aigc.tracking.backend import is_local_store, sqlite_path
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -373,7 +373,7 @@ def test_start_server_script_defaults_to_loopback_and_takes_overrides() -> None:
 def test_light_paths_do_not_import_mlflow_and_every_export_resolves() -> None:
     # `aigc --help` and `aigc ui` stay fast: mlflow takes seconds to import.
     code = (
-        "import sys, aigc.tracking, aigc.tracking.store, aigc.tracking.server, aigc.cli.runs; "
+        "import sys, aigc.tracking, aigc.tracking.backend, aigc.tracking.server, aigc.cli.runs; "
         "assert 'mlflow' not in sys.modules, 'mlflow imported'; "
         "[getattr(aigc.tracking, n) for n in aigc.tracking.__all__]; "
         "assert 'mlflow' in sys.modules"

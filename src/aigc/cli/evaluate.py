@@ -140,7 +140,7 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from aigc import project_root
-        from aigc.evaluation.evaluator import reference_evaluator
+        from aigc.evaluation.reference import reference_evaluator
 
         dataset = data if data is not None else str(project_root() / "datasets" / "digits")
         start = time.perf_counter()

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         per prompt. A second run reuses what is already built and says so."""
         from aigc import project_root
         from aigc.config import FAMILIES, ConfigError
-        from aigc.registry.store import RegistryError
+        from aigc.registry.versions import RegistryError
         from aigc.tracking import TrackingUnavailable
         from aigc.tracking.server import ui_url
         from aigc.training import TrainError

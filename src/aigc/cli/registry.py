@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         from aigc.config import ConfigError, validate
         from aigc.registry.gate import GateConfig, promote
         from aigc.registry.register import register_run
-        from aigc.registry.store import RegistryError
+        from aigc.registry.versions import RegistryError
 
         try:
             if run.endswith(".json") and Path(run).is_file():
@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
         """Move `production` to the candidate if it beats production, measured the same way."""
         from aigc.config import ConfigError, validate
         from aigc.registry.gate import GateConfig, promote
-        from aigc.registry.store import RegistryError
+        from aigc.registry.versions import RegistryError
 
         given = {"fd_margin": fd_margin, "accuracy_tolerance": accuracy_tolerance, "num_samples": num_samples}
         try:
@@ -110,7 +110,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Swap `production` and `previous`."""
         from aigc.registry.gate import rollback as do_rollback
-        from aigc.registry.store import RegistryError
+        from aigc.registry.versions import RegistryError
 
         try:
             new, old = do_rollback(model, tracking_uri)
@@ -121,7 +121,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def models(tracking_uri: str | None = tracking) -> None:
         """Registered aigc models with their aliases and the figures of each aliased version."""
-        from aigc.registry.query import format_models, list_models
+        from aigc.registry.catalog import format_models, list_models
 
         typer.echo(format_models(list_models(tracking_uri)))
 
@@ -131,9 +131,9 @@ def register(app: typer.Typer) -> None:
         tracking_uri: str | None = tracking,
     ) -> None:
         """A version back to its run, data version (DVC md5), shard location and git sha."""
-        from aigc.registry.query import format_lineage
-        from aigc.registry.query import lineage as chain
-        from aigc.registry.store import RegistryError
+        from aigc.registry.catalog import format_lineage
+        from aigc.registry.catalog import lineage as chain
+        from aigc.registry.versions import RegistryError
 
         try:
             typer.echo(format_lineage(chain(ref, tracking_uri)))
@@ -152,7 +152,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Generate a grid with a registered model, in this process."""
         from aigc.cli.evaluate import parse_options
-        from aigc.registry.store import RegistryError, client_for, load_version, resolve_version
+        from aigc.registry.versions import RegistryError, client_for, load_version, resolve_version
         from aigc.training.grid import image_grid
 
         try:

@@ -46,8 +46,8 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Start the MLflow UI over the local tracking store (Ctrl-C stops it)."""
+        from aigc.tracking.backend import is_local_store, resolve_tracking_uri
         from aigc.tracking.server import UI_VIEW, exec_mlflow_server, ui_url
-        from aigc.tracking.store import is_local_store, resolve_tracking_uri
 
         resolved = resolve_tracking_uri(uri)
         if not is_local_store(resolved):

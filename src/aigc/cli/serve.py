@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         from pydantic import ValidationError
 
         from aigc.cluster import ClusterError
-        from aigc.registry.store import RegistryError
+        from aigc.registry.versions import RegistryError
         from aigc.serving.server import start_serving, stop_serving, wait_for_signal
 
         try:

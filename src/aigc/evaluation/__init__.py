@@ -15,9 +15,9 @@ from aigc.evaluation.evaluate import (
     evaluation_prompts,
     generate_images,
 )
-from aigc.evaluation.evaluator import ReferenceEvaluator, reference_evaluator, train_evaluator
 from aigc.evaluation.metrics import frechet_distance
 from aigc.evaluation.nets import EvaluatorConfig
+from aigc.evaluation.reference import ReferenceEvaluator, reference_evaluator, train_evaluator
 
 __all__ = [
     "COLLAPSE_BELOW",

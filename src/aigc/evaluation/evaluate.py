@@ -48,7 +48,6 @@ from aigc.contract import DEFAULT_EVAL_SAMPLES, PROVENANCE
 from aigc.data.manifest import read_manifest
 from aigc.data.version import version as data_version
 from aigc.evaluation.data import read_split
-from aigc.evaluation.evaluator import ReferenceEvaluator
 from aigc.evaluation.metrics import (
     frechet_distance,
     frechet_distance_from_stats,
@@ -57,6 +56,7 @@ from aigc.evaluation.metrics import (
     nearest_distances,
     pixels,
 )
+from aigc.evaluation.reference import ReferenceEvaluator
 
 COLLAPSE_BELOW = 1 / 3  # within-class diversity ratio: < 1.5 distinct images per prompt (docstring)
 COPY_QUANTILE = 0.01

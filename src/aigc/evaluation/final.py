@@ -33,7 +33,7 @@ from aigc.contract import (  # noqa: F401 - re-exported for aigc.evaluation
     eval_figures,
 )
 from aigc.evaluation.evaluate import evaluate_model
-from aigc.evaluation.evaluator import reference_evaluator
+from aigc.evaluation.reference import reference_evaluator
 
 
 def final_evaluation(
@@ -128,7 +128,7 @@ def log_evaluation(tracking_uri: str, run_id: str, report: dict[str, Any], step:
     (``aigc.eval.evaluator_hash``, ``data_version``, ``num_samples``, ``seed``) and the guards."""
     from mlflow.entities import Metric, RunTag
 
-    from aigc.tracking.store import client_for
+    from aigc.tracking.backend import client_for
 
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, int(step)) for k, v in eval_figures(report).items()]

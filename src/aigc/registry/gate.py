@@ -1,6 +1,6 @@
 """The promotion gate: ``production`` moves to a candidate only when it is measurably better.
 
-The rule (DESIGN §3), on figures measured the same way (same evaluator hash, data version, sample
+The rule (docs/architecture.md), on figures measured the same way (same evaluator hash, data version, sample
 count and seed):
 
 - ``eval/fd`` lower than production's by more than ``fd_margin``, and
@@ -38,7 +38,7 @@ from aigc.contract import (
     eval_figures,
 )
 from aigc.contract import PROVENANCE as PROVENANCE_TAGS
-from aigc.registry.store import (
+from aigc.registry.versions import (
     ALIAS_CANDIDATE,
     ALIAS_PREVIOUS,
     ALIAS_PRODUCTION,

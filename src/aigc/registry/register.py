@@ -38,7 +38,7 @@ from aigc.contract import (
     eval_entries,
     eval_tags,
 )
-from aigc.registry.store import (
+from aigc.registry.versions import (
     ALIAS_CANDIDATE,
     TAG_ELIGIBLE,
     TAG_INELIGIBLE_REASON,
@@ -47,8 +47,8 @@ from aigc.registry.store import (
     client_for,
     model_name,
 )
+from aigc.tracking.backend import ENV_TRACKING_URI
 from aigc.tracking.lineage import TAG_REGISTERED_MODEL
-from aigc.tracking.store import ENV_TRACKING_URI
 
 MODEL_ARTIFACT = "model"  # the logged model's name inside the training run
 _PYTHON_TYPES = {int: "long", float: "double", str: "string", bool: "boolean"}

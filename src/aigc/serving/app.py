@@ -3,7 +3,7 @@
 One deployment with a FastAPI ingress. Each replica:
 
 - loads the version its reference names from the registry's export (safetensors + JSON, through
-  ``aigc.registry.store.load_version``: no pickle on this path) and follows the alias with a
+  ``aigc.registry.versions.load_version``: no pickle on this path) and follows the alias with a
   daemon thread (``aigc.serving.follower``), swapping versions without stalling a request;
 - checks each request against :class:`~aigc.serving.limits.RequestLimits` before it is queued;
 - batches requests with ``@serve.batch`` into a model queue that merges whatever arrived while
@@ -93,7 +93,7 @@ class GenerateServer:
     def __init__(self, config: dict[str, Any]):
         import torch
 
-        from aigc.registry.store import client_for, load_version, parse_ref, resolve_version
+        from aigc.registry.versions import client_for, load_version, parse_ref, resolve_version
 
         self.cfg = ServeConfig.model_validate(config)
         self.limits = self.cfg.limits

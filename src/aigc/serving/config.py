@@ -58,7 +58,7 @@ def deploy_config(cfg: ServeConfig) -> dict:
     """The Ray Serve config file that runs ``cfg``'s application on a cluster that already runs Ray:
     ``serve deploy``'s file, or a RayService's ``serveConfigV2`` (what ``aigc serve --print-config``
     prints). ``app_builder`` turns its ``args`` back into ``cfg``."""
-    from aigc.registry.store import parse_ref
+    from aigc.registry.versions import parse_ref
 
     exclude = {*_NOT_ARGS, *(("tracking_uri",) if cfg.tracking_uri is None else ())}
     return {

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aigc.registry.store import ModelRef
+from aigc.registry.versions import ModelRef
 
 log = logging.getLogger("aigc.serving")
 
@@ -47,7 +47,7 @@ class AliasFollower:
     """Serves ``ref``'s version and follows ``ref.alias`` when it moves.
 
     ``resolve(ref) -> ModelVersion`` and ``load(ModelVersion) -> module`` are the registry calls
-    (``aigc.registry.store.resolve_version`` / ``load_version`` in a replica; fakes in unit tests).
+    (``aigc.registry.versions.resolve_version`` / ``load_version`` in a replica; fakes in unit tests).
     A reference to a fixed version (``aigc-diffusion/3``) is loaded once and not followed.
     """
 

@@ -51,7 +51,7 @@ def start_serving(cfg: ServeConfig) -> Serving:
     ``RegistryError`` for a reference that names nothing, ``ClusterError`` for a Ray cluster that
     cannot be joined, and ``RuntimeError`` when Serve cannot start or deploy.
     """
-    from aigc.registry.store import client_for, parse_ref, resolve_version
+    from aigc.registry.versions import client_for, parse_ref, resolve_version
     from aigc.tracking import ensure_tracking_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking_uri)  # absolute: replicas run in Ray's session folder

@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING, Any
 # Names are loaded on first use: mlflow takes seconds to import, and `aigc ui` / `aigc --help` only
 # need the light store helpers.
 _EXPORTS = {
-    "JobRun": "job",
-    "end_job_run": "job",
-    "get_or_create_experiment": "job",
-    "guard_run": "job",
-    "reopen_job_run": "job",
-    "resumed_job_run": "job",
-    "job_run": "job",
-    "start_job_run": "job",
+    "JobRun": "lifecycle",
+    "end_job_run": "lifecycle",
+    "get_or_create_experiment": "lifecycle",
+    "guard_run": "lifecycle",
+    "reopen_job_run": "lifecycle",
+    "resumed_job_run": "lifecycle",
+    "job_run": "lifecycle",
+    "start_job_run": "lifecycle",
     "EXPERIMENT_KIND": "context",
     "TAG_EXPERIMENT_KIND": "context",
     "TAG_RUN_NOTE": "context",
@@ -71,14 +71,14 @@ _EXPORTS = {
     "RunLogger": "logger",
     "flatten_params": "params",
     "truncate": "params",
-    "format_runs_table": "query",
-    "list_runs": "query",
+    "format_runs_table": "runs",
+    "list_runs": "runs",
     "mlflow_server_command": "server",
-    "TrackingUnavailable": "store",
-    "client_for": "store",
-    "default_artifact_root": "store",
-    "ensure_tracking_store": "store",
-    "resolve_tracking_uri": "store",
+    "TrackingUnavailable": "backend",
+    "client_for": "backend",
+    "default_artifact_root": "backend",
+    "ensure_tracking_store": "backend",
+    "resolve_tracking_uri": "backend",
 }
 
 __all__ = [
@@ -142,6 +142,12 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from aigc.tracking.backend import (
+        TrackingUnavailable,
+        default_artifact_root,
+        ensure_tracking_store,
+        resolve_tracking_uri,
+    )
     from aigc.tracking.context import (
         EXPERIMENT_KIND,
         TAG_EXPERIMENT_KIND,
@@ -150,7 +156,7 @@ if TYPE_CHECKING:
         run_description,
         source_tags,
     )
-    from aigc.tracking.job import (
+    from aigc.tracking.lifecycle import (
         JobRun,
         end_job_run,
         get_or_create_experiment,
@@ -183,11 +189,5 @@ if TYPE_CHECKING:
     from aigc.tracking.logger import NullRunLogger, RunLogger
     from aigc.tracking.opener import RunOpener
     from aigc.tracking.params import flatten_params, truncate
-    from aigc.tracking.query import format_runs_table, list_runs
+    from aigc.tracking.runs import format_runs_table, list_runs
     from aigc.tracking.server import mlflow_server_command
-    from aigc.tracking.store import (
-        TrackingUnavailable,
-        default_artifact_root,
-        ensure_tracking_store,
-        resolve_tracking_uri,
-    )

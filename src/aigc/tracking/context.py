@@ -3,7 +3,7 @@
 The UI shows a run's "Source" from ``mlflow.source.name`` and ``mlflow.source.type``, "Created by"
 from ``mlflow.user``, its commit from ``mlflow.source.git.commit`` and its description from
 ``mlflow.note.content`` (Markdown). ``mlflow.start_run`` fills the first four in from the process;
-aigc creates runs with ``MlflowClient.create_run`` (see :mod:`aigc.tracking.job`), which does not,
+aigc creates runs with ``MlflowClient.create_run`` (see :mod:`aigc.tracking.lifecycle`), which does not,
 so they are made here. ``mlflow.experimentKind=custom_model_development`` says what the experiment
 is (MLflow otherwise guesses, and a guess of GenAI opens it with traces and judges). The UI of
 MLflow 3.17 also has a browser-wide "GenAI | Model training" switch that wins over the tag; the

@@ -19,8 +19,8 @@ from typing import Any
 
 from mlflow.entities import Metric, RunTag
 
+from aigc.tracking.backend import client_for
 from aigc.tracking.params import MAX_KEY_LENGTH, MAX_TAG_VALUE_LENGTH, chunked, truncate
-from aigc.tracking.store import client_for
 
 _log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ on the other core (a /tmp script timing the two ways, 3 rounds each). The driver
 only after ``trainer.fit()`` has been called, while the workers start.
 
 Protocol: the request is one JSON object on the child's stdin (the arguments of
-:func:`aigc.tracking.job.start_job_run`, plus the dataset for ``log_dataset_input``); the child
+:func:`aigc.tracking.lifecycle.start_job_run`, plus the dataset for ``log_dataset_input``); the child
 answers with one JSON line on stdout: ``{"run_id": ..., "experiment_id": ...}``, or ``{"error":
 <exception class>, "message": ...}`` and exit status 1. MLflow's own messages (a new sqlite store's
 migration) go to the child's stderr, which is the driver's. Everything the child does is what
@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from aigc.tracking.store import TrackingUnavailable
+from aigc.tracking.backend import TrackingUnavailable
 
 __all__ = ["RunOpener"]
 
@@ -43,7 +43,7 @@ _RERAISED: dict[str, type[Exception]] = {
 
 
 class RunOpener:
-    """:func:`aigc.tracking.job.start_job_run` (and ``log_dataset_input``) in a child process."""
+    """:func:`aigc.tracking.lifecycle.start_job_run` (and ``log_dataset_input``) in a child process."""
 
     def __init__(
         self,
@@ -82,8 +82,8 @@ class RunOpener:
         self._answer: dict[str, Any] | None = None
 
     def result(self):
-        """The opened run (:class:`aigc.tracking.job.JobRun`); raises what the child raised."""
-        from aigc.tracking.job import JobRun
+        """The opened run (:class:`aigc.tracking.lifecycle.JobRun`); raises what the child raised."""
+        from aigc.tracking.lifecycle import JobRun
 
         answer = self._wait()
         if "error" in answer:
@@ -103,7 +103,7 @@ class RunOpener:
             self._proc.kill()
             return
         if "run_id" in answer:
-            from aigc.tracking.job import end_run_with_error
+            from aigc.tracking.lifecycle import end_run_with_error
 
             end_run_with_error(self.uri, answer["run_id"], error)
 
@@ -126,9 +126,9 @@ class RunOpener:
 def main() -> int:
     request = json.loads(sys.stdin.read())  # before any import: the parent writes, then waits
     try:
-        from aigc.tracking.job import end_run_with_error, start_job_run
+        from aigc.tracking.backend import client_for
+        from aigc.tracking.lifecycle import end_run_with_error, start_job_run
         from aigc.tracking.lineage import log_dataset_input
-        from aigc.tracking.store import client_for
 
         run_id = start_job_run(
             request["uri"], request["experiment"], request["run_name"], request["params"], request["tags"]

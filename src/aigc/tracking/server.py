@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from aigc.tracking.store import default_artifact_root, is_local_store, sqlite_path
+from aigc.tracking.backend import default_artifact_root, is_local_store, sqlite_path
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000

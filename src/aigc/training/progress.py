@@ -53,7 +53,7 @@ class ProgressPoller:
             sys.stderr.write("\n")
 
     def poll(self) -> dict[str, Any] | None:
-        from aigc.tracking.store import client_for
+        from aigc.tracking.backend import client_for
 
         client = client_for(self.uri)
         history = client.get_metric_history(self.run_id, "train/loss")

@@ -67,7 +67,7 @@ def train_overrides(params: str | Path, config: str | Path) -> list[str]:
 
 def write_loss_curve(tracking_uri: str, run_id: str, out: str | Path, key: str = "train/loss") -> Path:
     """The run's ``key`` history as ``step,<key>`` CSV rows, for ``dvc plots``."""
-    from aigc.registry.store import client_for
+    from aigc.registry.versions import client_for
 
     history = sorted(client_for(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.step)
     out = Path(out)

@@ -206,10 +206,10 @@ def quickstart(
     ``TrainError``, ``TrackingUnavailable`` or ``RegistryError`` with the step's problem.
     """
     from aigc.config import load_config
-    from aigc.evaluation.evaluator import default_cache_dir, reference_evaluator
+    from aigc.evaluation.reference import default_cache_dir, reference_evaluator
     from aigc.registry.gate import GateConfig, promote
     from aigc.registry.register import register_run
-    from aigc.registry.store import ALIAS_PRODUCTION, client_for, load_version, resolve_version
+    from aigc.registry.versions import ALIAS_PRODUCTION, client_for, load_version, resolve_version
     from aigc.tracking import resolve_tracking_uri
     from aigc.training import train
     from aigc.training.grid import image_grid

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from aigc.tracking.backend import client_for, default_artifact_root, ensure_tracking_store, is_local_store
 from aigc.tracking.context import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, needs_experiment_kind
 from aigc.tracking.lineage import TAG_ERROR
 from aigc.tracking.params import (
@@ -24,7 +25,6 @@ from aigc.tracking.params import (
     flatten_params,
     truncate,
 )
-from aigc.tracking.store import client_for, default_artifact_root, ensure_tracking_store, is_local_store
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -22,7 +22,7 @@ from aigc.contract import (  # noqa: F401 - re-exported for aigc.registry
     TAG_INELIGIBLE_REASON,
     TAG_RUN_ID,
 )
-from aigc.tracking.store import client_for  # noqa: F401 - the one client factory, used with the registry
+from aigc.tracking.backend import client_for  # noqa: F401 - the one client factory, used with the registry
 
 
 class RegistryError(RuntimeError):

@@ -14,7 +14,7 @@ from aigc.contract import (
     TAG_STORAGE,
     eval_entries,
 )
-from aigc.registry.store import MODEL_PREFIX, TAG_RUN_ID, ModelRef, client_for, parse_ref, resolve_version
+from aigc.registry.versions import MODEL_PREFIX, TAG_RUN_ID, ModelRef, client_for, parse_ref, resolve_version
 
 
 @dataclass

@@ -8,8 +8,8 @@ from typing import Any
 
 from mlflow.entities import ViewType
 
+from aigc.tracking.backend import client_for, ensure_tracking_store, resolve_tracking_uri
 from aigc.tracking.lineage import TAG_FAMILY
-from aigc.tracking.store import client_for, ensure_tracking_store, resolve_tracking_uri
 
 TABLE_METRICS = ("train/loss", "val/loss", "eval/fd", "eval/cond_accuracy")
 
