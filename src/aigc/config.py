@@ -185,11 +185,13 @@ class AutoregressiveConfig(StrictModel):
 
 class AutoencoderConfig(StrictModel):
     """Image autoencoder, KL- or VQ-regularised: the latent stage of the latent families
-    (aigc.models.autoencoder, models/autoencoder.md). Not text-conditioned: ``text`` only keeps the
-    module uniform with the other families (keep it tiny; it is frozen and never trained)."""
+    (aigc.models.autoencoder, models/autoencoder.md). Not text-conditioned: no text encoder is built,
+    and ``text`` is accepted and unused, so configs and checkpoints that carry it keep loading."""
 
     family: Literal["autoencoder"] = "autoencoder"
-    text: TextConfig = TextConfig(dim=16, layers=0, heads=1)
+    text: TextConfig = Field(
+        TextConfig(dim=16, layers=0, heads=1), description="unused: the autoencoder reads no captions"
+    )
     kind: Literal["kl", "vq"] = Field("kl", description="kl: Gaussian posterior + KL; vq: codebook")
     base_channels: int = Field(32, ge=8, description="width of the first (full-resolution) level")
     channel_mults: list[Annotated[int, Field(ge=1)]] = Field(

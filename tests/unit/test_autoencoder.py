@@ -15,7 +15,7 @@ from aigc.config import AutoencoderConfig, ConfigError, load_config
 from aigc.models import build_module
 from aigc.models.autoencoder import AutoencoderModule, latent_scale, psnr
 from aigc.models.nets.autoencoder import Autoencoder, autoencoder_net, kl_divergence
-from aigc.models.text import Tokenizer
+from aigc.models.text import Tokenizer, build_text_encoder
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"base_channels": 8, "text": {"dim": 8, "layers": 0, "heads": 1}}
@@ -222,12 +222,51 @@ def test_training_on_digits_makes_reconstruction_error_fall(kind: str, digits: t
     assert logged["val/psnr"] == pytest.approx(10 * math.log10(4 / clean["val/loss"]), rel=1e-5)
 
 
-def test_text_encoder_is_frozen_and_only_the_autoencoder_trains() -> None:
+def test_no_text_encoder_and_only_the_autoencoder_trains() -> None:
     module = _module("kl")
-    assert all(not p.requires_grad for p in module.text_encoder.parameters())
+    assert module.text_encoder is None  # not text-conditioned: nothing to build, freeze or save
     trainable = {n.split(".")[0] for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {"autoencoder"}
-    assert all(k.startswith(("autoencoder.", "text_encoder.")) for k in module.state_dict())
+    assert all(k.startswith("autoencoder.") for k in module.state_dict())
+    with pytest.raises(ValueError, match="not text-conditioned"):
+        module.encode_text(["a digit"])
+
+
+def _with_old_text_encoder(module: AutoencoderModule) -> dict[str, torch.Tensor]:
+    """The module's state as versions that built an (unused) text encoder wrote it."""
+    old = build_text_encoder(module.model_cfg.text, len(module.tokenizer))
+    return module.state_dict() | {f"text_encoder.{k}": v for k, v in old.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_checkpoints_and_exports_with_the_old_text_encoder_still_load(
+    kind: str, digits: torch.Tensor, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from aigc.models.export import export_model, load_checkpoint, load_export
+
+    torch.manual_seed(2)
+    module = _module(kind, codebook_size=32)
+    module.train()
+    module.autoencoder(digits[:256])  # the VQ codebook initialises: weights differ from a fresh module
+    module.eval()
+    old_state = _with_old_text_encoder(module)
+    # A checkpoint as Lightning wrote it: plain-JSON hyperparameters (model.text included) + state.
+    ckpt = tmp_path / "old.ckpt"
+    torch.save({"hyper_parameters": dict(module.hparams), "state_dict": old_state}, ckpt)
+    # An export whose weights.safetensors still holds the text encoder.
+    out = export_model(module, tmp_path / "export")
+    save_file({k: v.contiguous() for k, v in old_state.items()}, str(out / "weights.safetensors"))
+    assert any(k.startswith("text_encoder.") for k in load_file(str(out / "weights.safetensors")))
+    expected = module.reconstruct(digits[:16])
+    for loaded in (load_checkpoint(ckpt), load_export(out)):
+        assert loaded.text_encoder is None
+        assert not any(k.startswith("text_encoder.") for k in loaded.state_dict())
+        assert torch.equal(loaded.reconstruct(digits[:16]), expected)
+    # Only the text encoder's keys are forgiven: any other stray key is still an error.
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        _module(kind, codebook_size=32).load_state_dict(old_state | {"decoder.extra": torch.zeros(1)})
 
 
 # ------------------------------------------------------------------------------------- configs
@@ -290,8 +329,8 @@ def test_export_round_trip_and_generate(kind: str, digits: torch.Tensor, tmp_pat
 
 # ------------------------------------------------------------------- evaluation by reconstruction
 def test_evaluate_reconstruction_reports_psnr_and_fd(digits_dataset: Path, tmp_path: Path) -> None:
-    from aigc.evaluation import EvaluatorConfig, reference_evaluator
     from aigc.contract import PROVENANCE
+    from aigc.evaluation import EvaluatorConfig, reference_evaluator
     from aigc.evaluation.evaluate import evaluate_reconstruction
 
     tiny = EvaluatorConfig(

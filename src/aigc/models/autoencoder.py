@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from aigc.models.base import GenerativeModule, to_uint8, valid_rows
+from aigc.models.base import GenerativeModule, ModuleSpec, to_uint8, valid_rows
 from aigc.models.nets.autoencoder import Autoencoder, latent_scale
 
 __all__ = ["AutoencoderModule", "latent_scale", "psnr"]
@@ -53,24 +53,14 @@ class AutoencoderModule(GenerativeModule):
     """KL / VQ image autoencoder family (see the module docstring and ``models/autoencoder.md``)."""
 
     family = "autoencoder"
+    # Not text-conditioned: no text encoder is built (model.text is accepted and unused), and the
+    # text_encoder.* entries of checkpoints and exports of older versions are dropped on load.
+    text_conditioned = False
     generate_options = {"temperature": float}
 
-    def __init__(
-        self,
-        model: dict[str, Any],
-        tokenizer: dict[str, Any],
-        image_size: int,
-        channels: int,
-        trainer: dict[str, Any] | None = None,
-        latent: dict[str, Any] | None = None,
-    ):
-        # ``latent`` only for the shared signature: an autoencoder learns on pixels (latent_kinds is
-        # empty, so the base class refuses a latent dataset with a clear error).
-        super().__init__(model, tokenizer, image_size, channels, trainer, latent)
-        # The base class always builds a text encoder; nothing here uses it. Frozen, so DDP does
-        # not wait for gradients that never come and the optimiser leaves it alone.
-        self.text_encoder.requires_grad_(False)
-        self.autoencoder = Autoencoder(self.model_cfg, self.image_size, self.channels)
+    def build_nets(self, spec: ModuleSpec) -> None:
+        # A latent dataset never gets here: latent_kinds is empty, so the base class refuses it.
+        self.autoencoder = Autoencoder(spec.model, spec.image_size, spec.channels)
 
     # ---------------------------------------------------------------------------------- losses
     def recon_loss(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

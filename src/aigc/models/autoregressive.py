@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from aigc.models.base import GenerativeModule, drop_captions, valid_rows
+from aigc.models.base import GenerativeModule, ModuleSpec, drop_captions, valid_rows
 from aigc.models.nets.transformer import GPT, GPTConfig
 
 MAX_IMAGE_SIZE = 32
@@ -59,25 +59,16 @@ class AutoregressiveModule(GenerativeModule):
     latent_kinds: ClassVar[tuple[str, ...]] = ("vq",)
     generate_options: ClassVar[dict[str, type]] = {"temperature": float, "top_k": int, "guidance": float}
 
-    def __init__(
-        self,
-        model: dict[str, Any],
-        tokenizer: dict[str, Any],
-        image_size: int,
-        channels: int,
-        trainer: dict[str, Any] | None = None,
-        latent: dict[str, Any] | None = None,
-    ):
-        super().__init__(model, tokenizer, image_size, channels, trainer, latent)
-        if self.latent is None and not 1 <= self.image_size <= MAX_IMAGE_SIZE:
+    def build_nets(self, spec: ModuleSpec) -> None:
+        if spec.latent is None and not 1 <= spec.image_size <= MAX_IMAGE_SIZE:
             raise ValueError(
-                f"data.image_size={self.image_size}: the autoregressive family supports images up to "
+                f"data.image_size={spec.image_size}: the autoregressive family supports images up to "
                 f"{MAX_IMAGE_SIZE}x{MAX_IMAGE_SIZE} (one token per pixel and channel)"
             )
-        c = self.model_cfg
+        c = spec.model
         # The image-token vocabulary: pixel levels, or the VQ autoencoder's codebook.
-        self.levels = int(self.latent["codebook_size"]) if self.latent is not None else c.levels
-        self.num_tokens = math.prod(self.sample_shape)  # N: H*W*C pixels, or h*w codes
+        self.levels = int(spec.latent["codebook_size"]) if spec.latent is not None else c.levels
+        self.num_tokens = math.prod(spec.sample_shape)  # N: H*W*C pixels, or h*w codes
         self.prefix_len = c.text.max_tokens  # P
         self.start_id = self.levels  # input vocabulary: levels + the start token
         self.gpt = GPT(

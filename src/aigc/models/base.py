@@ -1,23 +1,33 @@
-"""What every family's LightningModule shares: construction from plain-JSON hyperparameters, the
-text encoder, the optimiser schedule and the pieces of the ``generate`` contract.
+"""What every family's LightningModule shares: one constructor from plain-JSON hyperparameters, the
+text encoder (for the families that condition on text), the optimiser schedule and the pieces of
+the ``generate`` contract.
 
 A family module subclasses :class:`GenerativeModule`, sets ``family`` and implements
-``training_step``, ``validation_step`` and ``_generate``. Its hyperparameters are plain JSON types
-(dicts of the pydantic configs dumped with ``mode="json"``): Lightning 2.6 resumes checkpoints with
-``weights_only=True``, which refuses pickled config objects.
+:meth:`~GenerativeModule.build_nets`, ``training_step``, ``validation_step`` and ``_generate``; it
+has no ``__init__`` of its own. :meth:`GenerativeModule.__init__` validates the hyperparameters
+once into a :class:`ModuleSpec` (the ``model`` dict into the family's config class,
+``aigc.config.MODEL_CONFIGS[family]``), builds what every family shares and then calls
+``build_nets(spec)``.
+
+The hyperparameters are plain JSON types (dicts of the pydantic configs dumped with
+``mode="json"``): Lightning 2.6 resumes checkpoints with ``weights_only=True``, which refuses
+pickled config objects. Checkpoints are rebuilt with ``cls(**hyper_parameters)`` and exports with
+``cls(model=..., tokenizer=..., image_size=..., channels=..., latent=...)``
+(:mod:`aigc.models.export`), so the constructor's arguments are that format.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from aigc.config import MODEL_CONFIGS, TrainerConfig, validate
+from aigc.config import MODEL_CONFIGS, StrictModel, TrainerConfig, validate
 from aigc.models.text import Tokenizer, build_text_encoder
 
 
@@ -101,13 +111,42 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return g
 
 
+#: state_dict prefix of the text encoder (and of nothing else), see GenerativeModule.text_conditioned
+TEXT_ENCODER_PREFIX = "text_encoder."
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """A family module's validated hyperparameters: what :meth:`GenerativeModule.build_nets` builds from.
+
+    ``latent`` is the ``latent`` section of a latent dataset's manifest (:mod:`aigc.data.latents`),
+    or None for a pixel model; ``image_size`` and ``channels`` are always the pixel images'.
+    """
+
+    model: StrictModel  #: the family's config: an instance of aigc.config.MODEL_CONFIGS[family]
+    tokenizer: Tokenizer
+    image_size: int
+    channels: int
+    trainer: TrainerConfig
+    latent: dict[str, Any] | None
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """What the family's net models for one image: ``(C, H, W)`` pixels, or the latent's shape."""
+        if self.latent is not None:
+            return tuple(self.latent["shape"])
+        return (self.channels, self.image_size, self.image_size)
+
+
 class GenerativeModule(pl.LightningModule):
-    """Base of the four family modules. Subclasses build their nets in ``__init__`` after super()."""
+    """Base of the family modules; the only constructor (see the module docstring)."""
 
     family: ClassVar[str]
     #: whether the family can learn on a latent dataset (aigc.data.latents) and decode with its
     #: autoencoder: diffusion over KL latents, autoregression over VQ codes
     latent_kinds: ClassVar[tuple[str, ...]] = ()
+    #: whether the family reads captions: only then is ``text_encoder`` built (from ``model.text``)
+    text_conditioned: ClassVar[bool] = True
     #: family options accepted by generate() and their types (the registry's pyfunc signature and
     #: the server's request schema come from here); anything else is an error naming them.
     generate_options: ClassVar[dict[str, type]] = {}
@@ -125,38 +164,94 @@ class GenerativeModule(pl.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()  # plain JSON only: see the module docstring
-        self.model_cfg = validate(MODEL_CONFIGS[self.family], dict(model, family=self.family), prefix="model")
+        self.spec = self.validate_spec(model, tokenizer, image_size, channels, trainer, latent)
         # Checkpoints carry the resolved config (family included), whatever the caller passed.
         self.hparams["model"] = self.model_cfg.model_dump(mode="json")
-        self.trainer_cfg = validate(TrainerConfig, trainer or {}, prefix="trainer")
-        self.tokenizer = Tokenizer.from_dict(tokenizer)
-        self.image_size = int(image_size)
-        self.channels = int(channels)
-        self.text_encoder = build_text_encoder(self.model_cfg.text, len(self.tokenizer))
-        # A latent model (the manifest's ``latent`` section of the dataset it trains on): the net
-        # learns on latents of ``sample_shape`` and ``generate`` decodes them with the frozen
-        # autoencoder carried here, so checkpoints and exports hold both and still return pixels.
-        self.latent = dict(latent) if latent else None
+        # The order matters to seeded runs: text encoder, carried autoencoder, then the family's
+        # nets draw their initial weights from the global RNG in turn; reordering changes them all.
+        self.text_encoder = (
+            build_text_encoder(self.model_cfg.text, len(self.tokenizer)) if self.text_conditioned else None
+        )
+        if not self.text_conditioned:
+            # Checkpoints and exports written when every family built a text encoder still load.
+            self.register_load_state_dict_pre_hook(_drop_text_encoder_keys)
+        # A latent model: the net learns on latents of ``sample_shape`` and ``generate`` decodes them
+        # with the frozen autoencoder carried here, so checkpoints and exports hold both and still
+        # return pixels.
         if self.latent is not None:
-            kind = self.latent.get("kind")
-            if kind not in self.latent_kinds:
-                allowed = ", ".join(self.latent_kinds) or "none"
-                raise ValueError(
-                    f"family {self.family!r} cannot learn on {kind!r} latents (allowed: {allowed}); "
-                    "train it on the image dataset, or use diffusion (kl) / autoregressive (vq)"
-                )
             from aigc.models.nets.autoencoder import autoencoder_net
 
             ae = autoencoder_net(self.latent["autoencoder_model"], self.image_size, self.channels)
             self.autoencoder = ae.requires_grad_(False).eval()
+        self.build_nets(self.spec)
+
+    @classmethod
+    def validate_spec(
+        cls,
+        model: dict[str, Any],
+        tokenizer: dict[str, Any],
+        image_size: int,
+        channels: int,
+        trainer: dict[str, Any] | None = None,
+        latent: dict[str, Any] | None = None,
+    ) -> ModuleSpec:
+        """The constructor's plain-JSON arguments, validated: a bad key or value raises
+        :class:`aigc.config.ConfigError` naming it, a latent kind the family cannot learn a ValueError."""
+        model_cfg = validate(MODEL_CONFIGS[cls.family], dict(model, family=cls.family), prefix="model")
+        latent = dict(latent) if latent else None
+        if latent is not None and latent.get("kind") not in cls.latent_kinds:
+            allowed = ", ".join(cls.latent_kinds) or "none"
+            raise ValueError(
+                f"family {cls.family!r} cannot learn on {latent.get('kind')!r} latents (allowed: {allowed}); "
+                "train it on the image dataset, or use diffusion (kl) / autoregressive (vq)"
+            )
+        return ModuleSpec(
+            model=model_cfg,
+            tokenizer=Tokenizer.from_dict(tokenizer),
+            image_size=int(image_size),
+            channels=int(channels),
+            trainer=validate(TrainerConfig, trainer or {}, prefix="trainer"),
+            latent=latent,
+        )
+
+    def build_nets(self, spec: ModuleSpec) -> None:
+        """Build the family's networks (and buffers) on ``self``; called once, at the end of
+        ``__init__``, after the shared parts (``text_encoder``, a latent model's ``autoencoder``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build_nets")
+
+    # ------------------------------------------------------------------------- the spec's fields
+    # Read-only views of ``self.spec``: one source for what the module was built from.
+    @property
+    def model_cfg(self) -> Any:
+        """The family's validated model config (``aigc.config.MODEL_CONFIGS[family]``)."""
+        return self.spec.model
+
+    @property
+    def trainer_cfg(self) -> TrainerConfig:
+        return self.spec.trainer
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.spec.tokenizer
+
+    @property
+    def image_size(self) -> int:
+        return self.spec.image_size
+
+    @property
+    def channels(self) -> int:
+        return self.spec.channels
+
+    @property
+    def latent(self) -> dict[str, Any] | None:
+        """The latent dataset's manifest section this model learns on; None for a pixel model."""
+        return self.spec.latent
 
     # ----------------------------------------------------------------------------------- latents
     @property
     def sample_shape(self) -> tuple[int, ...]:
         """What the family's net models for one image: ``(C, H, W)`` pixels, or the latent's shape."""
-        if self.latent is not None:
-            return tuple(self.latent["shape"])
-        return (self.channels, self.image_size, self.image_size)
+        return self.spec.sample_shape
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Latents ``sample_shape`` (KL: scaled as trained, VQ: codes) -> images (N, C, H, W) in [-1, 1]."""
@@ -180,6 +275,8 @@ class GenerativeModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------- text
     def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """captions -> tokens (B, T, D), mask (B, T), pooled (B, D) on this module's device."""
+        if self.text_encoder is None:
+            raise ValueError(f"the {self.family} family is not text-conditioned: it has no text encoder")
         return self.text_encoder.encode(captions, self.tokenizer, self.device)
 
     # ------------------------------------------------------------------------------- optimisers
@@ -228,3 +325,13 @@ class GenerativeModule(pl.LightningModule):
     def _generate(self, captions: list[str], generator: torch.Generator, **options: Any) -> torch.Tensor:
         """One image per caption, float in [-1, 1] ``(N, C, H, W)``; subclasses implement."""
         raise NotImplementedError
+
+
+def _drop_text_encoder_keys(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+) -> None:
+    """load_state_dict pre-hook of a family without a text encoder: drop the ``text_encoder.*``
+    entries that checkpoints and exports of older versions carry (every family then built one), so
+    they load under ``strict=True``. Only those keys: any other mismatch is still an error."""
+    for key in [k for k in state_dict if k.startswith(prefix + TEXT_ENCODER_PREFIX)]:
+        del state_dict[key]

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from aigc.models.base import GenerativeModule, drop_captions, ema_update
+from aigc.models.base import GenerativeModule, ModuleSpec, drop_captions, ema_update
 from aigc.models.nets.unet import UNet, UNetConfig
 from aigc.models.schedulers import NoiseScheduler
 
@@ -50,18 +50,9 @@ class DiffusionModule(GenerativeModule):
     generate_options = {"steps": int, "guidance": float, "sampler": str}
     option_config_fields = {"steps": "sample_steps"}
 
-    def __init__(
-        self,
-        model: dict[str, Any],
-        tokenizer: dict[str, Any],
-        image_size: int,
-        channels: int,
-        trainer: dict[str, Any] | None = None,
-        latent: dict[str, Any] | None = None,
-    ):
-        super().__init__(model, tokenizer, image_size, channels, trainer, latent)
-        c = self.model_cfg
-        channels, size = self.sample_shape[0], self.sample_shape[-1]  # pixels, or KL latents (c, h, w)
+    def build_nets(self, spec: ModuleSpec) -> None:
+        c = spec.model
+        channels, size = spec.sample_shape[0], spec.sample_shape[-1]  # pixels, or KL latents (c, h, w)
         self.unet = UNet(
             UNetConfig(
                 in_channels=channels,

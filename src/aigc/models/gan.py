@@ -40,7 +40,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from aigc.models.base import GenerativeModule, ema_update, make_generator, valid_rows, warmup_cosine
+from aigc.models.base import (
+    GenerativeModule,
+    ModuleSpec,
+    ema_update,
+    make_generator,
+    valid_rows,
+    warmup_cosine,
+)
 from aigc.models.nets.gan import Generator, ProjectionDiscriminator
 
 
@@ -91,23 +98,14 @@ class GANModule(GenerativeModule):
     family = "gan"
     generate_options = {"truncation": float}
 
-    def __init__(
-        self,
-        model: dict[str, Any],
-        tokenizer: dict[str, Any],
-        image_size: int,
-        channels: int,
-        trainer: dict[str, Any] | None = None,
-        latent: dict[str, Any] | None = None,
-    ):
-        super().__init__(model, tokenizer, image_size, channels, trainer, latent)
-        self.automatic_optimization = False
-        m = self.model_cfg
+    def build_nets(self, spec: ModuleSpec) -> None:
+        m = spec.model
+        self.automatic_optimization = False  # two optimisers, stepped in training_step
         self.generator = Generator(
-            m.latent_dim, m.text.dim, self.image_size, self.channels, m.base_channels, m.cond_dim
+            m.latent_dim, m.text.dim, spec.image_size, spec.channels, m.base_channels, m.cond_dim
         )
         self.discriminator = ProjectionDiscriminator(
-            m.text.dim, self.image_size, self.channels, m.base_channels
+            m.text.dim, spec.image_size, spec.channels, m.base_channels
         )
         self.generator_ema = None
         if m.ema_decay > 0:

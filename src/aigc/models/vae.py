@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from aigc.models.base import GenerativeModule, make_generator, valid_rows
+from aigc.models.base import GenerativeModule, ModuleSpec, make_generator, valid_rows
 from aigc.models.nets.vae import VAEDecoder, VAEEncoder
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -60,22 +60,13 @@ class VAEModule(GenerativeModule):
     family = "vae"
     generate_options = {"temperature": float}
 
-    def __init__(
-        self,
-        model: dict[str, Any],
-        tokenizer: dict[str, Any],
-        image_size: int,
-        channels: int,
-        trainer: dict[str, Any] | None = None,
-        latent: dict[str, Any] | None = None,
-    ):
-        super().__init__(model, tokenizer, image_size, channels, trainer, latent)
-        m = self.model_cfg
+    def build_nets(self, spec: ModuleSpec) -> None:
+        m = spec.model
         self.encoder = VAEEncoder(
-            m.latent_dim, m.text.dim, self.image_size, self.channels, m.base_channels, m.cond_dim
+            m.latent_dim, m.text.dim, spec.image_size, spec.channels, m.base_channels, m.cond_dim
         )
         self.decoder = VAEDecoder(
-            m.latent_dim, m.text.dim, self.image_size, self.channels, m.base_channels, m.cond_dim
+            m.latent_dim, m.text.dim, spec.image_size, spec.channels, m.base_channels, m.cond_dim
         )
 
     def elbo_terms(self, x: torch.Tensor, captions: list[str], generator: torch.Generator | None = None):
