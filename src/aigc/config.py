@@ -132,7 +132,11 @@ class DiffusionConfig(StrictModel):
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="EMA decay, warmed up as (1+n)/(10+n)")
     sample_steps: int = Field(25, ge=1, description="default sampling steps (<= timesteps)")
     guidance: float = Field(2.0, ge=0.0, description="default guidance: 1 conditional, 0 unconditional")
-    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sampler: Literal["ddim", "ddpm"] = Field(
+        "ddim",
+        description="default sampler: ddim (deterministic) or ddpm (ancestral); each name is a scheduler "
+        "class in aigc.models.schedulers.SCHEDULERS",
+    )
 
 
 class GANConfig(StrictModel):

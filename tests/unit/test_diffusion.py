@@ -14,6 +14,7 @@ from aigc.models import build_module
 from aigc.models.diffusion import DiffusionModule
 from aigc.models.export import export_model, load_export
 from aigc.models.nets.unet import UNet, UNetConfig, num_levels
+from aigc.models.schedulers import DDIMScheduler, DDPMScheduler
 from aigc.models.text import Tokenizer
 
 CAPTIONS = [digit_caption(i % 10, f"k{i}") for i in range(60)]
@@ -175,6 +176,17 @@ def test_generate_rejects_bad_options() -> None:
         m.generate(["x"], seed=0, sampler="euler")
     with pytest.raises(ValueError, match="guidance"):
         m.generate(["x"], seed=0, guidance=-1.0)
+
+
+def test_the_sampler_option_picks_the_scheduler_class() -> None:
+    """model.sampler is the default; generate(sampler=...) looks the class up in SCHEDULERS."""
+    assert type(_module(sampler="ddpm").scheduler) is DDPMScheduler
+    m = _module()  # sampler: ddim (the default)
+    assert type(m.scheduler) is DDIMScheduler and type(m._new_scheduler("ddpm")) is DDPMScheduler
+    _randomise(m.ema_unet)
+    ddim = m.generate(["a handwritten digit one"], seed=1)
+    assert torch.equal(ddim, m.generate(["a handwritten digit one"], seed=1, sampler="ddim"))
+    assert not torch.equal(ddim, m.generate(["a handwritten digit one"], seed=1, sampler="ddpm"))
 
 
 def test_condition_dropout_replaces_captions_with_the_empty_caption() -> None:

@@ -3,7 +3,7 @@
 Objective (Ho et al. 2020): draw ``t ~ U{0..T-1}``, ``eps ~ N(0, I)``, form
 ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` and minimise ``|| target - f(x_t, t, text) ||^2``
 where the target is ``eps`` or the velocity ``v`` (Salimans & Ho 2022), see
-:class:`aigc.models.schedulers.NoiseScheduler`. The UNet (:mod:`aigc.models.nets.unet`) reads the
+:mod:`aigc.models.schedulers`. The UNet (:mod:`aigc.models.nets.unet`) reads the
 caption through the shared text encoder, by cross-attention to its tokens (as Stable Diffusion does)
 or by FiLM from its pooled feature.
 
@@ -34,7 +34,7 @@ import torch
 
 from aigc.models.base import GenerativeModule, ModuleSpec, drop_captions, ema_update
 from aigc.models.nets.unet import UNet, UNetConfig
-from aigc.models.schedulers import NoiseScheduler
+from aigc.models.schedulers import DiffusionScheduler, scheduler_class
 
 #: captions per sampling chunk: bounds memory at 64×64 (the guided forward pass doubles it).
 SAMPLE_CHUNK = 256
@@ -65,6 +65,7 @@ class DiffusionModule(GenerativeModule):
                 heads=c.heads,
             )
         )
+        # Training only uses the schedule's forward side, which every scheduler class shares.
         self.scheduler = self._new_scheduler()
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_text_encoder = copy.deepcopy(self.text_encoder).requires_grad_(False)
@@ -78,11 +79,15 @@ class DiffusionModule(GenerativeModule):
             return self.encode_text(captions)
         return self.ema_text_encoder.encode(captions, self.tokenizer, self.device)
 
-    def _new_scheduler(self) -> NoiseScheduler:
-        """The model's noise scheduler. x0 estimates are clipped to the pixel range [-1, 1] while
-        sampling; latents have no such range (unit variance after the scale), so they are not."""
+    def _new_scheduler(self, sampler: str | None = None) -> DiffusionScheduler:
+        """A scheduler of the ``sampler``'s class (default ``model.sampler``) over the model's chain.
+
+        x0 estimates are clipped to the pixel range [-1, 1] while sampling; latents have no such
+        range (unit variance after the scale), so they are not.
+        """
         c = self.model_cfg
-        return NoiseScheduler(c.timesteps, c.beta_schedule, c.prediction, clip_sample=self.latent is None)
+        cls = scheduler_class(c.sampler if sampler is None else sampler)
+        return cls(c.timesteps, c.beta_schedule, c.prediction, clip_sample=self.latent is None)
 
     def _images(self, batch: dict[str, Any]) -> torch.Tensor:
         """The batch's images (B, C, H, W) in [-1, 1], or its latents times the dataset's scale."""
@@ -185,15 +190,12 @@ class DiffusionModule(GenerativeModule):
         c = self.model_cfg
         steps = int(c.sample_steps if steps is None else steps)
         guidance = float(c.guidance if guidance is None else guidance)
-        sampler = c.sampler if sampler is None else sampler
         if not 1 <= steps <= c.timesteps:
             raise ValueError(f"option steps must be in 1..{c.timesteps} (model.timesteps), got {steps}")
         if guidance < 0:
             raise ValueError(f"option guidance must be >= 0, got {guidance}")
-        if sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"option sampler must be 'ddim' or 'ddpm', got {sampler!r}")
         # A fresh scheduler per call: set_timesteps mutates it, and serving may call concurrently.
-        sched = self._new_scheduler()
+        sched = self._new_scheduler(sampler)  # DDIM at eta = 0 or DDPM (aigc.models.schedulers)
         timesteps = sched.set_timesteps(steps).tolist()
         shape = self.sample_shape  # (C, H, W) pixels or (c, h, w) latents
         empty = None if guidance == 1 else self._encode([""], ema=True)  # (1, T, D), (1, T), (1, D)
@@ -207,6 +209,6 @@ class DiffusionModule(GenerativeModule):
             x = torch.randn((n, *shape), generator=generator, device=self.device)  # x_T (n, C, H, W)
             for t in timesteps:
                 out = self._guided(x, t, cond, uncond, guidance)
-                x = sched.step(out, t, x, sampler=sampler, generator=generator).prev_sample
+                x = sched.step(out, t, x, generator=generator).prev_sample
             chunks.append(self.decode_latents(x) if self.latent is not None else x)
         return torch.cat(chunks).clamp(-1, 1)

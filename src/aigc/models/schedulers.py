@@ -1,16 +1,24 @@
-"""The noise scheduler: a small object shared by diffusion training and sampling (diffusers style).
+"""Noise schedulers shared by diffusion training and sampling (diffusers style: one class per sampler).
 
 Forward process (Ho et al. 2020, "Denoising Diffusion Probabilistic Models")::
 
     q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)
     q(x_t | x_0)     = N(sqrt(abar_t) x_0, (1 - abar_t) I),   abar_t = prod_{s<=t} (1 - beta_s)
 
-Training draws ``t`` and ``noise`` and calls :meth:`NoiseScheduler.add_noise`; the network predicts
-either the noise ``eps`` or the velocity ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0`` (Salimans &
-Ho 2022, "Progressive Distillation"), see :meth:`NoiseScheduler.target`. Sampling calls
-:meth:`NoiseScheduler.set_timesteps` and then :meth:`NoiseScheduler.step` once per timestep, with
-either the DDPM ancestral update (posterior ``q(x_{t'} | x_t, x_0)``) or the DDIM update (Song et
-al. 2021, "Denoising Diffusion Implicit Models"; ``eta=0`` is deterministic).
+:class:`DiffusionScheduler` holds what training and every sampler share: the beta schedule, forward
+noising (:meth:`~DiffusionScheduler.add_noise`), the training target (the noise ``eps`` or the
+velocity ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0``, Salimans & Ho 2022, "Progressive
+Distillation"), the conversions between the network output, ``x_0`` and ``eps``, the posterior
+``q(x_{t'} | x_t, x_0)`` and the sampling timesteps. Each sampler is a subclass with its own
+``step``, as diffusers has ``DDPMScheduler`` and ``DDIMScheduler``:
+
+- :class:`DDPMScheduler`: ancestral sampling from the posterior (Ho et al. 2020);
+- :class:`DDIMScheduler`: the DDIM update (Song et al. 2021, "Denoising Diffusion Implicit
+  Models"), deterministic at ``eta=0``.
+
+A sampler's name (``model.sampler``, ``generate(sampler=...)``) is turned into its class in one
+place, :data:`SCHEDULERS` (read through :func:`scheduler_class`). Training uses the configured
+sampler's class too: the training side is the base class's and the same in both.
 
 Timesteps are indexed ``0 .. T-1`` with ``abar[0] = 1 - beta[0]``; "before the first step" is the
 clean image, ``abar[-1] := 1``. Buffers are float32 on the CPU and are moved to the sample's device
@@ -20,6 +28,7 @@ on use, so nothing changes under mixed precision (bf16 autocast never touches th
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,7 +36,6 @@ import torch
 
 BetaSchedule = Literal["linear", "cosine"]
 Prediction = Literal["epsilon", "v"]
-Sampler = Literal["ddim", "ddpm"]
 
 
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
@@ -76,8 +84,15 @@ class StepOutput:
     pred_x0: torch.Tensor
 
 
-class NoiseScheduler:
-    """Beta schedule, forward noising, prediction conversions and the DDPM / DDIM reverse steps."""
+class DiffusionScheduler(ABC):
+    """What training and every sampler share: the beta schedule, forward noising, the training
+    target, the conversions between network output, ``x_0`` and ``eps``, the posterior and the
+    sampling timesteps. A subclass adds its reverse update, :meth:`step`.
+
+    The arguments are the model config's ``timesteps``, ``beta_schedule`` and ``prediction``;
+    ``clip_sample`` clips ``x_0`` estimates to the pixel range [-1, 1] while sampling (off for
+    latents, which have no such range).
+    """
 
     def __init__(
         self,
@@ -199,55 +214,115 @@ class NoiseScheduler:
         i = ts.index(t)
         return ts[i + 1] if i + 1 < len(ts) else -1
 
-    def step(
-        self,
-        model_output: torch.Tensor,
-        t: int,
-        x_t: torch.Tensor,
-        sampler: Sampler = "ddim",
-        eta: float = 0.0,
-        generator: torch.Generator | None = None,
-    ) -> StepOutput:
-        """One reverse step from ``t`` to the previous timestep of :meth:`set_timesteps`.
+    def _estimate(self, model_output: torch.Tensor, t: int, x_t: torch.Tensor) -> _Estimate:
+        """What every reverse step from ``t`` starts from (see :class:`_Estimate`).
 
-        ``x0`` is estimated from the network output, clipped to [-1, 1] (when ``clip_sample``), and
-        the noise is re-derived from the clipped ``x0`` so that the two stay consistent.
-
-        - ``ddpm``: ancestral sample from the posterior ``q(x_{t'} | x_t, x0)`` (noise unless t' = -1);
-        - ``ddim``: ``x_{t'} = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps + sigma z`` with
-          ``sigma = eta sqrt((1-abar')/(1-abar_t) (1 - abar_t/abar'))``; ``eta=0`` is deterministic.
-
-        All noise comes from ``generator`` (on ``x_t``'s device).
+        ``x0`` is estimated from the network output and clipped to [-1, 1] (when ``clip_sample``);
+        the noise is then re-derived from the clipped ``x0`` so that the two stay consistent
+        (otherwise a clipped step would move ``x`` along noise that no longer explains ``x_t``).
         """
-        if sampler not in ("ddim", "ddpm"):
-            raise ValueError(f"unknown sampler {sampler!r}; allowed: ddim, ddpm")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
         b = x_t.shape[0]
         t_prev = self.previous_timestep(int(t))
         tt = torch.full((b,), int(t), dtype=torch.long, device=x_t.device)
         tp = torch.full((b,), t_prev, dtype=torch.long, device=x_t.device)
-
         # Under autocast the network may return bf16; the update runs in float32.
         x_t32, out32 = x_t.float(), model_output.float()
         x0 = self.predict_x0(x_t32, out32, tt)
         if self.clip_sample:
             x0 = x0.clamp(-1.0, 1.0)
-        eps = self.eps_from_x0(x_t32, x0, tt)
+        return _Estimate(x_t32, x0, self.eps_from_x0(x_t32, x0, tt), tt, tp, final=t_prev < 0)
 
-        if sampler == "ddpm":
-            mean, var = self.posterior(x0, x_t32, tt, tp)
-            if t_prev < 0:
-                return StepOutput(mean, x0)
-            z = torch.randn(x_t32.shape, generator=generator, device=x_t.device, dtype=torch.float32)
-            return StepOutput(mean + var.sqrt() * z, x0)
+    @abstractmethod
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: int,
+        x_t: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> StepOutput:
+        """One reverse step of ``x_t (B, C, H, W)`` from ``t`` to the previous timestep of
+        :meth:`set_timesteps`, from the network output at ``t``; all noise comes from ``generator``
+        (on ``x_t``'s device). Returns float32 tensors."""
 
-        ab_t, ab_prev, beta = self._jump(tt, tp)
+
+@dataclass
+class _Estimate:
+    """The start of a reverse step from ``t``: float32 on ``x_t``'s device, ``(B, C, H, W)`` images."""
+
+    x_t: torch.Tensor  # the current sample, float32
+    x0: torch.Tensor  # clean estimate, clipped when the scheduler clips
+    eps: torch.Tensor  # the noise consistent with x_t and the (clipped) x0
+    t: torch.Tensor  # (B,) long, the current timestep
+    t_prev: torch.Tensor  # (B,) long, the timestep stepped to; -1 is the clean image
+    final: bool  # this step lands on the clean image (t_prev = -1): no noise is added
+
+
+class DDPMScheduler(DiffusionScheduler):
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2, generalised to a strided schedule).
+
+    ``x_{t'} ~ q(x_{t'} | x_t, x0) = N(mean, var)`` of :meth:`DiffusionScheduler.posterior`, with
+    the effective ``beta = 1 - abar_t / abar_{t'}`` of the jump ``t -> t'``; the last step (to the
+    clean image, ``t' = -1``) returns the mean, which is then ``x0`` itself (``var = 0``).
+    """
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: int,
+        x_t: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> StepOutput:
+        e = self._estimate(model_output, t, x_t)
+        mean, var = self.posterior(e.x0, e.x_t, e.t, e.t_prev)  # (B, C, H, W), (B, 1, 1, 1)
+        if e.final:
+            return StepOutput(mean, e.x0)
+        z = torch.randn(e.x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
+        return StepOutput(mean + var.sqrt() * z, e.x0)
+
+
+class DDIMScheduler(DiffusionScheduler):
+    """The DDIM update (Song et al. 2021, eq. 12), with ``abar' = abar_{t'}``::
+
+        x_{t'} = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps + sigma z
+        sigma  = eta sqrt((1 - abar') / (1 - abar_t) (1 - abar_t / abar'))       (their eq. 16)
+
+    ``eta = 0`` is deterministic (the probability-flow-like implicit sampler, no noise drawn);
+    ``eta = 1`` is the DDPM ancestral step in distribution (``sigma^2`` is the posterior variance).
+    """
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        t: int,
+        x_t: torch.Tensor,
+        *,
+        eta: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> StepOutput:
+        """:meth:`DiffusionScheduler.step` with the noise scale ``eta >= 0`` (diffusers' argument)."""
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        e = self._estimate(model_output, t, x_t)
+        ab_t, ab_prev, beta = self._jump(e.t, e.t_prev)  # float64 (B,) each
         sigma = eta * ((1 - ab_prev) / (1 - ab_t) * beta).clamp(min=0).sqrt()  # float64 (B,)
-        dir_coef = (1 - ab_prev - sigma**2).clamp(min=0).sqrt()
-        prev = _col(ab_prev.sqrt(), x_t32) * x0 + _col(dir_coef, x_t32) * eps
-        sigma = _col(sigma, x_t32)
-        if eta > 0 and t_prev >= 0:
-            z = torch.randn(x_t32.shape, generator=generator, device=x_t.device, dtype=torch.float32)
-            prev = prev + sigma * z
-        return StepOutput(prev, x0)
+        dir_coef = (1 - ab_prev - sigma**2).clamp(min=0).sqrt()  # "direction pointing to x_t"
+        prev = _col(ab_prev.sqrt(), e.x_t) * e.x0 + _col(dir_coef, e.x_t) * e.eps
+        if eta > 0 and not e.final:  # eta = 0 draws nothing, so seeded samples do not shift
+            z = torch.randn(e.x_t.shape, generator=generator, device=x_t.device, dtype=torch.float32)
+            prev = prev + _col(sigma, e.x_t) * z
+        return StepOutput(prev, e.x0)
+
+
+#: The one mapping from a sampler's name (``model.sampler``, ``generate(sampler=...)``) to its class;
+#: aigc.config's ``DiffusionConfig.sampler`` lists the same names for validation without torch.
+SCHEDULERS: dict[str, type[DiffusionScheduler]] = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+
+def scheduler_class(sampler: str) -> type[DiffusionScheduler]:
+    """The scheduler class of a sampler name; an unknown name is an error listing the known ones."""
+    try:
+        return SCHEDULERS[sampler]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SCHEDULERS)}") from None
