@@ -24,7 +24,7 @@ AIGC = str(Path(sys.executable).parent / "aigc")
 def digits_dataset(work: Path) -> Path:
     """The digits shards, built into ``work`` (seconds)."""
     from aigc.config import DataConfig
-    from aigc.data.shards import build_dataset
+    from aigc.data.build import build_dataset
 
     out = work / "digits"
     if not (out / "manifest.json").exists():

@@ -4,7 +4,7 @@ For each size (32 and 64 px), on this machine:
 
 1. the emoji dataset (``openmoji`` source, RGB) and its reference evaluator;
 2. the KL autoencoder (``models/autoencoder-kl<size>.yaml``) trained for ``--ae-seconds``, then the
-   dataset encoded once (``aigc.data.latents.encode_dataset``, what ``aigc data encode`` runs);
+   dataset encoded once (``aigc.workflows.encode.encode_dataset``, what ``aigc data encode`` runs);
 3. pixel-space diffusion (``models/diffusion-rgb<size>.yaml``) and latent diffusion
    (``models/latent-diffusion-rgb<size>.yaml``) each trained for ``--seconds`` with aigc's Trainer
    (one process, no Ray, no MLflow; the LR schedule fitted to the clock as in ``quality.py``);
@@ -35,14 +35,16 @@ from typing import Any
 from quality import _clock_schedule, _step_timer
 
 
-def emoji_dataset(size: int, root: Path) -> Path:
-    """The emoji shards at ``size`` px RGB, built into ``root`` unless they exist (seconds)."""
+def emoji_dataset(size: int, root: Path | None) -> Path:
+    """The emoji shards at ``size`` px RGB, built into ``root`` (default: the project's datasets
+    folder) unless they exist (seconds)."""
     from aigc.config import DataConfig
-    from aigc.data import build_dataset
+    from aigc.data import build_dataset, dataset_path
 
-    out = root / f"emoji{size}"
+    cfg = DataConfig(name=f"emoji{size}", source="openmoji", image_size=size, channels=3)
+    out = root / cfg.name if root is not None else dataset_path(cfg)
     if not (out / "manifest.json").is_file():
-        build_dataset(DataConfig(name=out.name, source="openmoji", image_size=size, channels=3), out)
+        build_dataset(cfg, out)
     return out
 
 
@@ -102,11 +104,11 @@ def evaluate(module: Any, evaluator: Any, data: Path, args: argparse.Namespace) 
     }
 
 
-def run_size(size: int, root: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from aigc.data.latents import encode_dataset
+def run_size(size: int, root: Path | None, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from aigc.data.manifest import read_manifest
     from aigc.evaluation import evaluate_model, reference_evaluator
     from aigc.models.export import export_model
+    from aigc.workflows.encode import encode_dataset
 
     models = Path(__file__).resolve().parents[1] / "models"
     data = emoji_dataset(size, root)
@@ -172,16 +174,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from aigc import project_root
-
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*ignored on CPU.*")
     with tempfile.TemporaryDirectory(prefix="aigc-latent-bench-") as tmp:
-        root = args.data_root or project_root() / "datasets"
         for size in args.sizes:
-            print(json.dumps(run_size(size, root, Path(tmp), args)), flush=True)
+            print(json.dumps(run_size(size, args.data_root, Path(tmp), args)), flush=True)
     return 0
 
 

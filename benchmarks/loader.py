@@ -110,9 +110,10 @@ def jpeg_shards(png_folder: Path, out: Path, quality: int = 90) -> Path:
     captions and shard sizes; a manifest of its own)."""
     from PIL import Image
 
+    from aigc.data.loader_read import iter_tar_samples
     from aigc.data.manifest import compute_digest, read_manifest, write_manifest
     from aigc.data.sample import Sample
-    from aigc.data.shards import ShardWriter, iter_tar_samples
+    from aigc.data.shards import ShardWriter
 
     manifest = read_manifest(png_folder)
     splits = {}
@@ -138,7 +139,8 @@ def compare(folder: Path, args, baseline, target: float) -> dict:
     """Loader epochs vs ``baseline(images, mode, 1)`` rounds, alternated; a JSON-ready dict."""
     from aigc.config import DataConfig
     from aigc.data.loader import ShardDataModule
-    from aigc.data.shards import iter_tar_samples, read_manifest
+    from aigc.data.loader_read import iter_tar_samples
+    from aigc.data.manifest import read_manifest
 
     manifest = read_manifest(folder)
     cfg = DataConfig(
@@ -243,7 +245,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from aigc.config import DataConfig
-    from aigc.data.shards import build_dataset
+    from aigc.data.build import build_dataset
 
     out = {
         "benchmark": "loader_vs_memory_decode",

@@ -207,16 +207,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from aigc import project_root
+    from aigc.config import DataConfig
+    from aigc.data import dataset_path
     from aigc.evaluation import reference_evaluator
 
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     tmp: tempfile.TemporaryDirectory | None = None
-    data = args.data or project_root() / "datasets" / "digits"
+    data = args.data or dataset_path(DataConfig())
     if not (data / "manifest.json").is_file():
-        from aigc.config import DataConfig
         from aigc.data import build_dataset
 
         if args.data is not None:

@@ -1,4 +1,4 @@
-"""Latent datasets and latent models (issue 12): ``aigc data encode`` and training on its output.
+"""Latent datasets and latent models: ``aigc data encode`` and training on its output.
 
 Two small autoencoders (KL and VQ) are trained here in-process on the digits shards, exported, and
 used to encode the digits into latent shards with the real CLI. A latent diffusion model (KL) and
@@ -77,7 +77,7 @@ def _train_autoencoder(kind: str, dataset: Path, out: Path, steps: int = 60) -> 
 def encoded(digits_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """{"kl": latent dataset, "vq": latent dataset, "kl-ae"/"vq-ae": the autoencoder exports,
     "kl-run"/"vq-run": their run folders}, the KL one made with the real ``aigc data encode``."""
-    from aigc.data.latents import encode_dataset
+    from aigc.workflows.encode import encode_dataset
 
     tmp = tmp_path_factory.mktemp("latents")
     out: dict[str, Path] = {}
@@ -102,8 +102,8 @@ def encoded(digits_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
 
 def _samples(folder: Path, split: str) -> dict[str, dict[str, bytes]]:
+    from aigc.data.loader_read import iter_tar_samples
     from aigc.data.manifest import read_manifest
-    from aigc.data.shards import iter_tar_samples
 
     m = read_manifest(folder)
     return {k: p for s in m["splits"][split]["shards"] for k, p in iter_tar_samples(folder / s["name"])}
@@ -111,9 +111,9 @@ def _samples(folder: Path, split: str) -> dict[str, dict[str, bytes]]:
 
 @pytest.mark.parametrize("kind", ["kl", "vq"])
 def test_encode_keeps_the_split_keys_and_captions_and_records_the_autoencoder(kind, encoded, digits_dataset):
-    from aigc.data.latents import decode_npy, load_dataset_autoencoder
+    from aigc.data.latents import decode_npy
     from aigc.data.manifest import read_manifest
-    from aigc.models.export import load_export
+    from aigc.models.export import load_dataset_autoencoder, load_export
 
     folder = encoded[kind]
     m, images = read_manifest(folder), read_manifest(digits_dataset)
@@ -172,8 +172,8 @@ def test_a_latent_member_that_needs_pickle_or_has_the_wrong_shape_is_a_bad_sampl
 def test_a_changed_carried_autoencoder_is_refused(encoded, tmp_path):
     import shutil
 
-    from aigc.data.latents import load_dataset_autoencoder
     from aigc.data.manifest import DatasetError
+    from aigc.models.export import load_dataset_autoencoder
 
     copy = tmp_path / "copy"
     shutil.copytree(encoded["kl"], copy)
@@ -234,9 +234,9 @@ def test_a_train_record_names_the_autoencoder_run_and_a_json_that_is_not_one_is_
     run whose storage is the fixture's run folder (test_pipeline runs the whole path with aigc train)."""
     from mlflow.tracking import MlflowClient
 
-    from aigc.data.latents import resolve_autoencoder
     from aigc.data.manifest import DatasetError
     from aigc.models.export import load_export
+    from aigc.workflows.encode import resolve_autoencoder
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -280,7 +280,7 @@ def test_a_latent_model_trains_registers_and_generates_pixels(family, kind, enco
 
     from aigc.data.manifest import read_manifest
     from aigc.models.export import load_export
-    from aigc.registry.store import client_for, load_version, resolve_version
+    from aigc.registry.versions import client_for, load_version, resolve_version
     from aigc.training import train
 
     overrides = tiny_overrides(family, tmp_path, encoded[kind], steps=20, workers=1)

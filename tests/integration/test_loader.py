@@ -13,10 +13,10 @@ import torch
 from loader_shards import all_keys, truncate, write_dataset
 
 from aigc.config import DataConfig, TrainerConfig
-from aigc.data.loader import BadDataError, ShardDataModule, resolve_location
-from aigc.data.loader_read import TarFormatError, iter_tar_files
-from aigc.data.manifest import DatasetError
-from aigc.data.shards import iter_tar_samples, read_manifest
+from aigc.data.loader import BadDataError, ShardDataModule
+from aigc.data.loader_read import TarFormatError, iter_tar_files, iter_tar_samples
+from aigc.data.location import resolve_location
+from aigc.data.manifest import DatasetError, read_manifest
 from aigc.data.version import version
 from aigc.training.trainer import build_trainer
 

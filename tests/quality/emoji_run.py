@@ -4,7 +4,7 @@ budget, trained on the OpenMoji emoji and measured with the dataset's reference 
 Each :data:`RECIPES` entry names the shipped config and the overrides that make it a few CPU minutes
 (narrower nets, fewer steps, smaller batches; the rest, including the losses and the schedule, is the
 shipped model), and for a latent model the autoencoder stage before it: train the autoencoder, encode
-the emoji with it (``aigc.data.latents.encode_dataset``, what ``aigc data encode`` runs), train the
+the emoji with it (``aigc.workflows.encode.encode_dataset``, what ``aigc data encode`` runs), train the
 latent model on the codes. Every stage trains with the Trainer of ``aigc train`` in this process, on
 one torch thread, with no DataLoader worker process, so two runs share a 2-core machine without
 slowing each other's numbers (training is deterministic for a seed on CPU).
@@ -190,8 +190,8 @@ def run(name: str, dataset: Path, workdir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"name": name, "seed": None, "samples": recipe.samples, "generate": recipe.generate}
     location = dataset
     if recipe.autoencoder is not None:
-        from aigc.data.latents import encode_dataset
         from aigc.models.export import export_model
+        from aigc.workflows.encode import encode_dataset
 
         ae_cfg = stage_config(recipe.autoencoder)
         ae, seconds = fit(ae_cfg, dataset)

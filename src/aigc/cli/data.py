@@ -5,6 +5,7 @@ The commands parse arguments and print; the work is done by :mod:`aigc.data`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import typer
 from aigc import project_root
 from aigc.config import ConfigError, DataConfig, apply_overrides, load_yaml, validate
 from aigc.data.build import build_dataset
+from aigc.data.location import dataset_path
 from aigc.data.manifest import DatasetError, read_manifest, verify_dataset
 from aigc.data.preview import iter_samples, write_preview
 from aigc.data.version import version
@@ -124,13 +126,16 @@ def encode(
     Keeps the split, keys and captions; stores the autoencoder's export in OUT/autoencoder and its
     lineage (registered version, run, or path) in the manifest. Train on OUT like on any dataset.
     """
-    from aigc.data.latents import encode_dataset
-    from aigc.registry.store import RegistryError
+    from aigc.registry.versions import RegistryError
+    from aigc.workflows.encode import encode_dataset
 
     show_warnings()
     location = dataset
     if "://" not in dataset and "/" not in dataset and not Path(dataset).exists():
-        location = str(project_root() / "datasets" / dataset)  # a bare name: the project's dataset
+        # A bare name: the project's dataset of that name (under the default data.root). Not a
+        # valid name: left as the path it is, which the encoder then reports missing.
+        with contextlib.suppress(ConfigError):
+            location = str(dataset_path(validate(DataConfig, {"name": dataset}, prefix="data")))
     try:
         summary = encode_dataset(
             location,

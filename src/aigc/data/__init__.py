@@ -3,8 +3,9 @@
 Shard format: ``/datasets/README.md``.
 """
 
-from aigc.data.build import BuildSummary, build_dataset, dataset_path
+from aigc.data.build import BuildSummary, build_dataset
 from aigc.data.captions import HELDOUT_TEMPLATE, TRAIN_TEMPLATES, digit_caption, heldout_captions
+from aigc.data.location import dataset_path, resolve_location
 from aigc.data.manifest import (
     FORMAT,
     MANIFEST_NAME,
@@ -17,6 +18,7 @@ from aigc.data.manifest import (
 from aigc.data.preview import write_preview
 from aigc.data.sample import Sample
 from aigc.data.shards import ShardInfo, ShardWriter, shard_name
+from aigc.data.staging import StagedFolder
 from aigc.data.version import version
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "Sample",
     "ShardInfo",
     "ShardWriter",
+    "StagedFolder",
     "TRAIN_TEMPLATES",
     "VerifyReport",
     "build_dataset",
@@ -36,6 +39,7 @@ __all__ = [
     "digit_caption",
     "heldout_captions",
     "read_manifest",
+    "resolve_location",
     "shard_name",
     "verify_dataset",
     "version",
@@ -44,7 +48,7 @@ __all__ = [
 
 # The streaming loader imports torch and Lightning: exported lazily so `import aigc.data` (and the
 # CLI's data commands) stay light.
-_LOADER_EXPORTS = ("BadDataError", "ShardDataModule", "ShardStream", "rank_and_world", "resolve_location")
+_LOADER_EXPORTS = ("BadDataError", "ShardDataModule", "ShardStream", "rank_and_world")
 __all__ += list(_LOADER_EXPORTS)
 
 

@@ -51,7 +51,6 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,23 +58,15 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from aigc import project_root
 from aigc.config import DataConfig
 from aigc.data.latents import latent_spec
-from aigc.data.loader_read import (
-    BadDataError,
-    BadSample,
-    ReadStats,
-    check_location,
-    decode_sample,
-    iter_piece,
-    log,
-)
+from aigc.data.loader_read import BadDataError, BadSample, ReadStats, decode_sample, iter_piece, log
 from aigc.data.loader_split import batches_per_epoch, epoch_shard_order, plan_slot
+from aigc.data.location import resolve_location
 from aigc.data.manifest import read_manifest, shard_location
 from aigc.data.version import version
 
-__all__ = ["BadDataError", "ShardDataModule", "ShardStream", "rank_and_world", "resolve_location"]
+__all__ = ["BadDataError", "ShardDataModule", "ShardStream", "rank_and_world"]
 
 _SPLITS = ("train", "val")
 
@@ -94,19 +85,6 @@ def rank_and_world() -> tuple[int, int]:
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
     return rank, world
-
-
-def resolve_location(cfg: DataConfig, location: str | os.PathLike | None = None) -> str:
-    """The shard folder: ``location``, else ``cfg.location``, else ``<project root>/<cfg.root>/<cfg.name>``.
-
-    Relative local paths resolve against the project root, like every other path in the configs,
-    and become absolute (Ray workers run elsewhere); URLs are kept; ``pipe:`` is rejected.
-    """
-    loc = location if location is not None else cfg.location
-    if loc is None:
-        return str(project_root() / Path(cfg.root).expanduser() / cfg.name)
-    loc = check_location(os.fspath(loc))
-    return loc if "://" in loc else str(project_root() / Path(loc).expanduser())
 
 
 class ShardStream(IterableDataset):
@@ -369,8 +347,9 @@ class ShardDataModule(pl.LightningDataModule):
 
     ``cfg`` gives batch size, DataLoader workers per rank, shuffle buffer and ``max_bad_fraction``;
     ``location`` (a folder path or fsspec URL) overrides ``cfg.location`` and the default
-    ``<project root>/<cfg.root>/<cfg.name>``. Rank and world size are read when a DataLoader is made
-    (see :func:`rank_and_world`). ``seed`` seeds the shuffles (with the epoch).
+    ``<project root>/<cfg.root>/<cfg.name>`` (:func:`aigc.data.location.resolve_location`). Rank
+    and world size are read when a DataLoader is made (see :func:`rank_and_world`). ``seed`` seeds
+    the shuffles (with the epoch).
     """
 
     def __init__(self, cfg: DataConfig, location: str | os.PathLike | None = None, *, seed: int = 0) -> None:

@@ -1,11 +1,16 @@
-"""Streaming one shard piece out of a tar and decoding its samples; bad data counted, not fatal.
+"""The one reader of shards: tar members grouped into samples, and the samples decoded.
+
+The streaming loader reads a piece of a shard with :func:`iter_piece` (bad data counted, not
+fatal); whatever reads a whole shard (the evaluator's split reader, the captions for a tokenizer,
+previews, tests and benchmarks) uses :func:`iter_tar_samples`. Both group members by WebDataset's
+rule in one place (:func:`_group`), and :func:`decode_image` is the one image decoder.
 
 Tars are opened through ``fsspec.open(url, "rb")`` (local paths, ``file://``, ``s3://``, ``gs://``,
 ``https://``...) and read forward as a stream by :func:`iter_tar_files`, never through a shell. Only three
 kinds of member are ever decoded: the image (png/jpg/jpeg/webp, by PIL, and JPEG at the dataset's size
 by libjpeg-turbo through ``simplejpeg``, see :func:`decode_image`; in a latent dataset the
-``.npy`` latent array, by ``numpy.load(allow_pickle=False)``, see :mod:`aigc.data.latents`), the
-caption (``.txt``, UTF-8) and the metadata (``.json``); everything else in a sample is ignored, so
+``.npy`` latent array, by ``numpy.load(allow_pickle=False)``, see :func:`aigc.data.latents.decode_npy`),
+the caption (``.txt``, UTF-8) and the metadata (``.json``); everything else in a sample is ignored, so
 nothing is unpickled.
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +29,9 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from aigc.data.latents import LATENT_EXT, decode_npy
+from aigc.data.manifest import DatasetError
+
 __all__ = [
     "BadDataError",
     "BadSample",
@@ -30,9 +39,10 @@ __all__ = [
     "IMAGE_EXTS",
     "iter_piece",
     "iter_tar_files",
+    "iter_tar_samples",
     "TarFormatError",
+    "decode_image",
     "decode_sample",
-    "check_location",
 ]
 
 log = logging.getLogger("aigc.data.loader")
@@ -52,19 +62,6 @@ class BadDataError(RuntimeError):
 
 class BadSample(ValueError):
     """One sample that cannot be used; the message says why."""
-
-
-def check_location(location: str) -> str:
-    """Reject locations that would run a command; return the location stripped of whitespace."""
-    loc = str(location).strip()
-    if loc.lower().startswith("pipe:"):
-        raise ValueError(
-            f"shard location {loc!r}: 'pipe:' URLs run a shell command and are not accepted; "
-            "give a folder path or an fsspec URL (s3://, gs://, https://, file://)"
-        )
-    if not loc:
-        raise ValueError("shard location is empty")
-    return loc
 
 
 @dataclass
@@ -221,46 +218,75 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
+def _group(files: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {ext: bytes})`` per sample of a stream of tar members, by WebDataset's rule.
+
+    The rule, stated here only: a member ``a/b.c.png`` belongs to the sample with key ``a/b`` (its
+    folder and its base name up to the first dot) as its ``c.png`` (the rest, lower-cased); a
+    sample is a run of consecutive members with the same key; a name whose base has no dot belongs
+    to no sample. A sample is yielded once the next one's first member is read, or the tar ends.
+    """
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+    for name, data in files:
+        folder, _, base = name.rpartition("/")
+        stem, dot, ext = base.partition(".")
+        if not dot:
+            continue
+        k = f"{folder}/{stem}" if folder else stem
+        if k != key:
+            if key is not None:
+                yield key, parts
+            key, parts = k, {}
+        parts[ext.lower()] = data
+    if key is not None:
+        yield key, parts
+
+
+def iter_tar_samples(url: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield ``(key, {ext: bytes})`` for every sample of a tar (a path or fsspec URL), in file order.
+
+    Nothing is extracted to disk and nothing is decoded. A tar that is truncated or not a tar raises
+    :class:`~aigc.data.manifest.DatasetError` naming ``url``; a missing one the filesystem's
+    ``FileNotFoundError``.
+    """
+    url = os.fspath(url)
+    try:
+        with fsspec.open(url, "rb") as f:
+            yield from _group(iter_tar_files(f))
+    except (ValueError, EOFError) as err:  # TarFormatError, or a garbled pax record
+        raise DatasetError(
+            f"{url}: corrupt shard ({type(err).__name__}: {err}); check it with `aigc data verify`"
+        ) from None
+
+
 def iter_piece(url: str, start: int, stop: int, stats: ReadStats) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {ext: bytes})`` for the samples at positions ``[start, stop)`` of a tar.
 
-    A sample is the run of consecutive members sharing a key (the name up to the first dot of its
-    base name, as webdataset groups them). Samples before ``start`` are read past without being
-    decoded; reading stops after ``stop``. A tar that ends early or is truncated is logged with its
-    URL, and its missing samples in ``[start, stop)`` are counted as bad.
+    Samples are grouped as :func:`iter_tar_samples` groups them. Samples before ``start`` are read
+    past without being decoded; reading stops once sample ``stop - 1`` is whole. A tar that ends
+    early or is truncated is logged with its URL, and its missing samples in ``[start, stop)`` are
+    counted as bad.
     """
-    pos = -1  # position of the sample being assembled
-    key: str | None = None
-    parts: dict[str, bytes] = {}
+    if stop <= start:
+        return
+    done = 0  # samples of the tar read whole so far (the position of the one being assembled)
     try:
         with fsspec.open(url, "rb") as f:
-            for name, data in iter_tar_files(f):
-                folder, _, base = name.rpartition("/")
-                stem, dot, ext = base.partition(".")
-                if not dot:
-                    continue
-                k = f"{folder}/{stem}" if folder else stem
-                if k != key:
-                    if key is not None and start <= pos:
-                        yield key, parts
-                    pos += 1
-                    key, parts = k, {}
-                    if pos >= stop:
-                        return
-                if pos >= start:
-                    parts[ext.lower()] = data
+            for key, parts in _group(iter_tar_files(f)):
+                if done >= start:
+                    yield key, parts
+                done += 1
+                if done >= stop:
+                    return
     except (TarFormatError, OSError, EOFError, ValueError) as err:
         # The sample being assembled may be incomplete: it and everything after it is lost.
-        lost = stop - max(start, pos)
+        lost = stop - max(start, done)
         reason = f"unreadable tar ({type(err).__name__}: {err}); {lost} samples lost"
         stats.record_bad(url, None, reason, lost)
         return
-    if key is not None and start <= pos < stop:
-        yield key, parts
-    found = pos + 1
-    if found < stop:
-        lost = stop - max(start, found)
-        stats.record_bad(url, None, f"tar ends after {found} samples, expected at least {stop}", lost)
+    lost = stop - max(start, done)
+    stats.record_bad(url, None, f"tar ends after {done} samples, expected at least {stop}", lost)
 
 
 def decode_image(data: bytes, mode: str, size: int) -> np.ndarray:
@@ -325,7 +351,7 @@ def decode_sample(
     or metadata that is not a JSON object with an int (or null) ``label``. A missing ``.json`` gives
     label -1.
     """
-    exts = ("npy",) if latent is not None else IMAGE_EXTS
+    exts = (LATENT_EXT,) if latent is not None else IMAGE_EXTS
     ext = next((e for e in exts if e in parts), None)
     if ext is None:
         raise BadSample(f"no image (expected one of {', '.join(exts)}; has {', '.join(sorted(parts))})")
@@ -349,8 +375,6 @@ def decode_sample(
                 raise BadSample(f"bad json: label {value!r} is not an int or null")
             label = value
     if latent is not None:
-        from aigc.data.latents import decode_npy
-
         try:
             return decode_npy(parts[ext], latent), caption, label
         except ValueError as err:

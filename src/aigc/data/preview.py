@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +12,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from aigc.data.manifest import read_manifest
-from aigc.data.shards import iter_tar_samples
+from aigc.data.loader_read import IMAGE_EXTS, decode_image, iter_tar_samples
+from aigc.data.manifest import read_manifest, shard_location
+from aigc.data.shards import SPLITS
 
 __all__ = ["PreviewSample", "iter_samples", "write_preview"]
 
@@ -29,19 +30,23 @@ class PreviewSample:
     meta: dict[str, Any]
 
 
-def iter_samples(path: str | Path, limit: int | None = None) -> Iterator[PreviewSample]:
-    """Decode samples in manifest order (train shards, then val), images, text and json only."""
-    folder = Path(path)
-    manifest = read_manifest(folder)
+def iter_samples(path: str | os.PathLike[str], limit: int | None = None) -> Iterator[PreviewSample]:
+    """Decode samples in manifest order (train shards, then val), images, text and json only.
+
+    ``path`` is what :func:`~aigc.data.manifest.read_manifest` takes. Images are decoded as the
+    loader decodes them (:func:`~aigc.data.loader_read.decode_image`: the dataset's size and
+    channels); samples without an image (those of a latent dataset) are left out.
+    """
+    manifest = read_manifest(path)
+    mode, size = ("L" if manifest["channels"] == 1 else "RGB"), int(manifest["image_size"])
     count = 0
-    for split in ("train", "val"):
+    for split in SPLITS:
         for shard in manifest["splits"].get(split, {}).get("shards", []):
-            for key, parts in iter_tar_samples(folder / shard["name"]):
-                data = parts.get("png") or parts.get("jpg")
-                if data is None:
+            for key, parts in iter_tar_samples(shard_location(path, shard["name"])):
+                ext = next((e for e in IMAGE_EXTS if e in parts), None)
+                if ext is None:
                     continue
-                with Image.open(io.BytesIO(data)) as raw:
-                    image = raw.copy()
+                image = Image.fromarray(decode_image(parts[ext], mode, size))
                 meta = json.loads(parts["json"].decode("utf-8")) if "json" in parts else {}
                 yield PreviewSample(key, image, parts.get("txt", b"").decode("utf-8"), meta)
                 count += 1
@@ -61,7 +66,7 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[s
     return lines
 
 
-def write_preview(path: str | Path, out_png: str | Path, n: int = 16) -> Path:
+def write_preview(path: str | os.PathLike[str], out_png: str | Path, n: int = 16) -> Path:
     """Write a grid of the first ``n`` samples of the dataset at ``path`` to ``out_png``.
 
     Each image is upscaled by an integer factor with nearest-neighbour (8x8 -> 64x64 or more, so

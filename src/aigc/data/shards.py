@@ -3,7 +3,8 @@
 A shard is written to ``<name>.tar.tmp``, fsynced, and renamed to ``<name>.tar`` only when it is
 complete, so a crash (even SIGKILL) never leaves a short tar under a final name. Tar members get
 fixed metadata (mtime 0, uid/gid 0, mode 0644, no user names) and a fixed order, so the same
-samples always give byte-identical shards and the same sha256.
+samples always give byte-identical shards and the same sha256. Shards are read back by
+:mod:`aigc.data.loader_read`, the one reader of the format.
 """
 
 from __future__ import annotations
@@ -11,23 +12,15 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from aigc.data.manifest import DatasetError, read_manifest, sha256_file, verify_dataset
+from aigc.data.manifest import DatasetError, sha256_file
 from aigc.data.sample import Sample
 
-__all__ = [
-    "SPLITS",
-    "ShardInfo",
-    "ShardWriter",
-    "shard_name",
-    "iter_tar_samples",
-    "read_manifest",
-    "verify_dataset",
-]
+__all__ = ["SPLITS", "ShardInfo", "ShardWriter", "shard_name"]
 
 SPLITS = ("train", "val")
 _FORMAT = tarfile.PAX_FORMAT
@@ -197,40 +190,3 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
-
-
-def iter_tar_samples(tar_path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {ext: bytes})`` per sample of a tar, in file order, reading members in memory.
-
-    Nothing is extracted to disk and nothing is decoded; non-file members are ignored. The key is
-    the member's folder plus its base name up to the first dot, as webdataset groups them.
-    """
-    key: str | None = None
-    parts: dict[str, bytes] = {}
-    with tarfile.open(tar_path, mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, _, base = member.name.rpartition("/")
-            stem, dot, ext = base.partition(".")
-            if not dot:
-                continue
-            k = f"{folder}/{stem}" if folder else stem
-            if k != key and key is not None:
-                yield key, parts
-                parts = {}
-            key = k
-            f = tar.extractfile(member)
-            parts[ext.lower()] = f.read() if f is not None else b""
-    if key is not None:
-        yield key, parts
-
-
-def __getattr__(name: str) -> Any:
-    # build_dataset lives in build.py, which imports this module; it is re-exported here lazily
-    # (no import cycle) so ``from aigc.data.shards import build_dataset`` works too.
-    if name == "build_dataset":
-        from aigc.data.build import build_dataset
-
-        return build_dataset
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -69,8 +69,8 @@ def build_module_for_dataset(
     train captions unless given, and for a latent dataset its ``latent`` section and the weights of
     the autoencoder it carries."""
     from aigc.data.captions_io import read_captions
-    from aigc.data.latents import load_dataset_autoencoder
     from aigc.data.manifest import read_manifest
+    from aigc.models.export import load_dataset_autoencoder
     from aigc.models.text import Tokenizer
 
     manifest = read_manifest(location)

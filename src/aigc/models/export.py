@@ -3,23 +3,32 @@
 An export folder holds ``weights.safetensors`` (no pickle), ``config.json`` (family, resolved model
 config, image size, channels, and for a latent model its ``latent`` section) and
 ``tokenizer.json``. Training checkpoints are Lightning files that only the platform that wrote them
-trusts; they load with ``weights_only=True``.
+trusts; they load with ``weights_only=True``. A latent dataset carries the export of the autoencoder
+that encoded it (:mod:`aigc.data.latents`); :func:`load_dataset_autoencoder` loads it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from aigc import __version__
+from aigc.data.latents import autoencoder_location, latent_spec
+from aigc.data.manifest import DatasetError, manifest_location, read_manifest, sha256_file
 from aigc.models import module_class
 from aigc.models.base import GenerativeModule
 from aigc.models.text import Tokenizer
 
 EXPORT_FORMAT = "aigc-export/1"
+#: the files of an export folder, all required
+EXPORT_FILES = ("weights.safetensors", "config.json", "tokenizer.json")
 
 
 def export_model(module: GenerativeModule, out_dir: str | Path) -> Path:
@@ -48,7 +57,7 @@ def export_model(module: GenerativeModule, out_dir: str | Path) -> Path:
 def load_export(path: str | Path, map_location: str | torch.device = "cpu") -> GenerativeModule:
     """Load an export folder written by :func:`export_model`, in eval mode."""
     path = Path(path)
-    for name in ("config.json", "weights.safetensors", "tokenizer.json"):
+    for name in EXPORT_FILES:
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not an aigc export: {name} is missing")
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -82,3 +91,36 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ge
     """An export folder or a ``.ckpt`` file, whichever ``path`` is."""
     p = Path(path)
     return load_export(p, map_location) if p.is_dir() else load_checkpoint(p, map_location)
+
+
+def load_dataset_autoencoder(
+    location: str | os.PathLike[str], manifest: dict[str, Any] | None = None
+) -> GenerativeModule:
+    """The autoencoder module a latent dataset carries (its ``autoencoder/`` export, at a local
+    path or fsspec URL), checked against the sha256 its manifest records. ``manifest``, if given,
+    is the dataset's, already read. Raises :class:`~aigc.data.manifest.DatasetError` for a dataset
+    that is not a latent one, and for an export that is missing or differs from the manifest."""
+    import fsspec
+
+    loc = os.fspath(location)
+    manifest = manifest or read_manifest(loc)
+    spec = latent_spec(manifest)
+    if spec is None:
+        raise DatasetError(f"{manifest_location(loc)}: not a latent dataset (no latent section)")
+    where = autoencoder_location(loc)
+    with tempfile.TemporaryDirectory(prefix="aigc-autoencoder-") as tmp:
+        for file in EXPORT_FILES:
+            try:
+                with fsspec.open(f"{where}/{file}", "rb") as f_in, open(Path(tmp) / file, "wb") as f_out:
+                    shutil.copyfileobj(f_in, f_out)
+            except FileNotFoundError:
+                raise DatasetError(
+                    f"{where}/{file}: missing; re-encode the dataset (aigc data encode)"
+                ) from None
+        digest = sha256_file(Path(tmp) / "weights.safetensors")
+        if digest != spec.get("autoencoder_sha256"):
+            raise DatasetError(
+                f"{where}/weights.safetensors: sha256 {digest[:12]} differs from the manifest's "
+                f"{str(spec.get('autoencoder_sha256'))[:12]}; re-encode the dataset (aigc data encode)"
+            )
+        return load_export(tmp)
