@@ -12,8 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from aigc.cli import app
-from aigc.cli.data import data_config
-from aigc.config import ConfigError
+from aigc.config import ConfigError, load_data_config
 from aigc.data import (
     DatasetError,
     Sample,
@@ -305,11 +304,11 @@ def test_bad_key_is_named_with_exit_code_2(tmp_path):
 
 def test_bad_value_and_params_file_keys_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.image_size"):
-        data_config(None, ["image_size=3"])
+        load_data_config(None, ["image_size=3"])
     params = tmp_path / "params.yaml"
     params.write_text("data:\n  samples_per_shard: 10\n  shard_size: 5\n")
     with pytest.raises(ConfigError, match=r"data\.shard_size"):
-        data_config(params, [])
+        load_data_config(params, [])
     params.write_text("data:\n  samples_per_shard: 10\n")
-    cfg = data_config(params, ["data.image_size=16"], name="other")
+    cfg = load_data_config(params, ["data.image_size=16"], name="other")
     assert (cfg.samples_per_shard, cfg.image_size, cfg.name) == (10, 16, "other")

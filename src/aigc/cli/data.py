@@ -8,12 +8,11 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from aigc import project_root
-from aigc.config import ConfigError, DataConfig, apply_overrides, load_yaml, validate
+from aigc.config import ConfigError, DataConfig, load_data_config, validate
 from aigc.data.build import build_dataset
 from aigc.data.location import dataset_path
 from aigc.data.manifest import DatasetError, read_manifest, verify_dataset
@@ -48,23 +47,6 @@ def show_warnings() -> None:
         logger.addHandler(handler)
 
 
-def data_config(params: Path | None, overrides: list[str], **fields: Any) -> DataConfig:
-    """The ``data`` section of ``params`` (if given), then ``--set`` overrides, then CLI fields.
-
-    Override keys may omit the ``data.`` prefix. Raises :class:`ConfigError` naming a bad key.
-    """
-    data: dict[str, Any] = {}
-    if params is not None:
-        section = load_yaml(params).get("data", {})
-        if not isinstance(section, dict):
-            raise ConfigError(f"{params}: data: expected a mapping")
-        data = dict(section)
-    tree = {"data": data}
-    apply_overrides(tree, [o if o.startswith("data.") else f"data.{o}" for o in overrides])
-    tree["data"].update({k: v for k, v in fields.items() if v is not None})
-    return validate(DataConfig, tree["data"], prefix="data")
-
-
 @app.command()
 def build(
     name: str | None = typer.Argument(None, help="dataset name (default: the config's, 'digits')"),
@@ -82,7 +64,7 @@ def build(
     if params is None and (project_root() / "params.yaml").is_file():
         params = project_root() / "params.yaml"
     try:
-        cfg = data_config(
+        cfg = load_data_config(
             params, set_, name=name, source=source, source_path=str(source_path) if source_path else None
         )
     except ConfigError as err:

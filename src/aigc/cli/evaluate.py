@@ -82,10 +82,11 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Generate images from the evaluation prompts and measure FD, CLIP score, accuracy and guards."""
-        from aigc import project_root
+        from aigc.config import DataConfig
+        from aigc.data.location import dataset_path
         from aigc.evaluation.final import final_evaluation, load_model_from, log_evaluation
 
-        dataset = data if data is not None else str(project_root() / "datasets" / "digits")
+        dataset = data if data is not None else str(dataset_path(DataConfig()))
         try:
             options = parse_options(set_)
             module = load_model_from(model)
@@ -139,10 +140,11 @@ def register(app: typer.Typer) -> None:
 
         import torch
 
-        from aigc import project_root
+        from aigc.config import DataConfig
+        from aigc.data.location import dataset_path
         from aigc.evaluation.reference import reference_evaluator
 
-        dataset = data if data is not None else str(project_root() / "datasets" / "digits")
+        dataset = data if data is not None else str(dataset_path(DataConfig()))
         start = time.perf_counter()
         try:
             evaluator = reference_evaluator(

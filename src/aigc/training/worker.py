@@ -120,7 +120,7 @@ def train_loop(config: dict[str, Any]) -> None:
     pl.seed_everything(tc.seed, workers=True, verbose=False)
     module = build_module(cfg, Tokenizer.from_dict(job.tokenizer), job.image_size, job.channels, job.latent)
     if job.latent is not None:  # the frozen autoencoder a latent model decodes with, from its dataset
-        from aigc.data.latents import load_dataset_autoencoder
+        from aigc.models.export import load_dataset_autoencoder
 
         module.load_autoencoder(load_dataset_autoencoder(job.data_location))
     torch.manual_seed(tc.seed + 1000 * rank)

@@ -98,13 +98,14 @@ def prepare_data(root: str | Path, echo: Callable[[str], None] = print, data: st
     """
     from aigc.config import load_data_config
     from aigc.data.build import build_dataset
+    from aigc.data.location import dataset_path
     from aigc.data.preview import iter_samples, write_preview
     from aigc.data.version import version
 
     root = Path(root)
     params = root / "params.yaml"
     cfg = load_data_config(params if params.is_file() else None, list(quickstart_data(data).overrides))
-    dataset = root / cfg.root / cfg.name
+    dataset = dataset_path(cfg, root)
     built = not dataset.exists()
     if built:
         echo(f"building {cfg.name} into {dataset}")
