@@ -77,3 +77,22 @@ def test_run_of_reads_a_train_record_and_names_what_is_wrong_with_another_file(t
         run_of(record)
     with pytest.raises(ConfigError, match="missing.json: not a readable `aigc train --metrics-out` file"):
         run_of(tmp_path / "missing.json")
+
+
+def test_every_code_dependency_in_dvc_yaml_exists() -> None:
+    """A module that moves (or a stage that starts importing a new one) must move in dvc.yaml too,
+    or editing it would not make the stage stale: every src/ dependency of every stage exists."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    missing = []
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        items = stage.get("foreach")
+        items = list(items.values()) if isinstance(items, dict) else [{"module": None}]
+        for dep in body.get("deps", []):
+            if not dep.startswith("src/"):
+                continue
+            for item in items:
+                path = dep.replace("${item.module}", str((item or {}).get("module")))
+                if not (ROOT / path).exists():
+                    missing.append(f"{name}: {path}")
+    assert not missing, f"dvc.yaml names code that does not exist: {missing}"
