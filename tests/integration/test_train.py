@@ -188,7 +188,7 @@ def losses(uri: str, run_id: str, key: str = "train/loss") -> dict[int, float]:
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_trains_on_two_workers(family, ray_local, digits_dataset, tmp_path, monkeypatch, capsys):
-    from aigc.training import train
+    from aigc.workflows.train import train_and_register
 
     keys_dir = tmp_path / "keys"
     keys_dir.mkdir()
@@ -196,7 +196,7 @@ def test_every_family_trains_on_two_workers(family, ray_local, digits_dataset, t
     overrides = tiny_overrides(family, tmp_path, digits_dataset)
     metrics_out = tmp_path / "eval.json"
     evaluate = family == "diffusion"  # the end-of-run evaluation once; it trains the evaluator
-    result = train(
+    result = train_and_register(
         None, overrides, name=f"t-{family}", evaluate=evaluate, eval_samples=100, metrics_out=metrics_out
     )
 
@@ -251,8 +251,8 @@ def test_every_family_trains_on_two_workers(family, ray_local, digits_dataset, t
     # The final grid is made once, by rank 0 at the end of training, and logged as an artifact.
     assert result.sample_grid == f"{tmp_path / 'runs'}/t-{family}/samples-final.png"
     assert "samples-final.png" in [a.path for a in client.list_artifacts(result.run_id)]
-    # aigc train registered the final model: it loads as an MLflow pyfunc in a fresh process
-    # where aigc is not importable (the package ships in the model), with no unpickling at all.
+    # aigc train (train_and_register) registered the final model: it loads as an MLflow pyfunc in a
+    # fresh process where aigc is not importable (the package ships in the model), with no unpickling.
     assert result.registered == f"aigc-{family}/1"
     from aigc.registry.gate import promote
 
@@ -324,10 +324,10 @@ def test_worker_failure_resumes_from_checkpoint(ray_local, digits_dataset, tmp_p
         "scaling.max_failures=1",
         "trainer.lr_schedule=constant",
     ]
-    reference = train(None, base, name="uninterrupted", evaluate=False, register=False)
+    reference = train(None, base, name="uninterrupted", evaluate=False)
 
     monkeypatch.setenv("AIGC_FAULT_EXIT_AT_STEP", "1:25")
-    result = train(None, base, name="crashy", evaluate=False, register=False)
+    result = train(None, base, name="crashy", evaluate=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     assert client.get_run(result.run_id).info.status == "FINISHED"
@@ -357,11 +357,12 @@ def test_seeded_runs_are_deterministic(ray_local, digits_dataset, tmp_path):
     from aigc.training import train
 
     overrides = tiny_overrides("vae", tmp_path, digits_dataset, steps=15, workers=1)
-    a = train(None, overrides, name="det-a", evaluate=False, register=False)
-    b = train(None, overrides, name="det-b", evaluate=False, register=False)
+    a = train(None, overrides, name="det-a", evaluate=False)
+    b = train(None, overrides, name="det-b", evaluate=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     la, lb = losses(uri, a.run_id), losses(uri, b.run_id)
     assert la and la == lb
+    assert a.registered is None  # aigc.training.train never registers
 
 
 @pytest.mark.timeout(600)
@@ -376,9 +377,9 @@ def test_resume_continues_a_stopped_run_into_the_same_mlflow_run(
     data = _copy_dataset(digits_dataset, tmp_path)
 
     overrides = tiny_overrides("autoregressive", tmp_path, data, steps=10, workers=1)
-    first = train(None, overrides, name="cont", evaluate=False, register=False)
+    first = train(None, overrides, name="cont", evaluate=False)
     with pytest.raises(TrainError, match="already exists"):
-        train(None, overrides, name="cont", evaluate=False, register=False)
+        train(None, overrides, name="cont", evaluate=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     resume_args = [f"scaling.storage_path={tmp_path / 'runs'}", "trainer.max_steps=20"]
@@ -393,7 +394,6 @@ def test_resume_continues_a_stopped_run_into_the_same_mlflow_run(
             resume_args,
             resume="cont",
             evaluate=False,
-            register=False,
             messages=None,
             allow_modified_data=True,
         )
@@ -405,7 +405,7 @@ def test_resume_continues_a_stopped_run_into_the_same_mlflow_run(
     # --resume finds the run under the configured storage path and keeps its saved config; it
     # reaches the store its job file names, not a dead server the environment now points at.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")
-    second = train(None, resume_args, resume="cont", evaluate=False, register=False)
+    second = train(None, resume_args, resume="cont", evaluate=False)
     assert second.run_id == first.run_id
     assert second.global_step == 20
     run = client.get_run(first.run_id)
@@ -465,7 +465,6 @@ def test_a_failure_once_the_run_is_being_opened_ends_it_failed(digits_dataset, t
             tiny_overrides("diffusion", tmp_path, data),
             name="doomed",
             evaluate=False,
-            register=False,
             messages=None,
             allow_modified_data=True,
         )
@@ -489,7 +488,7 @@ def test_an_unwritable_storage_path_is_refused_before_the_run_opens(digits_datas
         f"scaling.storage_path={tmp_path / 'a-file' / 'runs'}",
     ]
     with pytest.raises(TrainError, match=r"cannot write to the storage path .*a-file/runs") as err:
-        train(None, overrides, name="doomed", evaluate=False, register=False, messages=None)
+        train(None, overrides, name="doomed", evaluate=False, messages=None)
     assert "no MLflow run was created" in str(err.value)
     assert not (tmp_path / "mlflow.db").exists()
 
@@ -559,7 +558,6 @@ def test_a_shard_changed_after_its_manifest_fails_the_job_before_ray_starts(
             tiny_overrides("diffusion", tmp_path, data),
             name="changed",
             evaluate=False,
-            register=False,
             messages=None,
         )
     msg = str(err.value)
@@ -618,7 +616,6 @@ def test_a_truncated_shard_under_the_threshold_is_reported_on_a_run_the_mlflow_u
         overrides,
         name="skips",
         evaluate=False,
-        register=False,
         allow_modified_data=True,
         messages=said.append,
     )

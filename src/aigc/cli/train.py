@@ -3,54 +3,54 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from aigc.cli.common import fail
+from aigc.contract import eval_figures
+from aigc.training.request import TrainRequest, request_field
+
+
+def _option(name: str, *flags: str) -> Any:
+    """A ``typer.Option`` with the default and help of :class:`TrainRequest`'s field ``name``: the
+    flag restates neither."""
+    default, help_text = request_field(name)
+    return typer.Option(default, *flags, help=help_text)
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def train(
-        config: Path | None = typer.Argument(None, help="run config, e.g. models/diffusion.yaml"),
-        set_: list[str] = typer.Option([], "--set", help="dotted override KEY=VALUE (repeatable)"),
-        workers: int | None = typer.Option(None, "--workers", help="Ray Train workers (scaling.num_workers)"),
-        gpus_per_worker: float | None = typer.Option(None, "--gpus-per-worker", help="GPUs per worker"),
-        ray_address: str | None = typer.Option(None, "--ray-address", help="join this Ray cluster"),
-        name: str | None = typer.Option(None, "--name", help="run name (must be new)"),
-        resume: str | None = typer.Option(None, "--resume", help="continue the run with this name"),
+        config: Path | None = typer.Argument(None, help=request_field("config")[1]),
+        overrides: list[str] = _option("overrides", "--set"),
+        workers: int | None = _option("workers", "--workers"),
+        gpus_per_worker: float | None = _option("gpus_per_worker", "--gpus-per-worker"),
+        ray_address: str | None = _option("ray_address", "--ray-address"),
+        name: str | None = _option("name", "--name"),
+        resume: str | None = _option("resume", "--resume"),
         params: Path | None = typer.Option(
             None,
             "--params",
             help="YAML whose train.<config> section overrides the config, <config> being its file name "
             "without .yaml (models/latent-diffusion.yaml: train.latent-diffusion; dvc.yaml)",
         ),
-        metrics_out: Path | None = typer.Option(
-            None, "--metrics-out", help="write the run id, step and eval/* figures as JSON"
-        ),
+        metrics_out: Path | None = _option("metrics_out", "--metrics-out"),
         loss_out: Path | None = typer.Option(
             None, "--loss-out", help="write the train/loss curve as step,value CSV (dvc plots)"
         ),
-        evaluate: bool = typer.Option(True, "--eval/--no-eval", help="evaluate the final checkpoint"),
-        eval_samples: int = typer.Option(500, "--eval-samples", help="samples for the final evaluation"),
-        register: bool = typer.Option(
-            True, "--register/--no-register", help="register the final model as aigc-<family>@candidate"
-        ),
-        allow_modified_data: bool = typer.Option(
-            False,
-            "--allow-modified-data",
-            help="train on shards that differ from the manifest; the run is tagged aigc.data.modified",
-        ),
-        verify_data: bool = typer.Option(
-            False, "--verify-data", help="re-hash every shard against the manifest before training"
-        ),
+        evaluate: bool = _option("evaluate", "--eval/--no-eval"),
+        eval_samples: int = _option("eval_samples", "--eval-samples"),
+        register: bool = _option("register", "--register/--no-register"),
+        allow_modified_data: bool = _option("allow_modified_data", "--allow-modified-data"),
+        verify_data: bool = _option("verify_data", "--verify-data"),
     ) -> None:
         """Train a model family with Ray Train; every run lands in MLflow."""
         from aigc.config import ConfigError
         from aigc.data.manifest import DatasetError
         from aigc.tracking import TrackingUnavailable
         from aigc.training import TrainError
-        from aigc.training import train as run_train
+        from aigc.workflows.train import train_and_register
 
         if config is None and resume is None:
             fail("give a config (e.g. models/diffusion.yaml) or --resume NAME")
@@ -61,10 +61,10 @@ def register(app: typer.Typer) -> None:
                 from aigc.workflows.pipeline import train_overrides
 
                 # params.yaml first, so a --set on the command line still wins.
-                set_ = train_overrides(params, config) + list(set_)
-            result = run_train(
-                config,
-                set_,
+                overrides = train_overrides(params, config) + list(overrides)
+            request = TrainRequest(
+                config=config,
+                overrides=overrides,
                 workers=workers,
                 gpus_per_worker=gpus_per_worker,
                 ray_address=ray_address,
@@ -77,6 +77,7 @@ def register(app: typer.Typer) -> None:
                 allow_modified_data=allow_modified_data,
                 verify_data=verify_data,
             )
+            result = train_and_register(request)
         except (ConfigError, TrainError, TrackingUnavailable, DatasetError) as err:
             # DatasetError: a shard that fails while the run is open (its sample prompts, the final
             # evaluation); the run is already marked FAILED with the message in aigc.error.
@@ -100,9 +101,8 @@ def print_summary(r) -> None:
     typer.echo(f"           open it: aigc ui   then   {link}")
     for k, v in sorted(r.metrics.items()):
         typer.echo(f"  {k:<24} {v:.4f}")
-    for k, v in sorted(r.eval.items()):
-        if k.startswith("eval/"):
-            typer.echo(f"  {k:<24} {v:.4f}")
+    for k, v in sorted(eval_figures(r.eval).items()):
+        typer.echo(f"  {k:<24} {v:.4f}")
     if r.bad_samples:
         typer.echo(
             f"data       skipped {r.bad_samples} unreadable train samples in an epoch "

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from aigc.contract import (
+    CHECKPOINT_DIR_PREFIX,
     EVAL_TAG_PREFIX,
     FINAL_GRID,
     GUARDS,
@@ -49,6 +50,7 @@ from aigc.registry.versions import (
 )
 from aigc.tracking.backend import ENV_TRACKING_URI
 from aigc.tracking.lineage import TAG_REGISTERED_MODEL
+from aigc.training.job import final_checkpoint
 
 MODEL_ARTIFACT = "model"  # the logged model's name inside the training run
 _PYTHON_TYPES = {int: "long", float: "double", str: "string", bool: "boolean"}
@@ -84,18 +86,6 @@ def find_run(client: Any, ref: str):
         if runs:
             return runs[0]
     raise RegistryError(f"no run with id or name {ref!r} in {client.tracking_uri} (see `aigc runs`)")
-
-
-def final_checkpoint(run_dir: str) -> str:
-    """The newest ``checkpoint-step*/checkpoint.ckpt`` under a run folder (local or URL)."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(run_dir)
-    steps = sorted(p for p in fs.glob(f"{path.rstrip('/')}/checkpoint-step*") if fs.isdir(p))
-    if not steps:
-        raise RegistryError(f"run folder {run_dir} holds no checkpoint-step* folder: nothing to export")
-    newest = steps[-1].rsplit("/", 1)[-1]
-    return f"{run_dir.rstrip('/')}/{newest}/checkpoint.ckpt"
 
 
 def eligibility(run: Any) -> tuple[bool, str | None]:
@@ -190,6 +180,10 @@ def register_run(ref: str, tracking_uri: str | None = None, progress=None) -> Re
     eligible, reason = eligibility(run)
     figures = eval_entries(run.data.metrics)
     checkpoint = final_checkpoint(run_dir)
+    if checkpoint is None:
+        raise RegistryError(
+            f"run folder {run_dir} holds no {CHECKPOINT_DIR_PREFIX}* folder: nothing to export"
+        )
     say(f"exporting {checkpoint}")
     with tempfile.TemporaryDirectory(prefix="aigc-register-") as tmp:
         module = load_model_from(checkpoint)  # a local path or a URL (s3://...)

@@ -1,11 +1,12 @@
-"""One training job's record, and the config resolution and data check that lead to it.
+"""One training job's record, the checks that lead to it, and the run folder it lives in.
 
 :class:`TrainJob` is the driver -> worker contract and the job file in one typed object: the
 driver resolves everything a worker needs (absolute data location and tracking URI, the MLflow run,
 the tokenizer, the sample-grid prompts) into a ``TrainJob``, writes it to
 ``<storage>/<name>/aigc-job.json``, and hands the same JSON to every Ray worker;
 ``aigc train --resume NAME`` reads it back. Workers run in Ray's session folder, possibly on other
-machines, so every path in it is absolute and every value plain JSON.
+machines, so every path in it is absolute and every value plain JSON. The run folder's other
+contents (the checkpoints, :func:`final_checkpoint`) are named by :mod:`aigc.contract`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 
 from pydantic import Field
 
-from aigc.config import ConfigError, RunConfig, StrictModel, apply_overrides, load_config, validate
-from aigc.contract import JOB_FILE
+from aigc.config import RunConfig, StrictModel
+from aigc.contract import CHECKPOINT_DIR_PREFIX, CHECKPOINT_NAME, JOB_FILE, TAG_DATA_MODIFIED
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -59,31 +60,7 @@ class TrainJob(StrictModel):
         return cls.model_validate(data)
 
 
-# ------------------------------------------------------------------------------- resolution
-
-
-def resolve_config(
-    config: str | Path | RunConfig | None,
-    overrides: list[str] | None = None,
-    workers: int | None = None,
-    gpus_per_worker: float | None = None,
-    ray_address: str | None = None,
-) -> RunConfig:
-    """The run config with the command-line options applied; errors name the key."""
-    if isinstance(config, RunConfig):
-        cfg = validate(RunConfig, apply_overrides(config.model_dump(mode="json"), overrides))
-    else:
-        cfg = load_config(config, overrides)
-    if workers is not None:
-        if workers < 1:
-            raise ConfigError(f"--workers must be >= 1, got {workers}")
-        cfg.scaling.num_workers = workers
-    if gpus_per_worker is not None:
-        cfg.scaling.gpus_per_worker = gpus_per_worker
-        cfg.scaling.use_gpu = gpus_per_worker > 0
-    if ray_address is not None:
-        cfg.scaling.ray_address = ray_address
-    return cfg
+# ------------------------------------------------------------------------ paths and checks
 
 
 def absolute(path: str, root: Path) -> str:
@@ -110,6 +87,54 @@ def storage_location(cfg: RunConfig, root: Path) -> str:
             f"working-dir package {package.name} that Ray deletes with its session. {DURABLE_SETTINGS_HINT}."
         )
     return absolute(path, root).rstrip("/")
+
+
+def data_location(cfg: RunConfig, root: Path) -> str:
+    """The shard folder the job streams: ``data.location``, else ``<data.root>/<data.name>``."""
+    return absolute(cfg.data.location or str(Path(cfg.data.root) / cfg.data.name), root)
+
+
+def dataset_manifest(location: str) -> dict[str, Any]:
+    """The manifest of the dataset at ``location``; a ``TrainError`` that says how to get one."""
+    from aigc import ray_package
+    from aigc.data.manifest import DatasetError, read_manifest
+
+    try:
+        return read_manifest(location)
+    except DatasetError as err:
+        package = None if "://" in location else ray_package(Path(location))
+        if package is not None:
+            raise TrainError(
+                f"{err}. The job runs in the Ray working-dir package {package.name}, and the upload leaves "
+                "out git-ignored files such as shards: set data.location to a folder every node can read "
+                "(an absolute path) or a URL (s3://...), e.g. --set data.location=s3://bucket/datasets/digits"
+            ) from None
+        if not isinstance(err, FileNotFoundError):  # unreadable (credentials, endpoint) or invalid: says so
+            raise TrainError(str(err)) from None
+        raise TrainError(f"{err}; build it first, e.g. `aigc data build {Path(location).name}`") from None
+
+
+def check_latent_data(cfg: RunConfig, location: str, manifest: dict[str, Any]) -> None:
+    """A latent dataset (``aigc data encode``) is refused, before anything starts, for a family that
+    cannot learn on its kind of latents; a malformed latent section names the dataset. An image
+    dataset passes."""
+    if manifest.get("latent") is None:
+        return
+    from aigc.data.latents import latent_spec
+    from aigc.data.manifest import DatasetError
+    from aigc.models import module_class
+
+    try:
+        kind = latent_spec(manifest)["kind"]
+    except DatasetError as err:
+        raise TrainError(str(err)) from None
+    allowed = module_class(cfg.model.family).latent_kinds
+    if kind not in allowed:
+        raise TrainError(
+            f"{location} holds {kind} latents (aigc data encode); model.family "
+            f"{cfg.model.family!r} learns on {', '.join(allowed) or 'images only'}: use diffusion on KL "
+            "latents or autoregressive on VQ codes, or train on the image dataset"
+        )
 
 
 def new_run_name(cfg: RunConfig, name: str | None) -> str:
@@ -199,8 +224,6 @@ def check_data(
     report.extra = []  # tars the manifest does not list are never read
     problems = report.problems()
     if problems and not allow:
-        from aigc.tracking.lineage import TAG_DATA_MODIFIED  # imports MLflow: only on this path
-
         started = "the run was not reopened" if resuming else "no MLflow run was created"
         raise TrainError(
             f"{location}: shards differ from the manifest, so the run's data version would not describe "
@@ -212,7 +235,7 @@ def check_data(
     return problems
 
 
-# --------------------------------------------------------------------------------- job file
+# ------------------------------------------------------------------------------ run folder
 
 
 def read_job(storage: str, name: str) -> TrainJob:
@@ -247,3 +270,17 @@ def write_job(job: TrainJob) -> str:
     with fsspec.open(url, "wt", encoding="utf-8") as f:
         json.dump(job.to_json(), f, indent=2)
     return url
+
+
+def final_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint file of the newest ``checkpoint-step*`` folder under a run folder (local or
+    URL), or None when there is none. The folders' names sort in step order
+    (:func:`aigc.contract.checkpoint_dir_name`), so after a ``--resume`` the newest is the resumed
+    job's last, whichever launch wrote it."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    steps = sorted(p for p in fs.glob(f"{path.rstrip('/')}/{CHECKPOINT_DIR_PREFIX}*") if fs.isdir(p))
+    if not steps:
+        return None
+    return f"{run_dir.rstrip('/')}/{steps[-1].rsplit('/', 1)[-1]}/{CHECKPOINT_NAME}"

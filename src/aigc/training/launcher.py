@@ -1,29 +1,18 @@
-"""The driver side of ``aigc train``: one training job from the command line to MLflow.
+"""The driver side of ``aigc train``: one training job, from a :class:`TrainRequest` to its MLflow run.
 
-    resolve the config -> read the dataset's manifest -> check the shards against it and the
-      storage path -> [a child process opens the MLflow run, the store checked first] -> build the
-      tokenizer -> [Ray starts on a thread] -> take the run (or reopen it on --resume), and inside
-      its lifecycle: build the job record -> write aigc-job.json -> wait for Ray -> Ray Train fit
-      -> final evaluation -> the run's description
+:func:`train` reads as its steps. What can fail without a run (the config, the run name, the
+manifest and every shard's size against it, the storage path) is checked first, so a bad request
+fails in seconds and leaves no run behind. Start-up then overlaps: a child process checks the
+tracking store (a fresh sqlite store is migrated there once: two ranks opening it race on the
+migration) and opens the run (:class:`~aigc.tracking.opener.RunOpener`), while this process builds
+the tokenizer and Ray starts on a thread (:class:`~aigc.cluster.RayStart`); this process imports
+MLflow only once ``trainer.fit()`` has been called. ``startup/*`` metrics time each phase
+(:class:`StartupClock`). From the run's opening on, the job runs inside its lifecycle
+(``tracking.guard_run`` / ``tracking.resumed_job_run``): any failure ends the run FAILED with the
+``aigc.error`` tag, an interrupt KILLED, never RUNNING.
 
-Order matters. The config is validated, the manifest read, every shard's size compared with it and
-the storage path written to before Ray starts, and the tracking store reached (and, for sqlite, its
-schema migrated: two ranks opening a fresh sqlite store race on the migration with "duplicate column
-name") before the run is opened, so a bad config, a missing dataset, shards changed since their
-manifest (the run's data version would describe data it did not see) or an unreachable server fail
-in seconds and leave no run behind. Ray's start (seconds, mostly waiting for its processes) runs on
-a thread (:class:`~aigc.cluster.RayStart`) and the MLflow run is opened by a child process
-(:class:`~aigc.tracking.opener.RunOpener`), both beside the driver's own preparation: this process
-imports MLflow only once ``trainer.fit()`` has been called. ``startup/*`` metrics record each phase
-(:class:`StartupClock`). Everything after the run is opened runs inside one lifecycle
-(``tracking.guard_run`` / ``tracking.resumed_job_run``; a tokenizer that fails while the child opens
-the run ends it too): any failure ends the run FAILED with the ``aigc.error`` tag, an interrupt
-KILLED, never RUNNING.
-
-One MLflow run per job, opened here; workers get its id in the :class:`TrainJob` and only rank 0
-logs to it. The config, data check, job file and naming rules live in :mod:`aigc.training.job`, Ray
-start-up in :mod:`aigc.cluster`, the Trainer in :mod:`aigc.training.trainer`, the final
-evaluation in :mod:`aigc.evaluation.final`.
+One MLflow run per job; workers get its id in the :class:`TrainJob` and only rank 0 logs to it.
+Registering the finished run is :func:`aigc.workflows.train.train_and_register`'s, above this package.
 """
 
 from __future__ import annotations
@@ -33,33 +22,43 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aigc import project_root
-from aigc.config import RunConfig
-from aigc.contract import FINAL_GRID, TAG_RUN_NAME, TAG_STORAGE
 from aigc.cluster import ClusterError, RayStart, worker_env
+from aigc.config import RunConfig
+from aigc.contract import FINAL_GRID, GUARDS, TAG_DATA_MODIFIED, TAG_RUN_NAME, TAG_STORAGE, eval_figures
 from aigc.training.job import (
     TrainError,
     TrainJob,
-    absolute,
     check_data,
+    check_latent_data,
     check_storage,
+    data_location,
+    dataset_manifest,
+    final_checkpoint,
     new_run_name,
     read_job,
-    resolve_config,
     run_exists,
     sample_prompts,
     storage_location,
     write_job,
 )
+from aigc.training.request import TrainRequest
+
+if TYPE_CHECKING:
+    from aigc.tracking.lifecycle import JobRun
 
 log = logging.getLogger("aigc.training")
 
-__all__ = ["TrainError", "TrainResult", "data_location", "train"]
+__all__ = ["TrainError", "TrainRequest", "TrainResult", "to_stderr", "train", "write_metrics"]
+
+Progress = Callable[[dict[str, Any]], None]
+Messages = Callable[[str], None]
 
 
 @dataclass
@@ -75,7 +74,8 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
     sample_grid: str | None = None
-    registered: str | None = None  # "aigc-<family>/<version>" when the run was registered
+    # "aigc-<family>/<version>" once registered (aigc.workflows.train.train_and_register)
+    registered: str | None = None
     seconds: float = 0.0
     # Data the run did not see as its version describes it: the train samples the loader skipped
     # (most in one epoch, summed over ranks, and that as a fraction of the split), the shards that
@@ -90,301 +90,284 @@ class TrainResult:
         return asdict(self)
 
 
-def data_location(cfg: RunConfig, root: Path) -> str:
-    """The shard folder the job streams: ``data.location``, else ``<data.root>/<data.name>``."""
-    return absolute(cfg.data.location or str(Path(cfg.data.root) / cfg.data.name), root)
-
-
-def _dataset_manifest(location: str) -> dict[str, Any]:
-    from aigc import ray_package
-    from aigc.data.manifest import DatasetError, read_manifest
-
-    try:
-        return read_manifest(location)
-    except DatasetError as err:
-        package = None if "://" in location else ray_package(Path(location))
-        if package is not None:
-            raise TrainError(
-                f"{err}. The job runs in the Ray working-dir package {package.name}, and the upload leaves "
-                "out git-ignored files such as shards: set data.location to a folder every node can read "
-                "(an absolute path) or a URL (s3://...), e.g. --set data.location=s3://bucket/datasets/digits"
-            ) from None
-        if not isinstance(err, FileNotFoundError):  # unreadable (credentials, endpoint) or invalid: says so
-            raise TrainError(str(err)) from None
-        raise TrainError(f"{err}; build it first, e.g. `aigc data build {Path(location).name}`") from None
-
-
-def _check_latent_data(cfg: RunConfig, location: str, manifest: dict[str, Any]) -> None:
-    """A latent dataset (``aigc data encode``) is refused, before anything starts, for a family that
-    cannot learn on its kind of latents; a malformed latent section names the dataset."""
-    from aigc.data.latents import latent_spec
-    from aigc.data.manifest import DatasetError
-    from aigc.models import module_class
-
-    try:
-        kind = latent_spec(manifest)["kind"]
-    except DatasetError as err:
-        raise TrainError(str(err)) from None
-    allowed = module_class(cfg.model.family).latent_kinds
-    if kind not in allowed:
-        raise TrainError(
-            f"{location} holds {kind} latents (aigc data encode); model.family "
-            f"{cfg.model.family!r} learns on {', '.join(allowed) or 'images only'}: use diffusion on KL "
-            "latents or autoregressive on VQ codes, or train on the image dataset"
-        )
-
-
-def _stderr(message: str) -> None:
+def to_stderr(message: str) -> None:
     sys.stderr.write(f"{message}\n")
     sys.stderr.flush()
 
 
+def _silent(_message: str) -> None:
+    pass
+
+
 def train(
-    config: str | Path | RunConfig | None,
+    request: TrainRequest | str | Path | RunConfig | None = None,
     overrides: list[str] | None = None,
     *,
-    workers: int | None = None,
-    gpus_per_worker: float | None = None,
-    ray_address: str | None = None,
-    name: str | None = None,
-    resume: str | None = None,
-    metrics_out: str | Path | None = None,
-    evaluate: bool = True,
-    eval_samples: int = 500,
-    register: bool = True,
-    allow_modified_data: bool = False,
-    verify_data: bool = False,
-    progress: Callable[[dict[str, Any]], None] | None = None,
-    messages: Callable[[str], None] | None = _stderr,
+    progress: Progress | None = None,
+    messages: Messages | None = to_stderr,
+    **options: Any,
 ) -> TrainResult:
-    """Run one training job end to end and return its summary. See the module docstring.
+    """Run one training job end to end and return its summary. It is not registered: that is
+    :func:`aigc.workflows.train.train_and_register`, what ``aigc train`` runs.
 
-    Every shard's size is checked against the manifest first, every shard re-hashed with
-    ``verify_data`` (:func:`check_data`); a difference fails the job before anything starts unless
-    ``allow_modified_data`` (kept in the job record, so a resume keeps it), which tags the run
-    ``aigc.data.modified``.
-
-    ``progress`` receives the step dicts of :class:`~aigc.training.progress.ProgressPoller` (default:
-    one line on stderr); ``messages`` the lines of the long steps after training (evaluator training,
-    evaluation), default stderr, None for silence. With ``register`` the finished run's final
-    checkpoint becomes the ``candidate`` version of ``aigc-<family>`` (``aigc.registry``); a failed
-    registration raises ``TrainError`` after the run is recorded FINISHED.
+    ``request`` is a :class:`TrainRequest`, or its ``config`` with ``overrides`` and the other fields
+    as keywords (``train("models/vae.yaml", ["trainer.max_steps=5"], name="v1")``). ``progress``
+    receives the step dicts of :class:`~aigc.training.progress.ProgressPoller` (default: one line on
+    stderr); ``messages`` the warnings and the lines of the final evaluation, default stderr, None
+    for silence.
     """
+    request = TrainRequest.of(request, overrides, **options)
+    t0 = time.perf_counter()
+    say = messages or _silent
+    prep = _prepare_resume(request, say) if request.resume else _prepare(request, say)
+    with _start(prep) as started:  # the run open and Ray starting; from here a failure ends the run
+        job = _write_job(prep, started)
+        result = _fit(job, progress, started.ray, prep.clock)
+        out = _finish(prep, job, result, say)
+    out.seconds = time.perf_counter() - t0
+    if request.metrics_out:
+        write_metrics(request.metrics_out, out)
+    return out
+
+
+# --------------------------------------------------------------------------------- prepare
+
+
+@dataclass
+class _Prepared:
+    """A job resolved and checked, before anything has started."""
+
+    request: TrainRequest  # on --resume, continued from the job record
+    cfg: RunConfig
+    name: str
+    run_dir: str
+    location: str  # the shard folder or URL the job streams
+    manifest: dict[str, Any]
+    data_version: str
+    modified: list[str]  # shards that differ from the manifest (allowed), one line each
+    tracking_uri: str
+    clock: StartupClock
+    launched_at: float  # time.time() of this launch's train() call
+    saved: TrainJob | None = None  # the job record --resume continues
+
+    @property
+    def data_name(self) -> str:
+        return self.manifest.get("name", self.cfg.data.name)
+
+    def description(self, **done: Any) -> str:
+        """The run's description (``mlflow.note.content``): the plan, and what was ``done`` at the end."""
+        from aigc import tracking
+
+        modified = " (modified, see the tags)" if self.modified else ""
+        return tracking.run_description(
+            self.cfg.model.family,
+            max_steps=self.cfg.trainer.max_steps,
+            workers=self.cfg.scaling.num_workers,
+            data=f"`{self.data_name}` version `{self.data_version}`{modified}",
+            **done,
+        )
+
+
+def _prepare(request: TrainRequest, say: Messages) -> _Prepared:
+    """A new job: the config resolved, the run name free, the data checked against its manifest, the
+    storage path written to. A bad request fails here, with no MLflow run created, Ray not started."""
     from aigc import tracking
     from aigc.data.version import version
 
-    t0 = time.perf_counter()
-    launched_at = time.time()
-    clock = StartupClock()
-    say = messages or (lambda _m: None)
+    clock, launched_at = StartupClock(), time.time()
     root = project_root()
-    if name and resume:
-        raise TrainError("--name and --resume exclude each other: --resume NAME continues run NAME")
-    cfg = resolve_config(config, overrides, workers, gpus_per_worker, ray_address)
+    cfg = request.run_config()
     storage = storage_location(cfg, root)
     clock.mark("config")
+    name = new_run_name(cfg, request.name)
+    if run_exists(storage, name):
+        raise TrainError(
+            f"a run named {name!r} already exists under {storage}; "
+            f"use `aigc train --resume {name}` to continue it, or choose another --name"
+        )
+    location = data_location(cfg, root)
+    manifest, modified = _check_dataset(request, cfg, location, clock, say)
+    check_storage(storage)
+    clock.mark("data_check")
+    tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    data_version = version(location)
+    clock.mark("data_version")
+    return _Prepared(
+        request=request,
+        cfg=cfg,
+        name=name,
+        run_dir=f"{storage}/{name}",
+        location=location,
+        manifest=manifest,
+        data_version=data_version,
+        modified=modified,
+        tracking_uri=tracking_uri,
+        clock=clock,
+        launched_at=launched_at,
+    )
 
-    saved: TrainJob | None = None
-    if resume:
-        saved = read_job(storage, resume)
-        # The resumed job keeps its own config (its checkpoints were written with it), with the
-        # options given now applied on top; the job file is rewritten with the result.
-        cfg = resolve_config(saved.run, overrides, workers, gpus_per_worker, ray_address)
-        name = resume
-    else:
-        name = new_run_name(cfg, name)
-        if run_exists(storage, name):
-            raise TrainError(
-                f"a run named {name!r} already exists under {storage}; "
-                f"use `aigc train --resume {name}` to continue it, or choose another --name"
-            )
 
-    # A resumed job streams the data its saved config names, resolved when it was first launched.
-    same_data = saved is not None and cfg.data == saved.run.data
+def _prepare_resume(request: TrainRequest, say: Messages) -> _Prepared:
+    """``--resume NAME``: run NAME's job record, continued (:meth:`TrainRequest.continuing`), its data
+    checked again. The run stays in the store the record names, whatever the environment says now;
+    while the data config is unchanged the job streams the data its first launch resolved."""
+    from aigc.data.version import version
+
+    clock, launched_at = StartupClock(), time.time()
+    root = project_root()
+    # The storage path comes from the options given now: the record is found through it.
+    storage = storage_location(request.run_config(), root)
+    clock.mark("config")
+    name = request.resume
+    assert name is not None
+    saved = read_job(storage, name)
+    request = request.continuing(saved)
+    cfg = request.run_config()
+    same_data = cfg.data == saved.run.data
     location = saved.data_location if same_data else data_location(cfg, root)
-    manifest = _dataset_manifest(location)
+    manifest, modified = _check_dataset(request, cfg, location, clock, say)
+    clock.mark("data_check")
+    data_version = saved.data_version if same_data else version(location)
+    clock.mark("data_version")
+    return _Prepared(
+        request=request,
+        cfg=cfg,
+        name=name,
+        run_dir=f"{storage}/{name}",
+        location=location,
+        manifest=manifest,
+        data_version=data_version,
+        modified=modified,
+        tracking_uri=saved.tracking_uri,
+        clock=clock,
+        launched_at=launched_at,
+        saved=saved,
+    )
+
+
+def _check_dataset(
+    request: TrainRequest, cfg: RunConfig, location: str, clock: StartupClock, say: Messages
+) -> tuple[dict[str, Any], list[str]]:
+    """The dataset's manifest, and the shards that differ from it (:func:`check_data`: a
+    ``TrainError`` unless ``allow_modified_data``); a latent dataset must suit the family."""
+    manifest = dataset_manifest(location)
     clock.mark("manifest")
-    if manifest.get("latent") is not None:
-        _check_latent_data(cfg, location, manifest)
-    # Once allowed, a job keeps training on the data as it is: its first part already did.
-    allow_modified_data = allow_modified_data or (saved is not None and saved.allow_modified_data)
+    check_latent_data(cfg, location, manifest)
+    resuming = request.resume is not None
     modified = check_data(
-        location, manifest, verify=verify_data, allow=allow_modified_data, resuming=saved is not None
+        location, manifest, verify=request.verify_data, allow=request.allow_modified_data, resuming=resuming
     )
     if modified:
         say(
             f"warning: training on shards that differ from the manifest (--allow-modified-data): "
-            f"{'; '.join(modified)}; the run is tagged {tracking.TAG_DATA_MODIFIED}"
+            f"{'; '.join(modified)}; the run is tagged {TAG_DATA_MODIFIED}"
         )
-    if saved is None:
-        check_storage(storage)  # a storage path the job cannot write fails before the run opens
-    clock.mark("data_check")
-    # A resumed job's run lives in the store its job file names, whatever the environment says now.
-    tracking_uri = saved.tracking_uri if saved else tracking.resolve_tracking_uri(cfg.tracking.uri)
-    dversion = saved.data_version if same_data else version(location)
-    clock.mark("data_version")
-    run_dir = f"{storage}/{name}"
-    data_name = manifest.get("name", cfg.data.name)
-    modified_tags = tracking.data_modified_tags(modified)
+    return manifest, modified
 
-    def description(**done: Any) -> str:
-        return tracking.run_description(
-            cfg.model.family,
-            max_steps=cfg.trainer.max_steps,
-            workers=cfg.scaling.num_workers,
-            data=f"`{data_name}` version `{dversion}`" + (" (modified, see the tags)" if modified else ""),
-            **done,
-        )
+
+# -------------------------------------------------------------------------------- start-up
+
+
+@dataclass(frozen=True)
+class _Started:
+    run: JobRun  # the job's MLflow run, open
+    tokenizer: dict[str, Any]  # Tokenizer.to_dict() of the train captions
+    ray: RayStart  # Ray starting (or started) on its thread
+
+
+def _start(prep: _Prepared) -> AbstractContextManager[_Started]:
+    """The job's MLflow run opened (or reopened on ``--resume``) while Ray starts on a thread, and
+    the block inside the run's lifecycle; Ray's thread is joined on the way out."""
+    return _reopen_run(prep) if prep.saved is not None else _open_run(prep)
+
+
+@contextmanager
+def _open_run(prep: _Prepared) -> Iterator[_Started]:
+    """A new job's run, opened by a child process while this one builds the tokenizer and starts Ray."""
+    from aigc import tracking
 
     # The git sha, the run's child process, the tokenizer and then Ray's thread, in this order: while
     # that thread loads torch's libraries this one waits up to ~2 s for each turn on the interpreter
     # (`git` took 2 s then, 0.006 s before it; the tokenizer 2 s, 0.15 s before it).
-    opener = None
-    if saved is None:
-        sha = tracking.git_sha(root)
-        clock.mark("git")
-        # The run is opened by a child process (the store checked first: a dead server fails within
-        # ~10 s), beside Ray's start and the tokenizer here: importing MLflow in this process would
-        # take turns on one core with Ray's import of torch (aigc.tracking.opener).
-        opener = tracking.RunOpener(
-            tracking_uri,
-            cfg.tracking.experiment,
-            run_name=cfg.tracking.run_name or name,
-            params=cfg.model_dump(mode="json"),
-            tags=tracking.lineage_tags(
-                family=cfg.model.family,
-                data_name=data_name,
-                data_version=dversion,
-                workers=cfg.scaling.num_workers,
-                git_sha=sha,
-                registered_model=cfg.tracking.model_name(cfg.model.family),
-            )
-            | tracking.source_tags(tracking.command_line(), sha)
-            | modified_tags
-            | {TAG_RUN_NAME: name, TAG_STORAGE: run_dir, tracking.TAG_RUN_NOTE: description()},
-            dataset={"name": data_name, "source": location, "digest": dversion},
-        )
-        clock.mark("mlflow_run")
+    opener = _run_opener(prep)
     ray_start: RayStart | None = None
     try:
-        if opener is not None:
-            from aigc.data.captions_io import read_captions
-            from aigc.models.tokenizer import Tokenizer  # not models.text: that imports torch
-
-            try:
-                # Also before Ray's thread: 0.15 s alone, 2 s while that thread loads torch.
-                tokenizer = Tokenizer.build(read_captions(location, "train")).to_dict()
-                clock.mark("tokenizer")
-                # The inputs are checked: Ray starts on a thread while the child opens the run.
-                ray_start = RayStart(cfg.scaling.ray_address)
-                opened = opener.result()  # raises what the child raised (TrackingUnavailable, ...)
-                clock.mark("tracking_wait")
-            except BaseException as err:
-                opener.abandon(err)  # a run the child opened ends FAILED with this error
-                raise
-            lifecycle = tracking.guard_run(tracking_uri, opened.run_id)
-        else:
-            ray_start = RayStart(cfg.scaling.ray_address)
-            # The resumed run is reopened here (a dead server fails within ~10 s), beside Ray's start.
-            lifecycle = tracking.resumed_job_run(tracking_uri, saved.run_id)
-            clock.mark("mlflow_run")
-            tokenizer = saved.tokenizer
-            opened = None
-
-        with lifecycle as resumed:
-            run = opened or resumed
-            if saved is not None and modified_tags:
-                from mlflow.tracking import MlflowClient
-
-                for key, value in modified_tags.items():
-                    MlflowClient(tracking_uri).set_tag(run.run_id, key, value)
-            job = TrainJob(
-                name=name,
-                run_id=run.run_id,
-                experiment_id=run.experiment_id,
-                tracking_uri=tracking_uri,
-                run=cfg,
-                tokenizer=tokenizer,
-                image_size=manifest["image_size"],
-                channels=manifest["channels"],
-                latent=manifest.get("latent"),
-                data_location=location,
-                data_version=dversion,
-                run_dir=run_dir,
-                sample_prompts=sample_prompts(location),
-                launched_at=launched_at,
-                allow_modified_data=allow_modified_data,
-            )
-            write_job(job)
-            clock.mark("job_file")
-            assert ray_start is not None  # started above on both paths
-            result = _fit(job, progress, ray_start, clock)
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(tracking_uri)
-            checkpoint = _checkpoint_path(result, run_dir)
-            out = TrainResult(
-                name=name,
-                run_id=run.run_id,
-                experiment_id=run.experiment_id,
-                tracking_uri=tracking_uri,
-                status="FINISHED",
-                global_step=int((result.metrics or {}).get("step", 0)),
-                checkpoint=checkpoint,
-                run_dir=run_dir,
-                metrics={
-                    k: float(v)
-                    for k, v in (result.metrics or {}).items()
-                    if isinstance(v, (int, float)) and k not in ("step", "epoch")
-                },
-                data_modified=modified,
-            )
-            out.bad_samples, out.bad_fraction, out.bad_shards = tracking.skipped_samples(client, run.run_id)
-            if out.bad_samples:
-                say(f"warning: {bad_samples_line(out, cfg.data.max_bad_fraction)}")
-            if checkpoint:
-                out.sample_grid = _final_grid(run_dir)
-                if evaluate:
-                    out.eval = _final_evaluation(job, out, eval_samples, say)
-            notes = [f"Data: {bad_samples_line(out, cfg.data.max_bad_fraction)}"] if out.bad_samples else []
-            if modified:
-                notes.append(f"Data: shards differed from the manifest: {'; '.join(modified)}")
-            client.set_tag(
-                run.run_id,
-                tracking.TAG_RUN_NOTE,
-                description(
-                    steps=out.global_step,
-                    eval_figures=out.eval,
-                    sample_grid=FINAL_GRID if out.sample_grid else None,
-                    notes=notes,
-                ),
-            )
+        try:
+            tokenizer = _tokenizer(prep.location)
+            prep.clock.mark("tokenizer")
+            ray_start = RayStart(prep.cfg.scaling.ray_address)
+            run = opener.result()  # raises what the child raised (TrackingUnavailable, ...)
+            prep.clock.mark("tracking_wait")
+        except BaseException as err:
+            opener.abandon(err)  # a run the child opened ends FAILED with this error
+            raise
+        with tracking.guard_run(prep.tracking_uri, run.run_id):
+            yield _Started(run, tokenizer, ray_start)
     finally:
         if ray_start is not None:
             ray_start.join()  # a job that failed before Ray was up leaves no thread starting it
 
-    if register and out.checkpoint:
-        out.registered = _register(out, say)
-    out.seconds = time.perf_counter() - t0
-    if metrics_out:
-        Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
-        # What DVC compares across experiments (`dvc metrics diff`, `dvc exp show`): the numeric
-        # figures and the guards; their provenance stays in the run's aigc.eval.* tags.
-        from aigc.contract import GUARDS, eval_figures
 
-        record = {"run_id": out.run_id, "step": out.global_step, **eval_figures(out.eval)}
-        record.update({g: out.eval[g] for g in GUARDS if g in out.eval})
-        Path(metrics_out).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return out
+@contextmanager
+def _reopen_run(prep: _Prepared) -> Iterator[_Started]:
+    """``--resume``: the job's own run reopened, beside Ray's start (a dead server fails within
+    ~10 s). The tokenizer is the record's: the checkpoints were written with it."""
+    from aigc import tracking
+
+    assert prep.saved is not None
+    ray_start = RayStart(prep.cfg.scaling.ray_address)
+    try:
+        with tracking.resumed_job_run(prep.tracking_uri, prep.saved.run_id) as run:
+            prep.clock.mark("mlflow_run")
+            if prep.modified:
+                client = tracking.client_for(prep.tracking_uri)
+                for key, value in tracking.data_modified_tags(prep.modified).items():
+                    client.set_tag(run.run_id, key, value)
+            yield _Started(run, prep.saved.tokenizer, ray_start)
+    finally:
+        ray_start.join()
 
 
-def bad_samples_line(out: TrainResult, max_bad_fraction: float) -> str:
-    """One line on the samples the loader skipped, for the terminal and the run's description."""
-    return (
-        f"the loader skipped {out.bad_samples} unreadable train samples in an epoch "
-        f"({out.bad_fraction:.2%} of the split, under data.max_bad_fraction {max_bad_fraction}); "
-        f"worst shards: {out.bad_shards or 'unknown'}"
+def _run_opener(prep: _Prepared):
+    """The child process opening a new job's run (:class:`~aigc.tracking.opener.RunOpener`): the
+    store checked first, then the run with its params, lineage and source tags, and the dataset.
+    Importing MLflow here instead would take turns on one core with Ray's import of torch."""
+    from aigc import tracking
+
+    cfg = prep.cfg
+    sha = tracking.git_sha(project_root())
+    prep.clock.mark("git")
+    tags = (
+        tracking.lineage_tags(
+            family=cfg.model.family,
+            data_name=prep.data_name,
+            data_version=prep.data_version,
+            workers=cfg.scaling.num_workers,
+            git_sha=sha,
+            registered_model=cfg.tracking.model_name(cfg.model.family),
+        )
+        | tracking.source_tags(tracking.command_line(), sha)
+        | tracking.data_modified_tags(prep.modified)
+        | {TAG_RUN_NAME: prep.name, TAG_STORAGE: prep.run_dir, tracking.TAG_RUN_NOTE: prep.description()}
     )
+    opener = tracking.RunOpener(
+        prep.tracking_uri,
+        cfg.tracking.experiment,
+        run_name=cfg.tracking.run_name or prep.name,
+        params=cfg.model_dump(mode="json"),
+        tags=tags,
+        dataset={"name": prep.data_name, "source": prep.location, "digest": prep.data_version},
+    )
+    prep.clock.mark("mlflow_run")
+    return opener
+
+
+def _tokenizer(location: str) -> dict[str, Any]:
+    """The tokenizer of the train captions, as the job record holds it."""
+    from aigc.data.captions_io import read_captions
+    from aigc.models.tokenizer import Tokenizer  # not models.text: that imports torch
+
+    return Tokenizer.build(read_captions(location, "train")).to_dict()
 
 
 class StartupClock:
@@ -405,12 +388,34 @@ class StartupClock:
         self._t = now
 
 
-def _fit(
-    job: TrainJob,
-    progress: Callable[[dict[str, Any]], None] | None,
-    ray_start: RayStart,
-    clock: StartupClock,
-):
+# ------------------------------------------------------------------------------------- fit
+
+
+def _write_job(prep: _Prepared, started: _Started) -> TrainJob:
+    """The job record, written to the run folder (``--resume`` reads it back) and handed to workers."""
+    job = TrainJob(
+        name=prep.name,
+        run_id=started.run.run_id,
+        experiment_id=started.run.experiment_id,
+        tracking_uri=prep.tracking_uri,
+        run=prep.cfg,
+        tokenizer=started.tokenizer,
+        image_size=prep.manifest["image_size"],
+        channels=prep.manifest["channels"],
+        latent=prep.manifest.get("latent"),
+        data_location=prep.location,
+        data_version=prep.data_version,
+        run_dir=prep.run_dir,
+        sample_prompts=sample_prompts(prep.location),
+        launched_at=prep.launched_at,
+        allow_modified_data=prep.request.allow_modified_data,
+    )
+    write_job(job)
+    prep.clock.mark("job_file")
+    return job
+
+
+def _fit(job: TrainJob, progress: Progress | None, ray_start: RayStart, clock: StartupClock) -> Any:
     """Ray Train over ``job.run.scaling.num_workers`` workers; its checkpoints under ``job.run_dir``."""
     try:
         ray_wait = ray_start.wait()  # Ray was started on a thread while the driver prepared the job
@@ -493,41 +498,81 @@ def _log_startup(job: TrainJob, figures: dict[str, float]) -> None:
     """Log :func:`_startup_figures` to the run; best effort (the job's own outcome is what counts)."""
     try:
         from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
+
+        from aigc.tracking import client_for
 
         now = int(time.time() * 1000)
-        MlflowClient(job.tracking_uri).log_batch(
+        client_for(job.tracking_uri).log_batch(
             job.run_id, metrics=[Metric(k, v, now, 0) for k, v in figures.items()]
         )
     except Exception:  # noqa: BLE001 - a store that fails now fails the run's own logging too
         log.warning("could not log the start-up figures of run %s", job.run_id, exc_info=True)
 
 
-def _checkpoint_path(result, run_dir: str) -> str | None:
-    """The final checkpoint's file as a path or URL under ``run_dir``.
-
-    Ray's ``Checkpoint.path`` is a path inside its pyarrow filesystem: for ``s3://bucket/runs`` it
-    is ``bucket/runs/<name>/checkpoint-...`` with no scheme, which fsspec would read as a local
-    path. The checkpoint folder is a child of the run folder, so its name is joined to ``run_dir``.
-    """
-    ckpt = getattr(result, "checkpoint", None)
-    if ckpt is None:
-        return None
-    return f"{run_dir.rstrip('/')}/{ckpt.path.rstrip('/').rsplit('/', 1)[-1]}/checkpoint.ckpt"
+# ---------------------------------------------------------------------------------- finish
 
 
-def _register(out: TrainResult, say: Callable[[str], None]) -> str:
-    """Register the finished run (``aigc register``); the run stays FINISHED whatever happens here."""
-    from aigc.registry.register import register_run
+def _finish(prep: _Prepared, job: TrainJob, result: Any, say: Messages) -> TrainResult:
+    """The finished job's summary: what the loader skipped, the final grid and evaluation, and the
+    run's description completed with them."""
+    from aigc import tracking
 
-    try:
-        r = register_run(out.run_id, out.tracking_uri, progress=say)
-    except Exception as err:  # noqa: BLE001 - reported with the way to retry
-        raise TrainError(
-            f"run {out.name} ({out.run_id}) FINISHED, but registering it failed: {err}. "
-            f"Retry with `aigc register {out.run_id}`."
-        ) from err
-    return f"{r.name}/{r.version}"
+    metrics = result.metrics or {}
+    out = TrainResult(
+        name=job.name,
+        run_id=job.run_id,
+        experiment_id=job.experiment_id,
+        tracking_uri=job.tracking_uri,
+        status="FINISHED",
+        global_step=int(metrics.get("step", 0)),
+        checkpoint=final_checkpoint(job.run_dir),
+        run_dir=job.run_dir,
+        metrics={
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and k not in ("step", "epoch")
+        },
+        data_modified=prep.modified,
+    )
+    client = tracking.client_for(job.tracking_uri)
+    out.bad_samples, out.bad_fraction, out.bad_shards = tracking.skipped_samples(client, job.run_id)
+    max_bad = prep.cfg.data.max_bad_fraction
+    if out.bad_samples:
+        say(f"warning: {bad_samples_line(out, max_bad)}")
+    if out.checkpoint:
+        out.sample_grid = _final_grid(job.run_dir)
+        if prep.request.evaluate:
+            out.eval = _final_evaluation(job, out, prep.request.eval_samples, say)
+    notes = [f"Data: {bad_samples_line(out, max_bad)}"] if out.bad_samples else []
+    if prep.modified:
+        notes.append(f"Data: shards differed from the manifest: {'; '.join(prep.modified)}")
+    done = prep.description(
+        steps=out.global_step,
+        eval_figures=out.eval,
+        sample_grid=FINAL_GRID if out.sample_grid else None,
+        notes=notes,
+    )
+    client.set_tag(job.run_id, tracking.TAG_RUN_NOTE, done)
+    return out
+
+
+def write_metrics(path: str | Path, out: TrainResult) -> None:
+    """``--metrics-out``: what DVC compares across experiments (``dvc metrics diff``, ``dvc exp
+    show``): the run id, the step, the numeric figures and the guards; their provenance stays in
+    the run's ``aigc.eval.*`` tags."""
+    record = {"run_id": out.run_id, "step": out.global_step, **eval_figures(out.eval)}
+    record.update({g: out.eval[g] for g in GUARDS if g in out.eval})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def bad_samples_line(out: TrainResult, max_bad_fraction: float) -> str:
+    """One line on the samples the loader skipped, for the terminal and the run's description."""
+    return (
+        f"the loader skipped {out.bad_samples} unreadable train samples in an epoch "
+        f"({out.bad_fraction:.2%} of the split, under data.max_bad_fraction {max_bad_fraction}); "
+        f"worst shards: {out.bad_shards or 'unknown'}"
+    )
 
 
 def _final_grid(run_dir: str) -> str | None:
@@ -546,9 +591,7 @@ def evaluation_threads(job: TrainJob) -> int:
     return max(1, min(os.cpu_count() or 1, int(sc.num_workers * sc.cpus_per_worker)))
 
 
-def _final_evaluation(
-    job: TrainJob, out: TrainResult, num_samples: int, say: Callable[[str], None]
-) -> dict[str, Any]:
+def _final_evaluation(job: TrainJob, out: TrainResult, num_samples: int, say: Messages) -> dict[str, Any]:
     """The final checkpoint through :func:`aigc.evaluation.final.final_evaluation`, logged to the run.
 
     The checkpoint and the data are read where the job wrote and streamed them: local folders or

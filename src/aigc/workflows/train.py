@@ -1,0 +1,62 @@
+"""``aigc train``: a training job, then its finished run registered as the ``candidate`` version.
+
+Training and registering are two layers (:mod:`aigc.training` below :mod:`aigc.registry`); this is
+where they meet, so that ``aigc.training.train`` stays usable without the registry.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from aigc.config import RunConfig
+from aigc.training import TrainError, TrainRequest, TrainResult, train
+from aigc.training.launcher import Messages, Progress, to_stderr, write_metrics
+
+__all__ = ["train_and_register"]
+
+
+def train_and_register(
+    request: TrainRequest | str | Path | RunConfig | None = None,
+    overrides: list[str] | None = None,
+    *,
+    progress: Progress | None = None,
+    messages: Messages | None = to_stderr,
+    **options: Any,
+) -> TrainResult:
+    """:func:`aigc.training.train`, then with ``register`` (the default) the finished run's final
+    checkpoint registered as the ``candidate`` version of ``aigc-<family>``
+    (:func:`aigc.registry.register.register_run`); ``TrainResult.registered`` names the version.
+
+    The arguments are :func:`aigc.training.train`'s. A failed registration raises ``TrainError``
+    after the run is recorded FINISHED, with the command that retries it.
+    """
+    request = TrainRequest.of(request, overrides, **options)
+    if not request.register:
+        return train(request, progress=progress, messages=messages)
+    # --metrics-out is written once the run is registered: a failed registration leaves no record
+    # for DVC of a stage that failed.
+    out = train(replace(request, metrics_out=None), progress=progress, messages=messages)
+    t0 = time.perf_counter()
+    if out.checkpoint:
+        out.registered = _register(out, messages)
+    out.seconds += time.perf_counter() - t0
+    if request.metrics_out:
+        write_metrics(request.metrics_out, out)
+    return out
+
+
+def _register(out: TrainResult, messages: Messages | None) -> str:
+    """Register the finished run (``aigc register``); the run stays FINISHED whatever happens here."""
+    from aigc.registry.register import register_run
+
+    try:
+        r = register_run(out.run_id, out.tracking_uri, progress=messages)
+    except Exception as err:  # noqa: BLE001 - reported with the way to retry
+        raise TrainError(
+            f"run {out.name} ({out.run_id}) FINISHED, but registering it failed: {err}. "
+            f"Retry with `aigc register {out.run_id}`."
+        ) from err
+    return f"{r.name}/{r.version}"
