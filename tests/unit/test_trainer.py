@@ -1,4 +1,5 @@
-"""The one Trainer builder (aigc.training.trainer.build_trainer): the rules every caller shares."""
+"""The one Trainer builder (aigc.training.trainer.build_trainer): the rules every caller shares; and
+the driver's inputs that need no Ray: the training request and the run folder's final checkpoint."""
 
 from __future__ import annotations
 
@@ -77,3 +78,114 @@ def test_trainer_monitor_is_no_longer_a_silent_key() -> None:
     # It was read by nothing; under extra="forbid" a key that does nothing is an error now.
     with pytest.raises(ConfigError, match="trainer.monitor"):
         load_config(None, ["trainer.monitor=val/loss"])
+
+
+# ---------------------------------------------------------------- the request and the run folder
+
+
+def test_the_request_is_the_one_declaration_of_the_train_options() -> None:
+    """`aigc train`'s flags take their defaults and help from TrainRequest, and every field but the
+    config (an argument) is a flag: a new option is declared once."""
+    import dataclasses
+
+    import typer
+    import typer.main
+
+    from aigc.cli import train as train_cmd
+    from aigc.contract import DEFAULT_EVAL_SAMPLES
+    from aigc.training import TrainRequest
+    from aigc.training.request import request_field
+
+    app = typer.Typer()
+    train_cmd.register(app)
+    command = typer.main.get_command(app)
+    by_name = {p.name: p for p in command.params}
+    for f in dataclasses.fields(TrainRequest):
+        param = by_name[f.name]
+        default, help_text = request_field(f.name)
+        assert (param.default, param.help) == (default, help_text), f.name
+    assert request_field("eval_samples")[0] == DEFAULT_EVAL_SAMPLES
+    assert by_name["overrides"].opts == ["--set"]
+
+
+def test_a_resume_keeps_the_jobs_config_under_the_options_given_now() -> None:
+    from aigc.config import load_config
+    from aigc.training import TrainError, TrainJob, TrainRequest
+
+    cfg = load_config(ROOT / "models" / "vae.yaml", ["trainer.max_steps=7"])
+    saved = TrainJob(
+        name="v",
+        run_id="r",
+        experiment_id="1",
+        tracking_uri="sqlite:///x.db",
+        run=cfg,
+        tokenizer={},
+        image_size=8,
+        channels=1,
+        data_location="/d",
+        data_version="v1",
+        run_dir="/runs/v",
+        sample_prompts=[""],
+        allow_modified_data=True,
+    )
+    request = TrainRequest.of(None, ["trainer.max_steps=20"], resume="v", workers=3)
+    resumed = request.continuing(saved).run_config()
+    assert resumed.model.family == "vae"  # the job's config, not the default one
+    assert (resumed.trainer.max_steps, resumed.scaling.num_workers) == (20, 3)
+    assert cfg.trainer.max_steps == 7  # the record's config is left as it was
+    assert request.continuing(saved).allow_modified_data  # once allowed, kept
+    with pytest.raises(TrainError, match="--name and --resume exclude each other"):
+        TrainRequest(name="a", resume="b")
+    with pytest.raises(TypeError):
+        TrainRequest.of(request, ["x=1"])
+
+
+def test_the_final_checkpoint_is_the_newest_step_folder(tmp_path: Path) -> None:
+    from aigc.contract import CHECKPOINT_NAME, checkpoint_dir_name
+    from aigc.training.job import final_checkpoint
+
+    run_dir = tmp_path / "run"
+    assert final_checkpoint(str(run_dir)) is None
+    for step in (100, 20, 1000):
+        (run_dir / checkpoint_dir_name(step)).mkdir(parents=True)
+    (run_dir / f"{checkpoint_dir_name(5000)}.tmp").write_text("")  # a file, not a checkpoint
+    assert final_checkpoint(f"{run_dir}/") == f"{run_dir}/{checkpoint_dir_name(1000)}/{CHECKPOINT_NAME}"
+
+
+def test_train_and_register_names_the_version_or_the_retry(tmp_path: Path, monkeypatch) -> None:
+    """`aigc train` is train, then register: the version lands in TrainResult.registered; a failed
+    registration says the run FINISHED and how to retry, and leaves no --metrics-out record."""
+    import json
+
+    import aigc.registry.register as register
+    import aigc.workflows.train as workflow
+    from aigc.training import TrainError, TrainResult
+
+    asked = []
+
+    def fake_train(request, **_kwargs):
+        asked.append(request)
+        return TrainResult("t", "abc", "1", "sqlite:///x.db", "FINISHED", 20, "/runs/t/c.ckpt", "/runs/t")
+
+    class Version:
+        name, version = "aigc-vae", "3"
+
+    monkeypatch.setattr(workflow, "train", fake_train)
+    monkeypatch.setattr(register, "register_run", lambda *_a, **_k: Version())
+    metrics = tmp_path / "m.json"
+    out = workflow.train_and_register(None, name="t", metrics_out=metrics, messages=None)
+    assert out.registered == "aigc-vae/3"
+    assert asked[-1].metrics_out is None and json.loads(metrics.read_text())["run_id"] == "abc"
+    assert workflow.train_and_register(None, register=False, messages=None).registered is None
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("store down")
+
+    monkeypatch.setattr(register, "register_run", broken)
+    metrics.unlink()
+    with pytest.raises(TrainError) as err:
+        workflow.train_and_register(None, metrics_out=metrics, messages=None)
+    assert str(err.value) == (
+        "run t (abc) FINISHED, but registering it failed: store down. Retry with `aigc register abc`."
+    )
+    assert not metrics.exists()
