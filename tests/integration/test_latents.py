@@ -281,11 +281,11 @@ def test_a_latent_model_trains_registers_and_generates_pixels(family, kind, enco
     from aigc.data.manifest import read_manifest
     from aigc.models.export import load_export
     from aigc.registry.versions import client_for, load_version, resolve_version
-    from aigc.training import train
+    from aigc.workflows.train import train_and_register
 
     overrides = tiny_overrides(family, tmp_path, encoded[kind], steps=20, workers=1)
     # Evaluated too: on pixels, against the image dataset's reference evaluator (its data version).
-    result = train(None, overrides, name=f"latent-{family}", eval_samples=20)
+    result = train_and_register(None, overrides, name=f"latent-{family}", eval_samples=20)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = MlflowClient(uri).get_run(result.run_id)
     assert run.info.status == "FINISHED"

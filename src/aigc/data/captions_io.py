@@ -12,8 +12,12 @@ def read_captions(dataset: str | os.PathLike[str], split: str = "train") -> list
     """Every caption of ``split`` in shard order, read from the ``.txt`` members of the tars.
 
     ``dataset`` is what :func:`~aigc.data.manifest.read_manifest` takes (a local folder, its
-    ``manifest.json`` or an fsspec URL). Only captions are decoded (UTF-8). A truncated or corrupt
-    shard, or a caption that is not UTF-8, raises :class:`DatasetError` naming the shard.
+    ``manifest.json`` or an fsspec URL). Only captions are decoded (UTF-8).
+
+    A shard cut short after some whole samples gives the captions of those: the loader skips what is
+    lost and counts it against ``data.max_bad_fraction``, so the job decides there whether the data
+    is good enough. A shard with no whole sample (not a tar, or cut inside its first sample), or a
+    caption that is not UTF-8, raises :class:`DatasetError` naming the shard.
     """
     manifest = read_manifest(dataset)
     if split not in manifest["splits"]:
@@ -22,13 +26,17 @@ def read_captions(dataset: str | os.PathLike[str], split: str = "train") -> list
     captions: list[str] = []
     for shard in manifest["splits"][split]["shards"]:
         url = shard_location(dataset, shard["name"])
-        for _, parts in iter_tar_samples(url):
-            if "txt" not in parts:
-                continue
-            try:
-                captions.append(parts["txt"].decode("utf-8").strip())
-            except UnicodeDecodeError as err:
-                raise DatasetError(
-                    f"{url}: corrupt shard ({type(err).__name__}: {err}); check it with `aigc data verify`"
-                ) from None
+        whole = 0
+        try:
+            for _, parts in iter_tar_samples(url):
+                whole += 1
+                if "txt" in parts:
+                    captions.append(parts["txt"].decode("utf-8").strip())
+        except DatasetError:
+            if whole == 0:
+                raise
+        except UnicodeDecodeError as err:
+            raise DatasetError(
+                f"{url}: corrupt shard ({type(err).__name__}: {err}); check it with `aigc data verify`"
+            ) from None
     return captions

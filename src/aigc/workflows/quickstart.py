@@ -256,7 +256,6 @@ def quickstart(
                 cfg,
                 workers=workers,
                 eval_samples=eval_samples,
-                register=False,
                 messages=lambda m: echo(f"  {m}"),
             )
             run_id, run_name, experiment_id = result.run_id, result.name, result.experiment_id
