@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tiny import TINY
+
 
 @pytest.fixture(scope="session")
 def digits_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -70,10 +72,9 @@ QUICKSTART_TEST_ARGS = [
     *(
         f"--set={kv}"
         for kv in (
-            "model.base_channels=16",
-            "model.text.dim=32",
-            "model.text.heads=2",
-            "model.heads=2",
+            *TINY["diffusion"],
+            # The quickstart's own: two text layers (the default) and 8 sampling steps.
+            "model.text.layers=2",
             "model.sample_steps=8",
             "data.batch_size=32",
             "data.num_workers=0",

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import TINY, tiny_overrides
+from test_train import tiny_overrides
+
+from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 AIGC = str(Path(sys.executable).parent / "aigc")

@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 from ray_cluster import ray_cluster
 
 # The tiny per-family model overrides, kept in one place for every integration test that trains.
-from test_train import TINY
+from tiny import TINY
 
 PROJECT = Path(__file__).resolve().parents[2]
 # The configs dvc.yaml trains (train@<config>, params.yaml's train.<config>), in its order.

@@ -26,18 +26,16 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from tiny import TINY
+
 ROOT = Path(__file__).resolve().parents[2]
 AIGC = str(Path(sys.executable).parent / "aigc")
 NAME = "aigc-diffusion"
 
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "model.base_channels=16",
-    "model.text.dim=32",
-    "model.text.layers=1",
-    "model.text.heads=2",
-    "model.heads=2",
+TINY_RUN = [
+    *TINY["diffusion"],
     "model.sample_steps=8",
     "data.num_workers=0",
     "data.batch_size=32",
@@ -65,7 +63,7 @@ def trained_run(
     from aigc.training.trainer import build_trainer
 
     size = read_manifest(dataset)["image_size"]
-    overrides = [*TINY, f"trainer.max_steps={steps}", f"data.image_size={size}"]
+    overrides = [*TINY_RUN, f"trainer.max_steps={steps}", f"data.image_size={size}"]
     cfg = load_config(ROOT / "models" / "diffusion.yaml", overrides)
     pl.seed_everything(0, verbose=False)
     module = build_module(cfg, Tokenizer.build(read_captions(dataset, "train")), size, 1)

@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 from dvc_repo import dvc, init_repo, repo_env
 from s3_server import S3Server, free_port, stop_group, wait_until_answers
-from test_train import TINY
 
 from aigc.data import read_manifest, verify_dataset, version
+from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

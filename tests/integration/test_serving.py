@@ -31,19 +31,15 @@ from aigc.registry.versions import ModelRef
 from aigc.serving.batching import ModelQueue, plan_calls
 from aigc.serving.follower import AliasFollower
 from aigc.serving.limits import GenerateRequest, RequestLimits, RequestRejected, parse_generate_request
+from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 AIGC = str(Path(sys.executable).parent / "aigc")
 NAME = "aigc-diffusion"
 OPTIONS = {"steps": int, "guidance": float, "sampler": str}
 
-TINY = [
-    "model.base_channels=16",
-    "model.text.dim=32",
-    "model.text.layers=1",
-    "model.text.heads=2",
-    "model.heads=2",
-    "model.sample_steps=4",
+TINY_RUN = [
+    *TINY["diffusion"],
     "data.num_workers=0",
     "data.batch_size=32",
     "trainer.warmup_steps=2",
@@ -246,7 +242,7 @@ def trained_version(uri: str, tmp: Path, dataset: Path, name: str, steps: int, s
     from aigc.tracking import end_job_run, start_job_run
     from aigc.training.trainer import build_trainer
 
-    cfg = load_config(ROOT / "models" / "diffusion.yaml", [*TINY, f"trainer.max_steps={steps}"])
+    cfg = load_config(ROOT / "models" / "diffusion.yaml", [*TINY_RUN, f"trainer.max_steps={steps}"])
     pl.seed_everything(seed, verbose=False)
     module = build_module(cfg, Tokenizer.build(read_captions(dataset, "train")), 8, 1)
     trainer = build_trainer(module, limit_val_batches=0)

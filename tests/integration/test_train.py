@@ -17,54 +17,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from aigc.config import FAMILIES, load_config
+from tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 AIGC = str(Path(sys.executable).parent / "aigc")
 
 pytestmark = pytest.mark.slow
-
-# Tiny models: the point here is the platform (Ray, DDP, MLflow, checkpoints), not quality.
-TINY = {
-    "diffusion": [
-        "model.base_channels=16",
-        "model.text.dim=32",
-        "model.text.layers=1",
-        "model.text.heads=2",
-        "model.heads=2",
-        "model.sample_steps=4",
-    ],
-    "gan": [
-        "model.base_channels=16",
-        "model.latent_dim=16",
-        "model.cond_dim=16",
-        "model.text.dim=32",
-        "model.text.layers=1",
-        "model.text.heads=2",
-    ],
-    "vae": [
-        "model.base_channels=16",
-        "model.latent_dim=8",
-        "model.cond_dim=16",
-        "model.text.dim=32",
-        "model.text.layers=1",
-        "model.text.heads=2",
-    ],
-    "autoregressive": [
-        "model.dim=32",
-        "model.layers=1",
-        "model.heads=2",
-        "model.text.dim=32",
-        "model.text.layers=1",
-        "model.text.heads=2",
-    ],
-    "autoencoder": [
-        "model.base_channels=8",
-        "model.channel_mults=[1,2]",
-        "model.text.dim=8",
-        "model.text.layers=0",
-        "model.text.heads=1",
-    ],
-}
 
 
 def tiny_overrides(family: str, tmp: Path, dataset: Path, steps: int = 20, workers: int = 2) -> list[str]:

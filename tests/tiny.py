@@ -1,0 +1,48 @@
+"""Tiny models for the tests whose point is the platform (Ray, DDP, MLflow, checkpoints, the registry,
+serving), not quality: one override list per family, the one place a test's small model is defined.
+
+Importable from every test (pytest puts ``tests/`` on ``sys.path`` for ``tests/conftest.py``). A test
+that needs something else adds its overrides after these: the last ``--set`` of a key wins.
+"""
+
+from __future__ import annotations
+
+TINY: dict[str, list[str]] = {
+    "diffusion": [
+        "model.base_channels=16",
+        "model.text.dim=32",
+        "model.text.layers=1",
+        "model.text.heads=2",
+        "model.heads=2",
+        "model.sample_steps=4",
+    ],
+    "gan": [
+        "model.base_channels=16",
+        "model.latent_dim=16",
+        "model.cond_dim=16",
+        "model.text.dim=32",
+        "model.text.layers=1",
+        "model.text.heads=2",
+    ],
+    "vae": [
+        "model.base_channels=16",
+        "model.latent_dim=8",
+        "model.cond_dim=16",
+        "model.text.dim=32",
+        "model.text.layers=1",
+        "model.text.heads=2",
+    ],
+    "autoregressive": [
+        "model.dim=32",
+        "model.layers=1",
+        "model.heads=2",
+        "model.text.dim=32",
+        "model.text.layers=1",
+        "model.text.heads=2",
+    ],
+    # Not text-conditioned: no text encoder to shrink.
+    "autoencoder": [
+        "model.base_channels=8",
+        "model.channel_mults=[1,2]",
+    ],
+}
