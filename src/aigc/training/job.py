@@ -90,8 +90,11 @@ def storage_location(cfg: RunConfig, root: Path) -> str:
 
 
 def data_location(cfg: RunConfig, root: Path) -> str:
-    """The shard folder the job streams: ``data.location``, else ``<data.root>/<data.name>``."""
-    return absolute(cfg.data.location or str(Path(cfg.data.root) / cfg.data.name), root)
+    """The shard folder the job streams: ``data.location``, else ``<data.root>/<data.name>``, made
+    absolute against ``root`` (:func:`aigc.data.location.resolve_location`, as everywhere else)."""
+    from aigc.data.location import resolve_location
+
+    return resolve_location(cfg.data, root=root)
 
 
 def dataset_manifest(location: str) -> dict[str, Any]:
