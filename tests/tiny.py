@@ -40,9 +40,12 @@ TINY: dict[str, list[str]] = {
         "model.text.layers=1",
         "model.text.heads=2",
     ],
-    # Not text-conditioned: no text encoder to shrink.
+    # Not text-conditioned: model.text only sizes the seeded draws the module takes and drops.
     "autoencoder": [
         "model.base_channels=8",
         "model.channel_mults=[1,2]",
+        "model.text.dim=8",
+        "model.text.layers=0",
+        "model.text.heads=1",
     ],
 }

@@ -189,12 +189,13 @@ class AutoregressiveConfig(StrictModel):
 
 class AutoencoderConfig(StrictModel):
     """Image autoencoder, KL- or VQ-regularised: the latent stage of the latent families
-    (aigc.models.autoencoder, models/autoencoder.md). Not text-conditioned: no text encoder is built,
-    and ``text`` is accepted and unused, so configs and checkpoints that carry it keep loading."""
+    (aigc.models.autoencoder, models/autoencoder.md). Not text-conditioned: no text encoder is kept.
+    ``text`` only sizes the one whose random draws the module takes and drops, so a seed gives the
+    nets it gave when every family kept one (``aigc.models.base``)."""
 
     family: Literal["autoencoder"] = "autoencoder"
     text: TextConfig = Field(
-        TextConfig(dim=16, layers=0, heads=1), description="unused: the autoencoder reads no captions"
+        TextConfig(dim=16, layers=0, heads=1), description="sets only the seeded init: no encoder is kept"
     )
     kind: Literal["kl", "vq"] = Field("kl", description="kl: Gaussian posterior + KL; vq: codebook")
     base_channels: int = Field(32, ge=8, description="width of the first (full-resolution) level")
