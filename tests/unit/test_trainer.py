@@ -92,9 +92,9 @@ def test_the_request_is_the_one_declaration_of_the_train_options() -> None:
     import typer.main
 
     from aigc.cli import train as train_cmd
+    from aigc.cli.common import declared_field
     from aigc.contract import DEFAULT_EVAL_SAMPLES
     from aigc.training import TrainRequest
-    from aigc.training.request import request_field
 
     app = typer.Typer()
     train_cmd.register(app)
@@ -102,9 +102,9 @@ def test_the_request_is_the_one_declaration_of_the_train_options() -> None:
     by_name = {p.name: p for p in command.params}
     for f in dataclasses.fields(TrainRequest):
         param = by_name[f.name]
-        default, help_text = request_field(f.name)
+        default, help_text = declared_field(TrainRequest, f.name)
         assert (param.default, param.help) == (default, help_text), f.name
-    assert request_field("eval_samples")[0] == DEFAULT_EVAL_SAMPLES
+    assert declared_field(TrainRequest, "eval_samples")[0] == DEFAULT_EVAL_SAMPLES
     assert by_name["overrides"].opts == ["--set"]
 
 

@@ -3,47 +3,41 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 
-from aigc.cli.common import fail
+from aigc.cli.common import declared_field, fail, field_option
 from aigc.contract import eval_figures
-from aigc.training.request import TrainRequest, request_field
-
-
-def _option(name: str, *flags: str) -> Any:
-    """A ``typer.Option`` with the default and help of :class:`TrainRequest`'s field ``name``: the
-    flag restates neither."""
-    default, help_text = request_field(name)
-    return typer.Option(default, *flags, help=help_text)
+from aigc.training.request import TrainRequest
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def train(
-        config: Path | None = typer.Argument(None, help=request_field("config")[1]),
-        overrides: list[str] = _option("overrides", "--set"),
-        workers: int | None = _option("workers", "--workers"),
-        gpus_per_worker: float | None = _option("gpus_per_worker", "--gpus-per-worker"),
-        ray_address: str | None = _option("ray_address", "--ray-address"),
-        name: str | None = _option("name", "--name"),
-        resume: str | None = _option("resume", "--resume"),
+        config: Path | None = typer.Argument(None, help=declared_field(TrainRequest, "config")[1]),
+        overrides: list[str] = field_option(TrainRequest, "overrides", "--set"),
+        workers: int | None = field_option(TrainRequest, "workers", "--workers"),
+        gpus_per_worker: float | None = field_option(TrainRequest, "gpus_per_worker", "--gpus-per-worker"),
+        ray_address: str | None = field_option(TrainRequest, "ray_address", "--ray-address"),
+        name: str | None = field_option(TrainRequest, "name", "--name"),
+        resume: str | None = field_option(TrainRequest, "resume", "--resume"),
         params: Path | None = typer.Option(
             None,
             "--params",
             help="YAML whose train.<config> section overrides the config, <config> being its file name "
             "without .yaml (models/latent-diffusion.yaml: train.latent-diffusion; dvc.yaml)",
         ),
-        metrics_out: Path | None = _option("metrics_out", "--metrics-out"),
+        metrics_out: Path | None = field_option(TrainRequest, "metrics_out", "--metrics-out"),
         loss_out: Path | None = typer.Option(
             None, "--loss-out", help="write the train/loss curve as step,value CSV (dvc plots)"
         ),
-        evaluate: bool = _option("evaluate", "--eval/--no-eval"),
-        eval_samples: int = _option("eval_samples", "--eval-samples"),
-        register: bool = _option("register", "--register/--no-register"),
-        allow_modified_data: bool = _option("allow_modified_data", "--allow-modified-data"),
-        verify_data: bool = _option("verify_data", "--verify-data"),
+        evaluate: bool = field_option(TrainRequest, "evaluate", "--eval/--no-eval"),
+        eval_samples: int = field_option(TrainRequest, "eval_samples", "--eval-samples"),
+        register: bool = field_option(TrainRequest, "register", "--register/--no-register"),
+        allow_modified_data: bool = field_option(
+            TrainRequest, "allow_modified_data", "--allow-modified-data"
+        ),
+        verify_data: bool = field_option(TrainRequest, "verify_data", "--verify-data"),
     ) -> None:
         """Train a model family with Ray Train; every run lands in MLflow."""
         from aigc.config import ConfigError

@@ -8,7 +8,7 @@ record it continues (:meth:`TrainRequest.continuing`).
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ def _option(default: Any, help_text: str) -> Any:
 @dataclass(frozen=True)
 class TrainRequest:
     """One training job as asked for: the config, the options applied on top, what to do after.
-    Each field's ``metadata["help"]`` is its flag's help (:func:`request_field`)."""
+    Each field's ``metadata["help"]`` is its flag's help (``aigc.cli.common.field_option``)."""
 
     config: str | Path | RunConfig | None = _option(None, "run config, e.g. models/diffusion.yaml")
     overrides: list[str] = field(
@@ -97,10 +97,3 @@ class TrainRequest:
         return replace(
             self, config=saved.run, allow_modified_data=self.allow_modified_data or saved.allow_modified_data
         )
-
-
-def request_field(name: str) -> tuple[Any, str]:
-    """The default and the help of :class:`TrainRequest`'s field ``name``: what its flag shows."""
-    f = next(f for f in fields(TrainRequest) if f.name == name)
-    default = f.default_factory() if f.default is MISSING else f.default
-    return default, f.metadata["help"]
