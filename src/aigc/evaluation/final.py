@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from aigc.contract import (  # noqa: F401 - re-exported for aigc.evaluation
+from aigc.contract import (
     DEFAULT_EVAL_SAMPLES,
     EVAL_TAG_PREFIX,
     GUARDS,
