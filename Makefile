@@ -4,6 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# Where torch comes from. Empty: pip's own index (on this project's CI machine a CPU build on local
+# disk; on an ordinary Linux x86_64 machine PyPI's torch, a CUDA build of several GB). Set it to
+# PyTorch's CPU index for a CPU-only machine (make TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu test)
+# or to a CUDA index (.../whl/cu128): torch alone is installed from there first, the rest from the
+# usual index, so the two indexes never compete for the same package.
+TORCH_INDEX_URL ?=
 
 .PHONY: quickstart test install install-dev lint clean
 
@@ -12,6 +18,7 @@ $(BIN)/python:
 
 # Stamp files so a second `make` does not reinstall; they depend on what defines the install.
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(if $(TORCH_INDEX_URL),$(BIN)/python -m pip install --disable-pip-version-check -q --index-url $(TORCH_INDEX_URL) "$$(grep -E '^torch==' constraints.txt)")
 	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt -e .
 	touch $@
 
