@@ -15,6 +15,10 @@ gflop_per_sample / 1000`` compares a CPU in fp32 with a GPU in bf16. The next ``
 are timed (CUDA synchronised at both ends). Prints one JSON object; ``skipped`` lists the
 (family, size) pairs asked for that have no config (the autoregressive family at 64 px).
 
+Model FLOPs utilisation (``mfu``) is ``achieved_tflop_per_s`` over the device's dense peak at the
+run's precision: ``--peak-tflop-per-s``, else ``PEAK_TFLOP_PER_S`` for a GPU whose name it knows
+(null otherwise, and on the CPU).
+
     .venv/bin/python benchmarks/throughput.py                       # CPU, 1 thread, every rgb config
     .venv/bin/python benchmarks/throughput.py --families diffusion --sizes 32 --steps 5
     python benchmarks/throughput.py --device cuda --steps 50         # bf16-mixed by default on CUDA
@@ -47,6 +51,25 @@ CAPTIONS = [
     "black right-pointing double triangle with vertical bar",
     "cat face with wry smile",
 ]
+
+
+# Dense (no sparsity) tensor-core peaks from NVIDIA's data sheets, TFLOP/s, by a word of the device
+# name and the trainer precision. H100 SXM and H200 share the chip and its clocks: 989.4 bf16/fp16
+# dense (the sheets' 1,979 counts 2:4 sparsity). The H200 lent to this project ran an 8192^3 bf16
+# matmul at about 790 TFLOP/s, so an MFU near 0.8 is the ceiling of one large matmul there.
+PEAK_TFLOP_PER_S = {
+    # No "32": whether fp32 matmuls use TF32 tensor cores (494.7) or not (66.9) is torch's setting.
+    "H200": {"bf16-mixed": 989.4, "16-mixed": 989.4},
+    "H100": {"bf16-mixed": 989.4, "16-mixed": 989.4},
+}
+
+
+def peak_tflop_per_s(device_name: str, precision: str) -> float | None:
+    """The dense peak of a GPU this file knows (by a word of its name) at ``precision``, else None."""
+    for word, peaks in PEAK_TFLOP_PER_S.items():
+        if word in device_name:
+            return peaks.get(precision)
+    return None
 
 
 def rgb_configs() -> dict[tuple[str, int], Path]:
@@ -224,6 +247,12 @@ def main() -> None:
         help="trainer.precision (default bf16-mixed on CUDA; the CPU trains in 32-bit)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
+    p.add_argument(
+        "--peak-tflop-per-s",
+        type=float,
+        default=None,
+        help="the device's dense peak at this precision, for mfu (default: PEAK_TFLOP_PER_S by GPU name)",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE config override")
     a = p.parse_args()
     if (a.warmup is not None and a.warmup < 1) or (a.steps is not None and a.steps < 1):
@@ -262,9 +291,14 @@ def main() -> None:
                 measure(family, size, path, device, precision, steps, warmup, batch_size, a.overrides)
             )
 
+    device_name = torch.cuda.get_device_name(device) if on_gpu else f"cpu: {cpu_name()}"
+    peak = a.peak_tflop_per_s or (peak_tflop_per_s(device_name, precision) if on_gpu else None)
+    for r in results:
+        r["mfu"] = None if not peak else round(r["achieved_tflop_per_s"] / peak, 4)
     report = {
         "benchmark": "throughput",
-        "device": torch.cuda.get_device_name(device) if on_gpu else f"cpu: {cpu_name()}",
+        "device": device_name,
+        "peak_tflop_per_s": peak,
         "torch": torch.__version__,
         "threads": None if on_gpu else torch.get_num_threads(),
         "data": "one random batch of each config's shape, on the device: measures the model, not the loader",
