@@ -73,13 +73,19 @@ if [[ "$auth" == 1 ]]; then
     exit 2
   fi
   if [[ -z "${MLFLOW_AUTH_CONFIG_PATH:-}" ]]; then
-    # MLflow reads the auth settings from an ini file only; this one is made from the environment,
-    # and holds no secret (the admin password stays in MLFLOW_AUTH_ADMIN_PASSWORD).
-    MLFLOW_AUTH_CONFIG_PATH="$(mktemp "${TMPDIR:-/tmp}/aigc-mlflow-auth.XXXXXX.ini")"
-    printf '[mlflow]\ndefault_permission = %s\ndatabase_uri = %s\nadmin_username = %s\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n' \
-      "${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}" \
-      "${MLFLOW_AUTH_DATABASE_URI:-sqlite:///${root}/mlflow/basic_auth.db}" \
-      "${MLFLOW_AUTH_ADMIN_USERNAME:-admin}" >"$MLFLOW_AUTH_CONFIG_PATH"
+    # MLflow reads the auth settings from an ini file only; this one is made from the environment.
+    # Its database_uri may carry a password (postgresql://user:p%40ss@...), so it lives in a
+    # private directory (0700, file 0600) removed when the server exits, and every % is doubled:
+    # MLflow reads it with configparser's interpolation, which rejects a lone % (p%40ss).
+    auth_dir="$(mktemp -d "${TMPDIR:-/tmp}/aigc-mlflow-auth.XXXXXX")"
+    trap 'rm -rf "$auth_dir"' EXIT
+    MLFLOW_AUTH_CONFIG_PATH="${auth_dir}/basic_auth.ini"
+    ini_escape() { printf '%s' "${1//%/%%}"; }
+    (umask 077
+     printf '[mlflow]\ndefault_permission = %s\ndatabase_uri = %s\nadmin_username = %s\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n' \
+      "$(ini_escape "${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}")" \
+      "$(ini_escape "${MLFLOW_AUTH_DATABASE_URI:-sqlite:///${root}/mlflow/basic_auth.db}")" \
+      "$(ini_escape "${MLFLOW_AUTH_ADMIN_USERNAME:-admin}")" >"$MLFLOW_AUTH_CONFIG_PATH")
     export MLFLOW_AUTH_CONFIG_PATH
   fi
   cmd+=(--app-name basic-auth)
@@ -88,7 +94,19 @@ cmd+=(${extra[@]+"${extra[@]}"})
 
 if [[ "$dry_run" == 1 ]]; then
   printf '%q ' "${cmd[@]}"; echo
-  if [[ "$auth" == 1 ]]; then cat "$MLFLOW_AUTH_CONFIG_PATH"; rm -f "$MLFLOW_AUTH_CONFIG_PATH"; fi
+  if [[ "$auth" == 1 ]]; then cat "$MLFLOW_AUTH_CONFIG_PATH"; fi
   exit 0
+fi
+if [[ -n "${auth_dir:-}" ]]; then
+  # Not exec: this shell stays to remove the generated ini (MLflow's workers read it while they
+  # start, so it must live as long as the server). TERM/INT are passed on to the server.
+  "${cmd[@]}" &
+  server_pid=$!
+  trap 'kill -TERM "$server_pid" 2>/dev/null' TERM INT
+  status=0
+  wait "$server_pid" || status=$?
+  # A trapped signal interrupts the first wait; wait again for the server itself to finish.
+  if kill -0 "$server_pid" 2>/dev/null; then wait "$server_pid" || status=$?; fi
+  exit "$status"
 fi
 exec "${cmd[@]}"
