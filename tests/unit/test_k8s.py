@@ -489,6 +489,11 @@ def test_dockerfile_builds_a_non_root_image_from_the_constraints() -> None:
     installs = [x for x in lines if "pip install" in x]
     assert any("-c constraints.txt" in x and "'.[server,minilm,s3]'" in x for x in installs), installs
     assert all("-c constraints.txt" in x for x in installs if "install --upgrade pip" not in x), installs
+    # One index per install: with --extra-index-url pip takes each package from whichever index
+    # offers the higher version, so the torch index could shadow PyPI for any name.
+    assert not any("--extra-index-url" in x for x in installs), installs
+    torch_installs = [x for x in installs if "torch_pin" in x]
+    assert torch_installs and all('--index-url "${TORCH_INDEX_URL}"' in x for x in torch_installs)
     users = [x.split()[1] for x in lines if x.startswith("USER ")]
     assert users and users[-1] not in ("root", "0", "0:0"), "the image must end as a non-root USER"
     assert any(re.search(r"useradd --uid \"?\$\{AIGC_UID\}", x) for x in lines)
