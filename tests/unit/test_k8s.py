@@ -80,7 +80,7 @@ TRAINING_ENV = {
     "MLFLOW_TRACKING_PASSWORD": None,
     "AWS_ACCESS_KEY_ID": None,
     "AWS_SECRET_ACCESS_KEY": None,
-    "AWS_ENDPOINT_URL": "",
+    "AWS_ENDPOINT_URL_S3": "",
     "MLFLOW_S3_ENDPOINT_URL": "",
     "AWS_DEFAULT_REGION": "",
 }
@@ -385,11 +385,22 @@ def test_aigc_containers_get_the_training_environment(rendered: Rendered) -> Non
                             assert isinstance(env[name], str) and env[name], f"{where}: {name} is empty"
         settings = configmaps["aigc-settings"]
         if overlay == "dev-cpu":
-            assert settings["AWS_ENDPOINT_URL"] == settings["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+            assert (
+                settings["AWS_ENDPOINT_URL_S3"] == settings["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+            )
             (minio,) = [d for d in of_kind(docs, "Service") if d["metadata"]["name"] == "minio"]
             assert 9000 in [p["port"] for p in minio["spec"]["ports"]]
         else:
-            assert "minio" not in settings["AWS_ENDPOINT_URL"]
+            assert "minio" not in settings["AWS_ENDPOINT_URL_S3"]
+        # The global AWS_ENDPOINT_URL would also send the STS calls of IRSA / Pod Identity (the
+        # pod's web-identity token exchange) to the S3 endpoint; only the S3-scoped name is set.
+        for doc in docs:
+            if doc["kind"] == "ConfigMap":
+                assert "AWS_ENDPOINT_URL" not in doc.get("data", {}), label(overlay, doc)
+            for template in pod_templates(doc):
+                for c in containers(template):
+                    names = [e["name"] for e in c.get("env", [])]
+                    assert "AWS_ENDPOINT_URL" not in names, f"{label(overlay, doc)} {c['name']}"
 
 
 def test_mlflow_server_uses_the_start_script_with_auth(rendered: Rendered) -> None:

@@ -123,7 +123,7 @@ def unreachable(url: str, err: BaseException) -> str:
     if url.startswith(("s3://", "s3a://")):
         text += (
             "; S3 credentials and endpoint come from the environment: AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), AWS_ENDPOINT_URL for an S3-compatible server, "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), AWS_ENDPOINT_URL_S3 for an S3-compatible server, "
             "or an fsspec config (docs/storage.md)"
         )
     return text
