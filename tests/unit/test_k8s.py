@@ -362,6 +362,37 @@ def test_every_container_runs_as_non_root_with_requests_and_limits(
     assert count >= 20
 
 
+def test_every_pod_meets_pod_security_restricted(rendered: Rendered) -> None:
+    """The rules of the Pod Security Standards' "restricted" profile
+    (kubernetes.io/docs/concepts/security/pod-security-standards) that a namespace labelled
+    pod-security.kubernetes.io/enforce=restricted checks on admission."""
+    count = 0
+    for overlay, doc in all_docs(rendered):
+        for template in pod_templates(doc):
+            spec = template["spec"]
+            pod_sc = spec.get("securityContext", {})
+            where = label(overlay, doc)
+            assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC"), where
+            for v in spec.get("volumes", []):
+                assert "hostPath" not in v, f"{where}: hostPath volume {v['name']}"
+            for c in containers(template):
+                sc = c.get("securityContext", {})
+                seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
+                assert seccomp.get("type") in ("RuntimeDefault", "Localhost"), f"{where} {c['name']}: seccomp"
+                assert sc.get("privileged") is not True, f"{where} {c['name']}"
+                assert not set(sc.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}, where
+                assert all("hostPort" not in port for port in c.get("ports", [])), f"{where} {c['name']}"
+                count += 1
+        # KubeRay's autoscaler sidecar takes the pod's seccomp profile and its own securityContext.
+        for cspec in pick(doc, CLUSTER_SPEC.get(doc["kind"], "-")):
+            opts = cspec.get("autoscalerOptions", {}).get("securityContext", {})
+            head_sc = cspec["headGroupSpec"]["template"]["spec"].get("securityContext", {})
+            assert head_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", label(overlay, doc)
+            assert opts.get("allowPrivilegeEscalation") is False, label(overlay, doc)
+            assert opts.get("capabilities", {}).get("drop") == ["ALL"], label(overlay, doc)
+    assert count >= 20
+
+
 def test_aigc_containers_get_the_training_environment(rendered: Rendered) -> None:
     for overlay, docs in rendered.items():
         configmaps = {d["metadata"]["name"]: d["data"] for d in of_kind(docs, "ConfigMap")}
