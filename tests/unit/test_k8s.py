@@ -362,6 +362,20 @@ def test_every_container_runs_as_non_root_with_requests_and_limits(
     assert count >= 20
 
 
+def test_ray_containers_request_what_they_are_limited_to(rendered: Rendered) -> None:
+    """Ray advertises a pod's limits as its resources (KubeRay sets --num-cpus / --memory from the
+    container's limits), so the scheduler must reserve as much: requests equal limits."""
+    count = 0
+    for overlay, doc in all_docs(rendered):
+        for spec in pick(doc, CLUSTER_SPEC.get(doc["kind"], "-")):
+            for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+                ray = group["template"]["spec"]["containers"][0]
+                res = ray["resources"]
+                assert res["requests"] == res["limits"], f"{label(overlay, doc)} {ray['name']}: {res}"
+                count += 1
+    assert count >= 9
+
+
 def test_every_pod_meets_pod_security_restricted(rendered: Rendered) -> None:
     """The rules of the Pod Security Standards' "restricted" profile
     (kubernetes.io/docs/concepts/security/pod-security-standards) that a namespace labelled
