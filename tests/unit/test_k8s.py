@@ -362,6 +362,52 @@ def test_every_container_runs_as_non_root_with_requests_and_limits(
     assert count >= 20
 
 
+# Labels KubeRay v1.7.0 puts on every Ray pod (ray-operator/controllers/ray/common/pod.go,
+# labelPod; keys in ray-operator/controllers/ray/utils/constant.go): the ray.io/* keys are always
+# KubeRay's; app.kubernetes.io/name defaults to kuberay but a template's own value replaces it, and
+# the RayJob- and RayService-level head Services select app.kubernetes.io/name=kuberay, so a
+# template that sets that key makes those Services select no pod (KubeRay #2648).
+def kuberay_pod_labels(cluster: str, template: dict[str, Any], node_type: str, group: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "kuberay",
+        "app.kubernetes.io/created-by": "kuberay-operator",
+        **template.get("metadata", {}).get("labels", {}),
+        "ray.io/cluster": cluster,
+        "ray.io/node-type": node_type,
+        "ray.io/group": group,
+        "ray.io/is-ray-node": "yes",
+    }
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert not selector.get("matchExpressions"), "only matchLabels is simulated here"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def test_network_policies_and_head_services_select_the_ray_pods(rendered: Rendered) -> None:
+    for overlay, docs in rendered.items():
+        policies = {d["metadata"]["name"]: d for d in of_kind(docs, "NetworkPolicy")}
+        for doc in docs:
+            for spec in pick(doc, CLUSTER_SPEC.get(doc["kind"], "-")):
+                name = doc["metadata"]["name"]
+                pods = [kuberay_pod_labels(name, spec["headGroupSpec"]["template"], "head", "headgroup")]
+                pods += [
+                    kuberay_pod_labels(name, g["template"], "worker", g["groupName"])
+                    for g in spec["workerGroupSpecs"]
+                ]
+                for labels in pods:
+                    where = f"{label(overlay, doc)} {labels['ray.io/node-type']}"
+                    # The head Services of a RayJob / RayService select these (KubeRay #2648).
+                    assert selects({"matchLabels": {"app.kubernetes.io/name": "kuberay"}}, labels), where
+                    assert selects(policies["aigc-ray-internal"]["spec"]["podSelector"], labels), where
+                    serving = selects(policies["aigc-ray-serve"]["spec"]["podSelector"], labels)
+                    # Serve's port 8000 (the Ingress, and the operator's /-/healthz of the head's
+                    # proxy) is open on the RayService's pods, head included, and on no other.
+                    assert serving == (doc["kind"] == "RayService"), where
+        ports = [p["port"] for r in policies["aigc-ray-serve"]["spec"]["ingress"] for p in r.get("ports", [])]
+        assert 8000 in ports
+
+
 def test_ray_containers_request_what_they_are_limited_to(rendered: Rendered) -> None:
     """Ray advertises a pod's limits as its resources (KubeRay sets --num-cpus / --memory from the
     container's limits), so the scheduler must reserve as much: requests equal limits."""
