@@ -282,6 +282,15 @@ def test_rayjobs_run_the_documented_entrypoints(rendered: Rendered) -> None:
         assert spec["entrypoint"] == ENTRYPOINTS[overlay], overlay
         assert spec["shutdownAfterJobFinishes"] is True
         assert spec["submissionMode"] == "K8sJobMode"
+        # Nothing starts at apply time: the shards and MLflow come first, then k8s/README.md
+        # unsuspends the job and promotes what it registered (the RayService serves @production).
+        assert spec["suspend"] is True, overlay
+        k8s_readme = (ROOT / "k8s" / "README.md").read_text(encoding="utf-8")
+        assert (
+            f'patch rayjob {job["metadata"]["name"]} --type merge -p \'{{"spec":{{"suspend":false}}}}\''
+            in k8s_readme
+        )
+        assert "aigc promote aigc-diffusion" in k8s_readme
         assert spec["entrypoint"] in readme, f"README.md does not quote the {overlay} RayJob's entrypoint"
 
 
