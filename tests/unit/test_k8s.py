@@ -528,14 +528,15 @@ def test_mlflow_server_uses_the_start_script_with_auth(rendered: Rendered) -> No
         assert service["spec"]["selector"].items() <= labels.items()
 
 
-def test_serving_workers_are_ready_on_healthz(rendered: Rendered) -> None:
+def test_serving_workers_are_ready_on_the_proxys_healthz(rendered: Rendered) -> None:
     for overlay, docs in rendered.items():
         for doc in of_kind(docs, "RayService"):
             spec = doc["spec"]["rayClusterConfig"]
             for group in spec["workerGroupSpecs"]:
                 (c,) = group["template"]["spec"]["containers"]
                 probe = c["readinessProbe"]["httpGet"]
-                assert probe == {"path": "/healthz", "port": 8000}, label(overlay, doc)
+                # The proxy's own health route, not a route of the app (which a replica answers).
+                assert probe == {"path": "/-/healthz", "port": 8000}, label(overlay, doc)
             # KubeRay deploys the Serve app only once the head pod is Ready: no app probe there.
             (head,) = spec["headGroupSpec"]["template"]["spec"]["containers"]
             assert "readinessProbe" not in head, f"{label(overlay, doc)}: a head probe on the app deadlocks"
