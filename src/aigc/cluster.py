@@ -185,3 +185,79 @@ def _stay_on_loopback() -> None:
 def worker_env() -> dict[str, str]:
     """The variables of :data:`WORKER_ENV_KEYS` set in the driver's environment."""
     return {k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ}
+
+
+#: The variables Gloo and NCCL read for the interface their sockets bind to and advertise. Unset,
+#: Gloo advertises the address the host name resolves to, and where /etc/hosts maps it to loopback
+#: (127.0.1.1 on Debian by default) the other hosts' workers connect to themselves: "Gloo
+#: connectFullMesh failed ... remote=[127.0.0.1]".
+COLLECTIVE_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+#: The variable a Ray worker process reads at start-up, before it runs any task or actor, for a
+#: setup hook given as "module.function" (ray/_private/workers/default_worker.py; ray 2.60). Ray
+#: only turns the ``worker_process_setup_hook`` runtime-env field into it in ``ray.init``, not for an
+#: actor's runtime env, so the Ray Train workers' runtime env sets the variable itself.
+SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"
+BIND_HOOK = "aigc.cluster.bind_collectives_to_node_interface"
+
+
+def interface_for_address(ip: str, interfaces: dict | None = None) -> str | None:
+    """The name of the network interface that carries ``ip`` (``psutil.net_if_addrs()`` form), or None."""
+    if interfaces is None:
+        import psutil  # installed with ray
+
+        interfaces = psutil.net_if_addrs()
+    for name, addrs in interfaces.items():
+        if any(getattr(a, "address", None) == ip for a in addrs):
+            return name
+    return None
+
+
+def collective_ifname_env(node_ip: str, environ=None, interfaces: dict | None = None) -> dict[str, str]:
+    """The Gloo/NCCL interface variables to set in a worker on the node with address ``node_ip``: the
+    interface carrying that address, for each variable the user has not set. Nothing on loopback (a
+    single machine needs no binding) or when no interface carries the address."""
+    environ = os.environ if environ is None else environ
+    if node_ip.startswith("127.") or node_ip == "::1":
+        return {}
+    name = interface_for_address(node_ip, interfaces)
+    if name is None:
+        return {}
+    return {var: name for var in COLLECTIVE_IFNAME_VARS if not environ.get(var)}
+
+
+def bind_collectives_to_node_interface() -> None:
+    """Ray worker setup hook: bind Gloo and NCCL to the interface of this worker's Ray node address.
+
+    It runs in each Ray Train worker process at start-up, before Ray Train's backend sets up the torch
+    process group (``_TorchBackend.on_start``). It never raises: a failing hook makes Ray drain the
+    worker, and an unbound worker still works wherever the host name resolves to a routable address.
+    """
+    try:
+        import ray
+
+        os.environ.update(collective_ifname_env(ray.util.get_node_ip_address()))
+    except Exception:  # noqa: BLE001 - see the docstring
+        logging.getLogger(__name__).warning("could not bind Gloo/NCCL to the node interface", exc_info=True)
+
+
+def worker_runtime_env() -> dict:
+    """The runtime env of the Ray Train workers: :func:`worker_env` and the interface-binding hook.
+
+    A setup hook the job already has (``ray.init(runtime_env={"worker_process_setup_hook": ...})``)
+    is kept: the workers then bind nothing, and the user sets the variables of
+    :data:`COLLECTIVE_IFNAME_VARS` where needed.
+    """
+    env = worker_env()
+    if SETUP_HOOK_ENV not in os.environ and not _job_has_setup_hook():
+        env[SETUP_HOOK_ENV] = BIND_HOOK
+    return {"env_vars": env}
+
+
+def _job_has_setup_hook() -> bool:
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    job_env = ray.get_runtime_context().runtime_env or {}
+    return bool(job_env.get("worker_process_setup_hook") or job_env.get("env_vars", {}).get(SETUP_HOOK_ENV))

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aigc import project_root
-from aigc.cluster import ClusterError, RayStart, worker_env
+from aigc.cluster import ClusterError, RayStart, worker_runtime_env
 from aigc.config import RunConfig
 from aigc.contract import FINAL_GRID, GUARDS, TAG_DATA_MODIFIED, TAG_RUN_NAME, TAG_STORAGE, eval_figures
 from aigc.training.job import (
@@ -444,7 +444,7 @@ def _fit(job: TrainJob, progress: Progress | None, ray_start: RayStart, clock: S
             storage_path=job.run_dir.rsplit("/", 1)[0],
             failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.keep_last_checkpoints),
-            worker_runtime_env={"env_vars": worker_env()},
+            worker_runtime_env=worker_runtime_env(),
         ),
     )
     poller = ProgressPoller(job.tracking_uri, job.run_id, cfg.trainer.max_steps, callback=progress)
