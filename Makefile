@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # usual index, so the two indexes never compete for the same package.
 TORCH_INDEX_URL ?=
 
-.PHONY: quickstart test install install-dev lint clean
+.PHONY: quickstart test install install-dev lint clean device-bundle
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,11 @@ lint: install-dev
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The bundle for the GPU machine (platform/device/README.md): what its Python lacks, pruned, xz,
+# split under 64 MiB a call, into build/device-bundle. Its Python (3.12) is not ours (3.11): the
+# distributions with compiled extensions come from cp312 wheels, fetched into DEVICE_WHEELS.
+DEVICE_TARGET ?= platform/device/target-h200.json
+DEVICE_WHEELS ?= build/device-wheels
+device-bundle: install
+	$(BIN)/python platform/device/build_bundle.py --target $(DEVICE_TARGET) --wheels $(DEVICE_WHEELS) --fetch-wheels

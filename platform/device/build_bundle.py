@@ -18,10 +18,11 @@ most 64 MiB of files per call. This script packs what is missing:
    parts no larger than ``--part-bytes``, with ``manifest.json`` giving each part's sha256.
 
 Compiled extensions are tied to one CPython ABI: a ``*.cpython-311-*.so`` file works only on a
-3.11. When the target's SOABI differs from this interpreter's and a bundled distribution has such a
-file, the build stops and names them; ``--wheels DIR`` then takes the files from wheels built for the
-target instead (the error prints the ``pip download`` line that fetches them), same closure, same
-pruning.
+3.11. A distribution with such a file, when the target's SOABI differs from this interpreter's, is
+taken from its wheel for the target in ``--wheels DIR`` instead (``--fetch-wheels`` downloads the
+missing ones with pip, at the versions installed here); without one the build stops, names the
+distributions and prints the ``pip download`` line. Pure-Python files and Python-independent
+programs are taken from the installed copy whatever the target's 3.x.
 
 The target is a JSON file (``probe.py`` prints it on the device)::
 
@@ -41,6 +42,7 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -73,6 +75,7 @@ PRUNED_PREFIXES = (
     "ray/java/",
     "ray/dashboard/client/build/",  # the dashboard's web page (kept hollow: HOLLOW_DIRS)
     "mlflow/server/js/",  # the MLflow UI's web page; the device writes a local sqlite store
+    "virtualenv/seed/wheels/embed/",  # pip/setuptools wheels to seed new venvs; no run makes one
 )
 # Files kept empty: aigc.data.openmoji_source lists the SVG folder to choose its code points but
 # draws each emoji from the font, never reading an SVG (59 MiB of them).
@@ -171,7 +174,7 @@ def closure(target: Target, root: str = PROJECT) -> tuple[dict[str, Needed], dic
     seen: set[tuple[str, frozenset[str]]] = set()
     while todo:
         name, extras, parent = todo.pop()
-        if name in target.packages:
+        if name in target.packages and parent:  # the root is run from src/ whatever the target has
             provided.setdefault(name, set()).add(parent)
             continue
         if name not in dists:
@@ -242,7 +245,7 @@ def wheel_for(wheels: Path, need: Needed) -> Path | None:
 
 def wheel_members(whl: Path) -> Iterator[Member]:
     """A wheel's files as they land in site-packages: ``X.data/purelib|platlib/`` at the root, the
-    rest of ``X.data`` (scripts, headers, data) left out."""
+    rest of ``X.data`` (scripts, headers, data) left out; pruned files are listed, not read."""
     with zipfile.ZipFile(whl) as z:
         for info in z.infolist():
             if info.is_dir():
@@ -255,26 +258,25 @@ def wheel_members(whl: Path) -> Iterator[Member]:
                     continue
                 rel = inner
             mode = info.external_attr >> 16
-            yield Member(rel, info.file_size, data=z.read(info), executable=bool(mode & 0o111))
+            data = b"" if pruned(rel) else z.read(info)
+            yield Member(rel, info.file_size, data=data, executable=bool(mode & 0o111))
 
 
-def download_command(target: Target, missing: list[Needed], dest: Path) -> str:
+# The platforms pip may take a wheel for (pip matches each manylinux tag exactly); the device's
+# glibc is newer than all of them.
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64")
+PLATFORMS += ("manylinux2014_x86_64", "manylinux1_x86_64", "any")
+
+
+def download_argv(target: Target, missing: list[Needed], dest: Path) -> list[str]:
+    """``pip download`` of the target's wheels of ``missing``, at the versions installed here."""
     tag = target.python.replace(".", "")
-    platforms = " ".join(
-        f"--platform {p}"
-        for p in (
-            "manylinux_2_28_x86_64",
-            "manylinux_2_27_x86_64",
-            "manylinux_2_17_x86_64",
-            "manylinux2014_x86_64",
-            "manylinux1_x86_64",
-        )
-    )
-    pins = " ".join(f"{n.name}=={n.version}" for n in missing)
-    return (
-        f"{sys.executable} -m pip download --no-deps --only-binary=:all: --python-version {target.python} "
-        f"--implementation cp --abi cp{tag} --abi abi3 --abi none {platforms} --platform any -d {dest} {pins}"
-    )
+    argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    argv += ["--python-version", target.python, "--implementation", "cp"]
+    argv += ["--abi", f"cp{tag}", "--abi", "abi3", "--abi", "none"]
+    for p in PLATFORMS:
+        argv += ["--platform", p]
+    return argv + ["-d", str(dest), *(f"{n.name}=={n.version}" for n in missing)]
 
 
 def abi_mismatches(members: list[Member], target: Target) -> list[str]:
@@ -288,27 +290,38 @@ def abi_mismatches(members: list[Member], target: Target) -> list[str]:
 
 
 def collect(
-    target: Target, wheels: Path | None
-) -> tuple[dict[str, list[Member]], dict[str, Needed], dict[str, set[str]], dict[str, int]]:
-    """Each needed distribution's kept files, the closure, the target-provided names and the
-    pruning counts."""
+    target: Target, wheels: Path | None, fetch: bool = False
+) -> tuple[dict[str, list[Member]], dict[str, Needed], dict[str, set[str]], dict[str, int], list[str]]:
+    """Each needed distribution's kept files, the closure, the target-provided names, the pruning
+    counts and the distributions taken from wheels.
+
+    A distribution is taken from the installed files when none of them is an extension tagged for
+    another CPython (pure Python and Python-independent programs work on any 3.x), else from its
+    wheel in ``wheels``, which must then be tagged for the target."""
     needed, provided = closure(target)
-    if wheels is not None:
-        missing = [n for n in needed.values() if wheel_for(wheels, n) is None]
-        if missing:
-            names = ", ".join(f"{n.name}=={n.version}" for n in missing[:8])
-            more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-            raise BundleError(
-                f"--wheels {wheels}: no wheel for {names}{more}. Fetch them with:\n"
-                + download_command(target, missing, wheels)
-            )
     files: dict[str, list[Member]] = {}
     stats = {"kept_files": 0, "kept_bytes": 0, "pruned_files": 0, "pruned_bytes": 0}
     bad: dict[str, list[str]] = {}
+    missing: list[Needed] = []
+    from_wheels: list[str] = []
     for name, need in sorted(needed.items()):
-        source = wheel_members(wheel_for(wheels, need)) if wheels is not None else venv_members(need.dist)
+        members = list(venv_members(need.dist))
+        if abi_mismatches(members, target):
+            whl = wheel_for(wheels, need) if wheels is not None else None
+            if whl is None and wheels is not None and fetch:
+                wheels.mkdir(parents=True, exist_ok=True)
+                subprocess.run(download_argv(target, [need], wheels), check=True)
+                whl = wheel_for(wheels, need)
+            if whl is None:
+                missing.append(need)
+                bad[f"{name} {need.version}"] = abi_mismatches(members, target)
+                continue
+            members = list(wheel_members(whl))
+            from_wheels.append(whl.name)
+            if abi_mismatches(members, target):
+                raise BundleError(f"{whl}: built for another CPython than {target.soabi}")
         kept = []
-        for m in source:
+        for m in members:
             if pruned(m.rel):
                 stats["pruned_files"] += 1
                 stats["pruned_bytes"] += m.size
@@ -320,25 +333,19 @@ def collect(
                 kept.append(m)
                 stats["kept_files"] += 1
                 stats["kept_bytes"] += m.size
-        mismatched = abi_mismatches(kept, target)
-        if mismatched:
-            bad[f"{name} {need.version}"] = mismatched
         files[name] = kept
-    if bad:
+    if missing:
         listed = "; ".join(f"{k} ({v[0]}{', ...' if len(v) > 1 else ''})" for k, v in sorted(bad.items())[:6])
         more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
-        source = f"the wheels in {wheels}" if wheels is not None else f"{sys.prefix} (Python {here().python})"
-        hint = (
-            ""
-            if wheels is not None
-            else "\nBuild from wheels for the target instead: --wheels DIR, filled with\n"
-            + download_command(target, list(needed.values()), Path("build/device-wheels"))
-        )
+        where = f"--wheels {wheels} has no wheel for them" if wheels is not None else "give --wheels DIR"
+        dest = wheels if wheels is not None else Path("build/device-wheels")
         raise BundleError(
-            f"the target's Python is {target.python} ({target.soabi}) but {source} has compiled extensions "
-            f"for another ABI: {listed}{more}. They would fail to import there.{hint}"
+            f"the target's Python is {target.python} ({target.soabi}) but {sys.prefix} "
+            f"(Python {here().python}) has compiled extensions for another ABI in: {listed}{more}. "
+            f"They would fail to import there: {where}, with the target's wheels of these distributions, "
+            "fetched by (or pass --fetch-wheels)\n" + shlex.join(download_argv(target, missing, dest))
         )
-    return files, needed, provided, stats
+    return files, needed, provided, stats, sorted(from_wheels)
 
 
 def _tarinfo(name: str, size: int, directory: bool = False, executable: bool = False) -> tarfile.TarInfo:
@@ -422,11 +429,18 @@ def split(archive: Path, part_bytes: int) -> list[dict[str, object]]:
     return parts
 
 
-def build(target: Target, out: Path, part_bytes: int, level: int = 6, wheels: Path | None = None) -> dict:
+def build(
+    target: Target,
+    out: Path,
+    part_bytes: int,
+    level: int = 6,
+    wheels: Path | None = None,
+    fetch: bool = False,
+) -> dict:
     """Build the bundle into ``out`` (emptied first) and return its manifest."""
     if part_bytes < MIB:
         raise BundleError(f"--part-bytes {part_bytes}: at least 1 MiB ({MIB})")
-    files, needed, provided, stats = collect(target, wheels)
+    files, needed, provided, stats, from_wheels = collect(target, wheels, fetch)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -439,7 +453,8 @@ def build(target: Target, out: Path, part_bytes: int, level: int = 6, wheels: Pa
         "format": FORMAT,
         "python": target.python,
         "soabi": target.soabi,
-        "source": str(wheels) if wheels is not None else f"{sys.prefix} (Python {here().python})",
+        "source": f"{sys.prefix} (Python {here().python})",
+        "from_wheels": from_wheels,
         "compression": "xz",
         "archive_bytes": size,
         "archive_sha256": digest,
@@ -468,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     try:
-        m = build(Target.load(a.target), a.out, a.part_bytes, a.level, a.wheels)
+        m = build(Target.load(a.target), a.out, a.part_bytes, a.level, a.wheels, a.fetch_wheels)
     except BundleError as err:
         print(f"build_bundle: {err}", file=sys.stderr)
         return 2

