@@ -34,12 +34,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def alive_nodes(address: str, env: dict[str, str]) -> int:
+def alive_nodes(address: str, env: dict[str, str], prefix: tuple[str, ...] = ()) -> int:
+    """Alive nodes of the cluster at ``address``, asked by a client run as ``prefix + python``
+    (e.g. ``ip netns exec HOST`` for a cluster on network namespaces); 0 when it does not answer."""
     code = (
         f"import ray; ray.init(address={address!r}, logging_level='ERROR'); "
         "print(sum(1 for n in ray.nodes() if n['Alive']))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    cmd = [*prefix, sys.executable, "-c", code]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
 
 

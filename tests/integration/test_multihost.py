@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from netns import hosts, unavailable
-from ray_cluster import BIN
+from ray_cluster import BIN, alive_nodes
 from test_train import tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -28,15 +28,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 if reason := unavailable():
     pytest.skip(reason, allow_module_level=True)
-
-
-def _alive_nodes(net, address: str, env: dict[str, str]) -> int:
-    code = (
-        f"import ray; ray.init(address={address!r}, logging_level='ERROR'); "
-        "print(sum(1 for n in ray.nodes() if n['Alive']))"
-    )
-    out = net.run(0, [str(BIN / "python"), "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    return int(out.stdout.split()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +55,7 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory):
                 env=env, stdout=logs[0], stderr=subprocess.STDOUT,
             )  # fmt: skip
             deadline = time.monotonic() + 120
-            while _alive_nodes(net, address, env) < 1:
+            while alive_nodes(address, env, prefix=tuple(net.command(0, []))) < 1:
                 assert time.monotonic() < deadline, (tmp / "node0.log").read_text()[-3000:]
                 time.sleep(1)
             net.popen(
@@ -73,7 +64,7 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory):
                  f"--temp-dir={dirs[1]}", *common],
                 env=env, stdout=logs[1], stderr=subprocess.STDOUT,
             )  # fmt: skip
-            while _alive_nodes(net, address, env) < 2:
+            while alive_nodes(address, env, prefix=tuple(net.command(0, []))) < 2:
                 assert time.monotonic() < deadline, (tmp / "node1.log").read_text()[-3000:]
                 time.sleep(1)
             yield {"net": net, "address": address, "env": env, "tmp": tmp}
