@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +142,7 @@ def check_latent_data(cfg: RunConfig, location: str, manifest: dict[str, Any]) -
 
 def new_run_name(cfg: RunConfig, name: str | None) -> str:
     """``name``, checked, or ``<family>-<UTC timestamp>``."""
-    name = name or f"{cfg.model.family}-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S-%f')}"
+    name = name or f"{cfg.model.family}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S-%f')}"
     if not _NAME_RE.match(name):
         raise TrainError(f"run name {name!r}: use letters, digits, '.', '_' and '-' (max 128)")
     return name
