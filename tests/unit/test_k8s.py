@@ -32,6 +32,12 @@ from k8s_render import POD_TEMPLATE_PATHS, ROOT, SCHEMAS, find_kubectl, kustomiz
 K8S_VERSION = "1.32.0"  # a version kubernetes_validate 1.37 bundles (1.25 ... 1.37)
 NAMESPACE = "aigc"
 SECRET = "aigc-credentials"
+# The MLflow users the Ray pods log in as (mlflow/init-users.py makes them, the Job mlflow-users runs
+# it): training pods as the job user, serving pods as the read-only serving user, never the admin.
+JOB_SECRET = "aigc-mlflow-job"
+SERVING_SECRET = "aigc-mlflow-serving"
+MLFLOW_LOGIN = {"RayJob": JOB_SECRET, "RayCluster": JOB_SECRET, "RayService": SERVING_SECRET}
+ADMIN_KEYS = {"mlflow-username", "mlflow-password"}  # in aigc-credentials
 OVERLAYS = ("dev-cpu", "gpu")
 ENTRYPOINTS = {
     "dev-cpu": "aigc train models/diffusion.yaml --workers 2 --set data.location=s3://aigc/datasets/digits",
@@ -316,16 +322,31 @@ def test_rayservice_serve_config_is_what_aigc_serve_prints(rendered: Rendered) -
 # security and resources
 
 
-def test_no_secret_values_in_the_manifests(rendered: Rendered) -> None:
+def documented_secrets() -> dict[str, set[str]]:
+    """Secret name -> its keys, from the `kubectl -n aigc create secret generic` commands of k8s/README.md."""
     k8s_readme = (ROOT / "k8s" / "README.md").read_text(encoding="utf-8")
-    command = re.search(r"kubectl -n aigc create secret generic aigc-credentials[^`]*", k8s_readme)
-    assert command, "k8s/README.md lacks the `kubectl -n aigc create secret generic aigc-credentials` command"
-    documented = set(re.findall(r"--from-literal=([a-z0-9-]+)=", command.group(0)))
+    commands = re.findall(
+        r"kubectl -n aigc create secret generic ([a-z0-9-]+)((?:[^\n]*\\\n)*[^\n]*)", k8s_readme
+    )
+    return {name: set(re.findall(r"--from-literal=([a-z0-9-]+)=", args)) for name, args in commands}
+
+
+def test_no_secret_values_in_the_manifests(rendered: Rendered) -> None:
+    documented = documented_secrets()
+    for name in (SECRET, JOB_SECRET, SERVING_SECRET):
+        assert name in documented, (
+            f"k8s/README.md lacks the `kubectl -n aigc create secret generic {name}` command"
+        )
+    assert documented[JOB_SECRET] == documented[SERVING_SECRET] == {"username", "password"}
     for overlay, doc in all_docs(rendered):
         assert doc["kind"] != "Secret" or not (doc.get("data") or doc.get("stringData")), label(overlay, doc)
         for ref in find_key(doc, "secretKeyRef"):
-            assert ref["name"] == SECRET, f"{label(overlay, doc)}: Secret {ref['name']}"
-            assert ref["key"] in documented, f"{label(overlay, doc)}: key {ref['key']} not in k8s/README.md"
+            assert ref["name"] in documented, (
+                f"{label(overlay, doc)}: Secret {ref['name']} not in k8s/README.md"
+            )
+            assert ref["key"] in documented[ref["name"]], (
+                f"{label(overlay, doc)}: key {ref['key']} of {ref['name']} not in k8s/README.md"
+            )
     for path in (ROOT / "k8s").rglob("*.yaml"):
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"^kind:\s*Secret\s*$", text, re.M), f"{path}: defines a Secret"
@@ -477,7 +498,10 @@ def test_aigc_containers_get_the_training_environment(rendered: Rendered) -> Non
                     where = f"{label(overlay, doc)} {c['name']}"
                     for name, value in TRAINING_ENV.items():
                         assert name in env, f"{where}: no {name}"
-                        if value is None:
+                        if value is None and name.startswith("MLFLOW_TRACKING_"):
+                            ref = env[name]["secretKeyRef"]
+                            assert ref["name"] == MLFLOW_LOGIN[doc["kind"]], f"{where}: {name} from {ref}"
+                        elif value is None:
                             assert env[name]["secretKeyRef"]["name"] == SECRET, f"{where}: {name}"
                         elif value:
                             assert env[name] == value, f"{where}: {name}={env[name]}"
@@ -519,13 +543,81 @@ def test_mlflow_server_uses_the_start_script_with_auth(rendered: Rendered) -> No
         assert env["MLFLOW_ARTIFACTS_DESTINATION"] == "s3://aigc/mlflow"
         for name in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"):
             assert env[name]["secretKeyRef"]["name"] == SECRET
-        # Training and serving log in as the admin the server creates.
+        # The admin the server creates; only the Job mlflow-users logs in as it (see below).
         assert env["MLFLOW_AUTH_ADMIN_USERNAME"]["secretKeyRef"]["key"] == "mlflow-username"
         assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["secretKeyRef"]["key"] == "mlflow-password"
+        # Users see only what they are granted: the serving user's READ grant means read-only.
+        assert env["MLFLOW_AUTH_DEFAULT_PERMISSION"] == "NO_PERMISSIONS"
         assert c["readinessProbe"]["httpGet"]["path"] == "/health"
         assert [(p["port"], p.get("targetPort")) for p in service["spec"]["ports"]] == [(5000, "http")]
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= labels.items()
+
+
+def test_ray_pods_log_in_to_mlflow_as_least_privilege_users_made_by_the_init_job(rendered: Rendered) -> None:
+    """Training pods log in as the job user, serving pods as the read-only serving user; the Job
+    mlflow-users runs mlflow/init-users.py (verbatim, from a ConfigMap) to make both, for the
+    experiment the RayJob logs to and the model the RayService serves. Only the MLflow server and
+    that Job see the admin's credentials."""
+    script = (ROOT / "mlflow" / "init-users.py").read_text(encoding="utf-8")
+    entry = ENTRYPOINTS["dev-cpu"].split()
+    config = yaml.safe_load((ROOT / entry[entry.index("train") + 1]).read_text(encoding="utf-8"))
+    experiment = config["tracking"]["experiment"]
+    served_model = PRINT_CONFIG[1].split("@")[0]
+    for overlay, docs in rendered.items():
+        configmaps = {d["metadata"]["name"]: d["data"] for d in of_kind(docs, "ConfigMap")}
+        logins = 0
+        for doc in docs:
+            for template in pod_templates(doc):
+                for c in containers(template):
+                    where = f"{label(overlay, doc)} {c['name']}"
+                    refs = [r for r in find_key(c.get("env", []), "secretKeyRef") if r["name"] == SECRET]
+                    admin = [r["key"] for r in refs if r["key"] in ADMIN_KEYS]
+                    if doc["kind"] in MLFLOW_LOGIN:
+                        assert not admin, f"{where}: gets the MLflow admin's {admin}"
+                        env = effective_env(c, configmaps)
+                        if "MLFLOW_TRACKING_USERNAME" in env:
+                            for name, key in (("USERNAME", "username"), ("PASSWORD", "password")):
+                                ref = env[f"MLFLOW_TRACKING_{name}"]["secretKeyRef"]
+                                assert ref == {"name": MLFLOW_LOGIN[doc["kind"]], "key": key}, where
+                            logins += 1
+                    elif admin:
+                        assert doc["metadata"]["name"] in ("mlflow", "mlflow-users"), f"{where}: gets {admin}"
+        assert logins >= 6, f"{overlay}: only {logins} Ray containers log in to MLflow"
+
+        (job,) = [d for d in of_kind(docs, "Job") if d["metadata"]["name"] == "mlflow-users"]
+        spec = job["spec"]["template"]["spec"]
+        assert spec["restartPolicy"] in ("OnFailure", "Never") and job["spec"]["backoffLimit"] >= 3
+        (c,) = spec["containers"]
+        assert c["image"].split(":")[0].split("@")[0].rsplit("/", 1)[-1] == "aigc", c["image"]
+        (mount,) = c["volumeMounts"]
+        assert c["command"] == ["python", f"{mount['mountPath']}/init-users.py"]
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        source = configmaps[volume["configMap"]["name"]]
+        assert source["init-users.py"] == script, (
+            f"{overlay}: the ConfigMap {volume['configMap']['name']} is not mlflow/init-users.py: copy it "
+            "(k8s/README.md, Least-privilege MLflow users)"
+        )
+        env = effective_env(c, configmaps)
+        assert env["MLFLOW_TRACKING_URI"] == {
+            "configMapKeyRef": {"name": "aigc-settings", "key": "MLFLOW_TRACKING_URI"}
+        }
+        expected = {
+            "MLFLOW_AUTH_ADMIN_USERNAME": (SECRET, "mlflow-username"),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": (SECRET, "mlflow-password"),
+            "AIGC_MLFLOW_JOB_USERNAME": (JOB_SECRET, "username"),
+            "AIGC_MLFLOW_JOB_PASSWORD": (JOB_SECRET, "password"),
+            "AIGC_MLFLOW_SERVING_USERNAME": (SERVING_SECRET, "username"),
+            "AIGC_MLFLOW_SERVING_PASSWORD": (SERVING_SECRET, "password"),
+        }
+        for name, (secret, key) in expected.items():
+            assert env[name]["secretKeyRef"] == {"name": secret, "key": key}, f"{overlay}: {name}"
+        # Grants for what the RayJob logs to and what the RayService serves.
+        assert experiment in env["AIGC_MLFLOW_EXPERIMENTS"].split(","), env["AIGC_MLFLOW_EXPERIMENTS"]
+        assert served_model in env["AIGC_MLFLOW_MODELS"].split(","), env["AIGC_MLFLOW_MODELS"]
+        for name in re.findall(r"\b(?:MLFLOW|AIGC)_[A-Z_]+\b", script.split('"""')[1]):
+            if name.startswith(("AIGC_MLFLOW_", "MLFLOW_AUTH_ADMIN_", "MLFLOW_TRACKING_URI")):
+                assert name in env or name == "AIGC_MLFLOW_WAIT_S", f"{overlay}: the Job sets no {name}"
 
 
 def test_serving_workers_are_ready_on_the_proxys_healthz(rendered: Rendered) -> None:
