@@ -4,6 +4,19 @@
 it, coalescing metrics into ``log_batch`` calls (at most 1000 per request, MLflow's limit) at most
 every ``flush_interval_s``. A slow or dead tracking server therefore costs the training loop nothing;
 metrics that do not fit in the bounded queue are dropped and counted rather than blocking.
+
+A request that fails for a reason that may pass (no connection, a timeout, a 5xx or 429 answer:
+the server restarting, a network blip) is tried again, with back-off from ``retry_initial_s`` up
+to ``retry_max_s``, and nothing queued behind it is sent before it: order is kept, and what was
+logged during an outage arrives once the server answers. (MLflow's client retries a request on its
+own too, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES``; with those off, a failed batch used to be lost.) A
+request the server rejects (4xx) is dropped and counted in ``lost``. When the server has not taken
+a request for ``give_up_after_s`` seconds the logger gives up: what is pending is counted in
+``lost``, and the next ``log_*``/``set_tags``/``flush`` call raises :class:`TrackingUnavailable`
+naming the server, so a job whose tracking server is gone for good fails clearly (its checkpoints
+kept, to be resumed) instead of finishing with a hole in its metrics or waiting forever. The bound
+is ``give_up_after_s`` plus one request's own time (MLflow's retries and
+``MLFLOW_HTTP_REQUEST_TIMEOUT``).
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ from typing import Any
 
 from mlflow.entities import Metric, RunTag
 
-from aigc.tracking.backend import client_for
+from aigc.tracking.backend import TrackingUnavailable, client_for
 from aigc.tracking.params import MAX_KEY_LENGTH, MAX_TAG_VALUE_LENGTH, chunked, truncate
 
 _log = logging.getLogger(__name__)
@@ -77,7 +90,8 @@ class RunLogger(NullRunLogger):
     gives a ``NullRunLogger`` off rank 0. ``system_metrics=True`` starts MLflow's system metrics
     monitor (CPU, memory, disk, network, and GPU when pynvml is present) on this run, sampled every
     ``system_metrics_interval_s`` seconds as ``system/...`` metrics. Counters ``batches_sent``,
-    ``metrics_sent``, ``dropped`` and ``errors`` say what happened.
+    ``metrics_sent``, ``dropped`` (queue full), ``errors`` (failed requests, retried or not) and
+    ``lost`` (values never sent) say what happened; ``failure`` says why the logger gave up.
     """
 
     enabled = True
@@ -92,10 +106,16 @@ class RunLogger(NullRunLogger):
         system_metrics: bool = False,
         system_metrics_interval_s: float = 10.0,
         node_id: str | None = None,
+        retry_initial_s: float = 0.5,
+        retry_max_s: float = 15.0,
+        give_up_after_s: float = 300.0,
     ) -> None:
         self.uri = uri
         self.run_id = run_id
         self.flush_interval_s = flush_interval_s
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self.give_up_after_s = give_up_after_s
         self._client = client_for(uri)
         self._queue: queue.Queue[tuple[Any, ...]] = queue.Queue(maxsize=max_queue)
         self._closed = False
@@ -103,6 +123,9 @@ class RunLogger(NullRunLogger):
         self.metrics_sent = 0
         self.dropped = 0
         self.errors = 0
+        self.lost = 0  # values the server rejected, or still unsent when the logger gave up
+        self.failure: str | None = None  # why the logger gave up (see the module docstring)
+        self._failing_since: float | None = None
         self._thread = threading.Thread(target=self._drain, name=f"aigc-mlflow-{run_id[:8]}", daemon=True)
         self._thread.start()
         self._monitor = None
@@ -124,8 +147,7 @@ class RunLogger(NullRunLogger):
         Values are converted with ``float()`` here (0-d tensors work), so a bad value raises now,
         naming its key, instead of failing a whole batch later.
         """
-        if self._closed:
-            raise RuntimeError(f"RunLogger for run {self.run_id} is closed")
+        self._check_open()
         timestamp = int(time.time() * 1000)
         entries = []
         for key, value in metrics.items():
@@ -146,8 +168,7 @@ class RunLogger(NullRunLogger):
         import numpy as np
         import PIL.Image
 
-        if self._closed:
-            raise RuntimeError(f"RunLogger for run {self.run_id} is closed")
+        self._check_open()
         if isinstance(image, np.ndarray):
             from mlflow.tracking.multimedia import convert_to_pil_image
 
@@ -161,8 +182,7 @@ class RunLogger(NullRunLogger):
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Queue run tags (name → text, cut to MLflow's 8000 characters), sent after the metrics
         queued before them; never blocks. A later value of a tag replaces the earlier one."""
-        if self._closed:
-            raise RuntimeError(f"RunLogger for run {self.run_id} is closed")
+        self._check_open()
         entries = [RunTag(k, truncate(str(v), MAX_TAG_VALUE_LENGTH)) for k, v in tags.items()]
         if entries:
             self._offer(("tags", entries), len(entries))
@@ -179,15 +199,22 @@ class RunLogger(NullRunLogger):
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything queued so far has been sent (or failed); False on timeout."""
+        """Wait until everything queued so far has been sent (or dropped); False on timeout.
+
+        Raises :class:`TrackingUnavailable` if the logger gave up on the server (see the module
+        docstring): a server that stays away makes this return within ``give_up_after_s`` plus one
+        request's time, whatever ``timeout`` says."""
         if self._closed or not self._thread.is_alive():
+            self._raise_if_failed()
             return self._queue.empty()
         done = threading.Event()
         try:
             self._queue.put(("flush", done), timeout=timeout)
         except queue.Full:
             return False
-        return done.wait(timeout)
+        flushed = done.wait(timeout)
+        self._raise_if_failed()
+        return flushed
 
     def close(self, timeout: float = 30.0) -> bool:
         """Send what is queued, stop the background thread and the system metrics monitor.
@@ -213,7 +240,18 @@ class RunLogger(NullRunLogger):
             _log.warning(
                 "RunLogger dropped %d metric values for run %s (queue full)", self.dropped, self.run_id
             )
+        if self.lost:
+            _log.warning("RunLogger could not send %d values of run %s", self.lost, self.run_id)
         return not self._thread.is_alive()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"RunLogger for run {self.run_id} is closed")
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.failure is not None:
+            raise TrackingUnavailable(self.failure)
 
     def _offer(self, item: tuple[Any, ...], count: int) -> None:
         try:
@@ -264,10 +302,10 @@ class RunLogger(NullRunLogger):
             if kind == "image":
                 _, image, key, step, timestamp = item
                 self._call(
-                    self._client.log_image, self.run_id, image, key=key, step=step, timestamp=timestamp
+                    1, self._client.log_image, self.run_id, image, key=key, step=step, timestamp=timestamp
                 )
             elif kind == "tags":
-                self._call(self._client.log_batch, self.run_id, tags=item[1])
+                self._call(len(item[1]), self._client.log_batch, self.run_id, tags=item[1])
             elif kind == "flush":
                 item[1].set()
             elif kind == "stop":
@@ -275,18 +313,63 @@ class RunLogger(NullRunLogger):
 
     def _send_metrics(self, pending: list[Metric]) -> None:
         for batch in chunked(pending, MAX_METRICS_PER_BATCH):
-            if self._call(self._client.log_batch, self.run_id, metrics=batch):
+            if self._call(len(batch), self._client.log_batch, self.run_id, metrics=batch):
                 self.batches_sent += 1
                 self.metrics_sent += len(batch)
         pending.clear()
 
-    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> bool:
-        try:
-            fn(*args, **kwargs)
+    def _call(self, count: int, fn: Any, *args: Any, **kwargs: Any) -> bool:
+        """Send one request of ``count`` values, again and again while it fails for a reason that
+        may pass (see the module docstring); False, the values counted in ``lost``, when the server
+        rejects it or the logger gives up. Never raises: the caller side raises after a give-up."""
+        name = getattr(fn, "__name__", fn)
+        delay = self.retry_initial_s
+        while self.failure is None:
+            try:
+                fn(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - a logging failure must never kill this thread
+                self.errors += 1
+                if not _may_pass(err):
+                    _log.warning("MLflow %s rejected for run %s; dropped", name, self.run_id, exc_info=True)
+                    break
+                now = time.monotonic()
+                if self._failing_since is None:
+                    self._failing_since = now
+                    _log.warning(
+                        "MLflow %s failed for run %s (%s: %s); trying again until the server answers "
+                        "(up to %.0f s)", name, self.run_id, type(err).__name__, err, self.give_up_after_s,
+                    )  # fmt: skip
+                down_s = now - self._failing_since
+                if down_s >= self.give_up_after_s:
+                    self.failure = (
+                        f"MLflow tracking server {self.uri} did not answer run {self.run_id} for "
+                        f"{down_s:.0f} s (last error: {type(err).__name__}: {str(err)[:300]}); "
+                        f"{self.lost + count} metric values and other logs could not be sent. The "
+                        "job's checkpoints are kept: resume it once the server answers "
+                        "(aigc train --resume NAME)."
+                    )
+                    _log.error("%s", self.failure)
+                    break
+                time.sleep(min(delay, self.give_up_after_s - down_s))
+                delay = min(delay * 2, self.retry_max_s)
+                continue
+            if self._failing_since is not None:
+                _log.warning(
+                    "MLflow answers run %s again after %.1f s",
+                    self.run_id,
+                    time.monotonic() - self._failing_since,
+                )
+                self._failing_since = None
             return True
-        except Exception:  # noqa: BLE001 - a logging failure must never stop training
-            self.errors += 1
-            _log.warning(
-                "MLflow %s failed for run %s", getattr(fn, "__name__", fn), self.run_id, exc_info=True
-            )
-            return False
+        self.lost += count
+        return False
+
+
+def _may_pass(err: Exception) -> bool:
+    """Whether a failed request is worth another try: anything but an answer refusing it (4xx)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+        return status >= 500 or status == 429
+    return True
