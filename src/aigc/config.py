@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
     "ConfigError",
@@ -277,8 +277,44 @@ def lightning_precision(requested: str, use_gpu: bool) -> str:
 STORAGE_PATH_ENV = "AIGC_STORAGE_PATH"
 
 
+def parse_workers(value: Any) -> int | tuple[int, int]:
+    """``scaling.num_workers`` / ``--workers``: ``N`` (fixed), or ``[MIN, MAX]`` / ``"MIN-MAX"``
+    (elastic: Ray Train runs with as many workers between MIN and MAX as the cluster can place).
+    ``[N, N]`` is ``N``. Raises ``ValueError`` naming the allowed forms."""
+    if isinstance(value, str) and "-" in value.strip("-"):
+        lo, _, hi = value.partition("-")
+        value = [lo, hi]
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        try:
+            lo, hi = (int(str(v).strip()) for v in value)
+        except ValueError:
+            raise ValueError(f"workers must be N or MIN-MAX with whole numbers, got {value!r}") from None
+        if not 1 <= lo <= hi:
+            raise ValueError(f"workers range {lo}-{hi}: need 1 <= MIN <= MAX")
+        return lo if lo == hi else (lo, hi)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"workers must be N or MIN-MAX (a list [MIN, MAX] in YAML), got {value!r}")
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"workers must be N or MIN-MAX, got {value!r}") from None
+    if n < 1:
+        raise ValueError(f"workers must be >= 1, got {n}")
+    return n
+
+
 class ScalingConfig(StrictModel):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | tuple[int, int] = Field(
+        2,
+        description="Ray Train workers: N, or [MIN, MAX] for elastic training (the job runs with as many "
+        "as the cluster can place, at least MIN; it shrinks when a node is lost and grows back when "
+        "one joins, resuming from its last checkpoint each time)",
+    )
+    elastic_resize_interval_s: float = Field(
+        60.0,
+        gt=0.0,
+        description="elastic training: how often a healthy job checks whether more workers fit",
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(0.0, ge=0.0)
@@ -288,6 +324,24 @@ class ScalingConfig(StrictModel):
         description=f"checkpoint storage: folder or URI (s3://...); default ${STORAGE_PATH_ENV} or runs",
     )
     ray_address: str | None = None
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> int | tuple[int, int]:
+        return parse_workers(value)
+
+    @property
+    def elastic(self) -> bool:
+        """Whether ``num_workers`` is a range."""
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
 
 class TrackingConfig(StrictModel):

@@ -8,6 +8,7 @@ import os
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from loader_shards import all_keys, truncate, write_dataset
@@ -51,7 +52,8 @@ def test_train_epoch_covers_split_once_with_contract_batches(digits_dataset: Pat
     padded = sum(int((~b["valid"]).sum()) for b in batches)
     assert padded == n * 64 - len(expected)
     for b in batches:
-        assert set(b) == {"image", "caption", "label", "key", "valid"}
+        assert set(b) == {"image", "caption", "label", "key", "valid", "index"}
+        assert b["index"].shape == (64,) and b["index"].dtype == torch.long
         assert b["image"].shape == (64, 1, 8, 8) and b["image"].dtype == torch.float32
         assert b["label"].shape == (64,) and b["label"].dtype == torch.long
         assert b["valid"].dtype == torch.bool
@@ -62,6 +64,61 @@ def test_train_epoch_covers_split_once_with_contract_batches(digits_dataset: Pat
     labels = torch.cat([b["label"] for b in batches])
     assert set(labels.tolist()) == set(range(10))
     assert dm.data_version == read_manifest(digits_dataset)["digest"]
+
+
+def _global_index(key: str, sizes: list[int]) -> int:
+    """``<split>-<shard>-<i>`` (loader_shards' keys) -> the sample's index in its split."""
+    _, shard, i = key.split("-")
+    return sum(sizes[: int(shard)]) + int(i)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("before", "after"), [(2, 3), (3, 2), (2, 1)])
+def test_resume_at_another_world_size_trains_the_rest_of_the_epoch_once(
+    tmp_path: Path, monkeypatch, before: int, after: int
+) -> None:
+    """Elastic training: an epoch trained ``done`` batches on ``before`` ranks (shuffle buffer, two
+    DataLoader workers, uneven shards); resumed on ``after`` ranks with the samples it saw, the new
+    ranks share out exactly the rest, in equal batch counts, and the loader's length holds them."""
+    sizes = [37, 11, 23, 5, 29]
+    write_dataset(tmp_path / "d", {"train": sizes, "val": [4]})
+    cfg = _cfg(batch_size=4, num_workers=2, shuffle_buffer=16)
+    epoch, done = 1, 3
+
+    def rank_loaders(world: int, seen=None):
+        for rank in range(world):
+            monkeypatch.setenv("RANK", str(rank))
+            monkeypatch.setenv("WORLD_SIZE", str(world))
+            dm = ShardDataModule(cfg, tmp_path / "d", seed=5)
+            dm.set_epoch(epoch)
+            if seen is not None:
+                dm.resume_at(epoch, done, seen)
+            yield dm.train_dataloader()
+
+    seen = np.zeros(sum(sizes), dtype=bool)
+    for loader in rank_loaders(before):
+        for batch in list(loader)[:done]:
+            for key, at, valid in zip(
+                batch["key"], batch["index"].tolist(), batch["valid"].tolist(), strict=True
+            ):
+                assert at == _global_index(key, sizes)  # the index names the sample
+                seen[at] |= valid
+    assert seen.sum() == before * done * 4  # no padding that early
+
+    rest: list[int] = []
+    counts = set()
+    for loader in rank_loaders(after, seen):
+        batches = list(loader)
+        counts.add(len(batches))
+        # Lightning counts the resumed epoch's batches from `done`: the length must hold them all.
+        assert len(loader) >= done + len(batches)
+        rest += [
+            at for b in batches for at, v in zip(b["index"].tolist(), b["valid"].tolist(), strict=True) if v
+        ]
+    assert len(counts) == 1, f"ranks yield different batch counts: {counts}"
+    assert counts == {-(-(len(seen) - seen.sum()) // (after * 4))}
+    assert len(rest) == len(set(rest)), "a sample trained twice after the resize"
+    assert sorted(rest) == sorted(np.flatnonzero(~seen).tolist()), "the rest of the epoch is not covered"
 
 
 @pytest.mark.timeout(60)

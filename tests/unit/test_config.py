@@ -173,3 +173,39 @@ def test_every_shipped_yaml_loads() -> None:
             validate(DataConfig, data.get("data", {}), prefix="data")
         else:
             assert data is not None, f"{rel} is empty"
+
+
+@pytest.mark.parametrize(
+    ("value", "workers", "elastic"),
+    [("3", 3, False), ("[1, 4]", (1, 4), True), ("1-4", (1, 4), True), ("[2, 2]", 2, False)],
+)
+def test_workers_are_a_count_or_an_elastic_range(value: str, workers, elastic: bool) -> None:
+    sc = load_config(None, [f"scaling.num_workers={value}"]).scaling
+    assert (sc.num_workers, sc.elastic) == (workers, elastic)
+    lo, hi = workers if elastic else (workers, workers)
+    assert (sc.min_workers, sc.max_workers) == (lo, hi)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "workers must be >= 1, got 0"),
+        ("[3, 1]", "need 1 <= MIN <= MAX"),
+        ("[1, 2, 3]", "N or MIN-MAX"),
+        ("two", "N or MIN-MAX"),
+        ("1-x", "whole numbers"),
+    ],
+)
+def test_bad_workers_name_the_key_and_the_forms(value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"scaling.num_workers={value}"])
+    assert "scaling.num_workers" in str(err.value) and message in str(err.value)
+
+
+def test_the_workers_flag_takes_a_range_and_names_itself_in_errors() -> None:
+    from aigc.training import TrainRequest
+
+    assert TrainRequest.of(None, workers="2-6").run_config().scaling.num_workers == (2, 6)
+    assert TrainRequest.of(None, workers="5").run_config().scaling.num_workers == 5
+    with pytest.raises(ConfigError, match="--workers: workers range 6-2"):
+        TrainRequest.of(None, workers="6-2").run_config()

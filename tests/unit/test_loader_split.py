@@ -12,7 +12,9 @@ from aigc.data.loader_split import (
     SlotPlan,
     batches_per_epoch,
     epoch_shard_order,
+    global_offsets,
     plan_epoch,
+    plan_remaining,
     plan_slot,
 )
 
@@ -173,3 +175,61 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="workers"):
         plan_epoch([1, 2, 3], 1, 0, 1)
     assert Piece(0, 3, 10).size == 7
+
+
+@pytest.mark.parametrize("case", _random_cases(150, seed=11))
+def test_the_rest_of_an_epoch_is_planned_disjoint_covering_and_equal(case) -> None:
+    """Elastic resume: after an arbitrary subset was trained on, the rest is shared out over any
+    world size; each unseen sample once, no seen one again, equal batch counts per rank."""
+    sizes, world, workers, b = case
+    rng = random.Random(f"{sizes}/{world}")
+    total = sum(sizes)
+    seen = [rng.random() < rng.random() for _ in range(total)]
+    left = total - sum(seen)
+    plan = plan_remaining(sizes, seen, world, workers, b, epoch_shard_order(len(sizes), 3, 1, True))
+    if 0 < left < world:  # too few for the ranks: the first seen samples fill in, as few as needed
+        again = [i for i in range(total) if seen[i]][: world - left]
+        seen = [s and i not in again for i, s in enumerate(seen)]
+        left = world
+    offsets = global_offsets(sizes)
+    trained = Counter()
+    n = batches_per_epoch(left, world, b)
+    for rank in plan:
+        assert sum(s.batches for s in rank) == n
+        for slot in rank:
+            assert slot.num_samples <= slot.batches * b
+            assert slot.batches == 0 or slot.num_samples > 0
+            for p in slot.pieces:
+                assert 0 <= p.start < p.stop <= sizes[p.shard]
+                positions = list(p.positions())
+                assert positions == sorted(positions) and len(positions) == p.size
+                trained.update(offsets[p.shard] + i for i in positions)
+    assert set(trained.values()) <= {1}
+    assert sorted(trained) == [i for i in range(total) if not seen[i]]
+
+
+def test_nothing_seen_plans_the_whole_epoch_and_everything_seen_plans_nothing() -> None:
+    sizes = [5, 9, 2]
+    order = epoch_shard_order(3, 0, 2, True)
+    fresh = plan_remaining(sizes, [False] * 16, 2, 2, 3, order)
+    assert fresh == plan_epoch(sizes, 2, 2, 3, order)  # contiguous pieces carry no keep
+    done = plan_remaining(sizes, [True] * 16, 3, 1, 3, order)
+    assert all(slot.batches == 0 and not slot.pieces for rank in done for slot in rank)
+    with pytest.raises(ValueError, match="split has 16"):
+        plan_remaining(sizes, [False] * 15, 2, 1, 3)
+
+
+def test_a_piece_that_skips_positions_keeps_them() -> None:
+    seen = [False, True, False, False, True, False]  # shard 0 positions 1 and 4 were trained on
+    (slot,) = plan_remaining([6], seen, 1, 1, 8)[0]
+    assert slot.pieces == (Piece(0, 0, 6, (0, 2, 3, 5)),)
+    assert slot.num_samples == 4 and list(slot.pieces[0].positions()) == [0, 2, 3, 5]
+
+
+def test_fewer_unseen_samples_than_ranks_trains_as_few_seen_ones_again_as_it_must() -> None:
+    seen = [True] * 9 + [False]  # one sample left, three ranks
+    plan = plan_remaining([4, 6], seen, 3, 1, 2)
+    trained = sorted(
+        i + 4 * (p.shard == 1) for rank in plan for s in rank for p in s.pieces for i in p.positions()
+    )
+    assert trained == [0, 1, 9]  # the unseen one, and the first two seen ones again

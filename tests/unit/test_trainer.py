@@ -189,3 +189,40 @@ def test_train_and_register_names_the_version_or_the_retry(tmp_path: Path, monke
         "run t (abc) FINISHED, but registering it failed: store down. Retry with `aigc register abc`."
     )
     assert not metrics.exists()
+
+
+def _checkpoint(epoch: int, done: int, state: dict | None) -> dict:
+    ckpt = {
+        "epoch": epoch,
+        "loops": {"fit_loop": {"epoch_loop.batch_progress": {"current": {"processed": done}}}},
+    }
+    if state is not None:
+        from aigc.training.callbacks import SEEN_KEY
+
+        ckpt[SEEN_KEY] = state
+    return ckpt
+
+
+def test_a_resume_replans_the_rest_of_the_epoch_only_when_the_world_changed() -> None:
+    """What a checkpoint's seen-samples entry makes of a resume: the same world skips batches (exact
+    batches); another world, or an epoch already re-planned, re-plans from the samples seen."""
+    import numpy as np
+    import torch
+
+    from aigc.training.callbacks import resume_plan
+
+    seen = np.zeros(21, dtype=bool)
+    seen[[0, 3, 20]] = True
+    state = {"epoch": 2, "world": 2, "num_samples": 21, "replanned": False}
+    state["bits"] = torch.from_numpy(np.packbits(seen))
+
+    epoch, done, replan, callback = resume_plan(_checkpoint(2, 5, state), world=2)
+    assert (epoch, done, replan) == (2, 5, None)  # same world: skip 5 batches
+    assert callback.seen.nonzero().flatten().tolist() == [0, 3, 20]  # marks go on adding up
+    epoch, done, replan, callback = resume_plan(_checkpoint(2, 5, state), world=3)
+    assert replan.tolist() == seen.tolist() and callback.replanned
+    again = resume_plan(_checkpoint(2, 9, {**state, "replanned": True}), world=2)
+    assert again[2] is not None  # re-planned once: its batches are no longer the plain plan's
+    # A checkpoint without the entry (older), or of an epoch the entry does not describe, skips.
+    assert resume_plan(_checkpoint(2, 5, None), world=3)[2:] == (None, None)
+    assert resume_plan(_checkpoint(3, 0, state), world=3)[2:] == (None, None)

@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
     def train(
         config: Path | None = typer.Argument(None, help=declared_field(TrainRequest, "config")[1]),
         overrides: list[str] = field_option(TrainRequest, "overrides", "--set"),
-        workers: int | None = field_option(TrainRequest, "workers", "--workers"),
+        workers: str | None = field_option(TrainRequest, "workers", "--workers", metavar="N|MIN-MAX"),
         gpus_per_worker: float | None = field_option(TrainRequest, "gpus_per_worker", "--gpus-per-worker"),
         ray_address: str | None = field_option(TrainRequest, "ray_address", "--ray-address"),
         name: str | None = field_option(TrainRequest, "name", "--name"),

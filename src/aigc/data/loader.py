@@ -4,7 +4,10 @@
 and serves ``train_dataloader()`` / ``val_dataloader()``. Each batch is a dict::
 
     {"image": FloatTensor (B, C, H, W) in [-1, 1], "caption": list[str], "label": LongTensor (B,),
-     "key": list[str], "valid": BoolTensor (B,)}
+     "key": list[str], "valid": BoolTensor (B,), "index": LongTensor (B,)}
+
+``index`` is each sample's global index in its split (shard offset in manifest order + position in
+the tar, :func:`aigc.data.loader_split.global_offsets`): what a checkpoint records as trained on.
 
 A latent dataset (:mod:`aigc.data.latents`, made by ``aigc data encode``) gives the same dict with
 the stored latents under ``"image"``: float32 ``(B, c, h, w)`` (KL) or int64 codes ``(B, h, w)`` (VQ).
@@ -37,6 +40,12 @@ without it. A piece of a tar that could not be read to its end (truncated, missi
 so its loss is found and reported again every epoch. Memory: up to the budget per reading process
 and split; with shuffled shard orders every worker eventually sees every shard of its split.
 
+Mid-epoch resume: at the world size the epoch started with, the stream skips the batches already
+trained on (:meth:`ShardStream.resume_at`), so the run sees exactly the batches an uninterrupted run
+would. At another world size (elastic training) it is given the epoch's trained-on samples instead
+and shares out the rest over the new ranks (:func:`aigc.data.loader_split.plan_remaining`): every
+sample of the epoch is still trained on once, in different batches.
+
 Bad data: a truncated tar, an undecodable image, a missing caption or bad json is logged (shard URL
 and key), skipped and counted per process (a DataLoader worker, or the main process when
 ``num_workers=0``). When that process's bad count exceeds ``max_bad_fraction`` of the samples it
@@ -61,7 +70,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from aigc.config import DataConfig
 from aigc.data.latents import latent_spec
 from aigc.data.loader_read import BadDataError, BadSample, ReadStats, decode_sample, iter_piece, log
-from aigc.data.loader_split import batches_per_epoch, epoch_shard_order, plan_slot
+from aigc.data.loader_split import (
+    Piece,
+    batches_per_epoch,
+    epoch_shard_order,
+    global_offsets,
+    plan_remaining,
+    plan_slot,
+)
 from aigc.data.location import resolve_location
 from aigc.data.manifest import read_manifest, shard_location
 from aigc.data.version import version
@@ -132,8 +148,10 @@ class ShardStream(IterableDataset):
         self._cache: dict[int, list[tuple[str, tuple | None, str | None] | None]] = {}
         self._cache_left = int(cache_bytes)
         self.stats = ReadStats()
+        self._offsets = global_offsets(self.sizes)
         self.resume_epoch: int | None = None
         self.resume_batches = 0
+        self.resume_seen: np.ndarray | None = None  # bool (N,): the epoch's samples already trained on
         # Bad samples per shard this epoch, one row per DataLoader worker (``loader_workers``; one
         # row for the main process). A worker's ReadStats die with it, so it publishes its counts
         # here, in shared memory allocated before the workers start, and the rank's main process
@@ -143,10 +161,22 @@ class ShardStream(IterableDataset):
         self._bad_table.share_memory_()
         self._bad_row = self._bad_table[0]
 
-    def resume_at(self, epoch: int, batches_done: int) -> None:
+    def resume_at(self, epoch: int, batches_done: int, seen: np.ndarray | None = None) -> None:
         """Make the iteration of ``epoch`` start after its first ``batches_done`` batches (a run
-        resumed mid-epoch then sees exactly the batches an uninterrupted run would have seen)."""
-        self.resume_epoch, self.resume_batches = int(epoch), int(batches_done)
+        resumed mid-epoch then sees exactly the batches an uninterrupted run would have seen).
+
+        With ``seen`` (bool over the split's global sample indices: the samples the epoch has
+        trained on, on every rank), the epoch instead yields only the unseen samples, shared out
+        over this stream's world (:func:`~aigc.data.loader_split.plan_remaining`): for a world size
+        other than the one the epoch started with, where skipping batches would be wrong."""
+        if seen is not None:
+            seen = np.asarray(seen, dtype=bool)
+            if seen.shape != (self._offsets[-1],):
+                raise ValueError(f"seen marks {seen.shape} samples but the split has {self._offsets[-1]}")
+        self.resume_epoch, self.resume_batches, self.resume_seen = int(epoch), int(batches_done), seen
+
+    def _replanned(self, epoch: int) -> bool:
+        return self.resume_epoch == epoch and self.resume_seen is not None
 
     @property
     def epoch(self) -> int:
@@ -159,7 +189,15 @@ class ShardStream(IterableDataset):
         self._epoch_cell[0] = int(epoch)
 
     def __len__(self) -> int:
-        return batches_per_epoch(sum(self.sizes), self.world, self.batch_size)
+        n = batches_per_epoch(sum(self.sizes), self.world, self.batch_size)
+        if self.resume_seen is not None:
+            # Lightning reads the length once, when fit starts, and ends an epoch when the batch
+            # count reaches it or the data runs out, whichever is first. The resumed epoch counts
+            # its batches from ``resume_batches`` (Lightning restored them), so the length must hold
+            # them plus the rest; a longer length than an epoch's batches only lets the data end it.
+            left = int((~self.resume_seen).sum())
+            n = max(n, self.resume_batches + batches_per_epoch(left, self.world, self.batch_size))
+        return n
 
     def bad_per_shard(self) -> torch.Tensor:
         """Samples skipped so far this epoch per shard (int64, ``(len(urls),)``, in ``urls`` order),
@@ -178,14 +216,18 @@ class ShardStream(IterableDataset):
         self._bad_row.zero_()  # a new epoch: this worker's row starts again (only it writes there)
         epoch = self.epoch  # read once: the main process may set the next one while this one runs
         order = epoch_shard_order(len(self.sizes), self.seed, epoch, self.shuffle)
-        slot = plan_slot(self.sizes, self.world, workers, self.batch_size, self.rank, worker, order)
+        if self._replanned(epoch):
+            plan = plan_remaining(self.sizes, self.resume_seen, self.world, workers, self.batch_size, order)
+            slot = plan[self.rank][worker]
+        else:
+            slot = plan_slot(self.sizes, self.world, workers, self.batch_size, self.rank, worker, order)
         self.stats = stats = ReadStats(assigned=slot.num_samples)
         rng = random.Random(f"samples/{self.seed}/{epoch}/{self.rank}/{worker}")
         samples = self._samples(slot.pieces, stats)
         if self.shuffle and self.shuffle_buffer > 1:
             samples = _shuffled(samples, self.shuffle_buffer, rng)
         batches = self._batches(samples, slot.batches, stats)
-        if self.resume_epoch == epoch and self.resume_batches:
+        if self.resume_epoch == epoch and self.resume_batches and not self._replanned(epoch):
             # The DataLoader takes batches from its workers round-robin (worker w gives global
             # batches w, w + W, ...), so the first k batches hold ceil((k - w) / W) of worker w's.
             # They are read and dropped: decoding is the price of an exact position.
@@ -204,17 +246,23 @@ class ShardStream(IterableDataset):
                 shards,
             )
 
-    def _samples(self, pieces, stats: ReadStats) -> Iterator[tuple[np.ndarray, str, int, str]]:
-        """The decoded ``(image, caption, label, key)`` of the pieces, in order; bad samples are
-        counted (every epoch, cached or not) and skipped."""
+    def _samples(self, pieces, stats: ReadStats) -> Iterator[tuple[np.ndarray, str, int, str, int]]:
+        """The decoded ``(image, caption, label, key, global index)`` of the pieces, in order; bad
+        samples are counted (every epoch, cached or not) and skipped. A piece with ``keep`` is read
+        over its whole range, and the positions it does not keep are passed over."""
         for piece in pieces:
             url = self.urls[piece.shard]
-            for key, sample, reason in self._entries(piece, url, stats):
+            base = self._offsets[piece.shard]
+            keep = None if piece.keep is None else set(piece.keep)
+            whole = Piece(piece.shard, piece.start, piece.stop)
+            for position, (key, sample, reason) in enumerate(self._entries(whole, url, stats), piece.start):
+                if keep is not None and position not in keep:
+                    continue
                 if sample is None:
                     stats.record_bad(url, key, reason)
                     self._settle(stats)
                     continue
-                yield sample
+                yield (*sample, base + position)
             self._settle(stats)
 
     def _entries(self, piece, url: str, stats: ReadStats) -> Iterator[tuple[str, tuple | None, str | None]]:
@@ -257,14 +305,14 @@ class ShardStream(IterableDataset):
 
     def _batches(self, samples, num_batches: int, stats: ReadStats) -> Iterator[dict[str, Any]]:
         b, s, c = self.batch_size, self.image_size, self.channels
-        pool: list[tuple[np.ndarray, str, int, str]] = []  # first samples of the epoch, for padding
+        pool: list[tuple[np.ndarray, str, int, str, int]] = []  # first samples of the epoch, for padding
         latent = self.latent
         for _ in range(num_batches):
             if latent is None:
                 images = np.empty((b, s, s, c), dtype=np.uint8)  # (B, H, W, C), filled in place
             else:  # KL (B, c, h, w) float32 / VQ (B, h, w) int16
                 images = np.empty((b, *latent["shape"]), dtype=latent["dtype"])
-            captions, labels, keys, valid = [], [], [], []
+            captions, labels, keys, valid, index = [], [], [], [], []
             for i in range(b):
                 sample = next(samples, None)
                 real = sample is not None
@@ -279,12 +327,13 @@ class ShardStream(IterableDataset):
                     stats.padded += 1
                 elif len(pool) < b:
                     pool.append(sample)
-                image, caption, label, key = sample
+                image, caption, label, key, at = sample
                 images[i] = image.reshape(s, s, c) if latent is None else image
                 captions.append(caption)
                 labels.append(label)
                 keys.append(key)
                 valid.append(real)
+                index.append(at)
                 stats.good += real
             stats.batches += 1
             # One conversion per batch: (B, H, W, C) uint8 -> (B, C, H, W) float32 in [-1, 1].
@@ -304,6 +353,7 @@ class ShardStream(IterableDataset):
                 "label": torch.tensor(labels, dtype=torch.long),
                 "key": keys,
                 "valid": torch.tensor(valid, dtype=torch.bool),
+                "index": torch.tensor(index, dtype=torch.long),
             }
         # The plan fits every assigned sample into the batches, so nothing should be left; running
         # the stream to its end also settles the last tar's accounting (short tar, bad fraction).
@@ -359,7 +409,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.seed = seed
         self._epoch = 0
         self._manifest: dict[str, Any] | None = None
-        self._resume: tuple[int, int] | None = None
+        self._resume: tuple[int, int, np.ndarray | None] | None = None
         self._streams: dict[str, ShardStream] = {}  # the stream each split's last loader reads
 
     @property
@@ -389,10 +439,11 @@ class ShardDataModule(pl.LightningDataModule):
         """The epoch used for shuffling when no trainer is attached."""
         self._epoch = int(epoch)
 
-    def resume_at(self, epoch: int, batches_done: int) -> None:
+    def resume_at(self, epoch: int, batches_done: int, seen: np.ndarray | None = None) -> None:
         """Resume the train split mid-epoch: ``epoch`` starts after its first ``batches_done``
-        batches (read from a checkpoint's loop state). Exact with the same seed and world size."""
-        self._resume = (int(epoch), int(batches_done))
+        batches (read from a checkpoint's loop state). Exact with the same seed and world size; at
+        another world size give ``seen``, the epoch's trained-on samples (:meth:`ShardStream.resume_at`)."""
+        self._resume = (int(epoch), int(batches_done), seen)
 
     def _current_epoch(self) -> int:
         trainer = self.trainer

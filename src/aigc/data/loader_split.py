@@ -20,6 +20,13 @@ The rule (one rule for every layout):
 * Hence over an epoch the ranks together cover the whole split and no sample is on two ranks. A
   slot whose samples do not fill its batches pads them by repeating its own samples (duplicates
   within a rank, never across ranks); see :mod:`aigc.data.loader` for how padding is marked.
+
+Resuming an epoch at another world size (elastic training): the checkpoint holds which samples of
+the epoch were trained on (a bitmap over the split's global sample indices, see
+:func:`global_offsets`). :func:`plan_remaining` applies the same rule to the samples not yet seen
+(each shard reduced to its unseen positions, in the same shard order), so the rest of the epoch is
+shared out over the new world and every sample of the epoch is trained on once. A piece of such a
+plan may skip positions (``Piece.keep``): the shuffle buffer took samples out of order.
 """
 
 from __future__ import annotations
@@ -27,20 +34,37 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-__all__ = ["Piece", "SlotPlan", "batches_per_epoch", "epoch_shard_order", "plan_epoch", "plan_slot"]
+import numpy as np
+
+__all__ = [
+    "Piece",
+    "SlotPlan",
+    "batches_per_epoch",
+    "epoch_shard_order",
+    "global_offsets",
+    "plan_epoch",
+    "plan_remaining",
+    "plan_slot",
+]
 
 
 @dataclass(frozen=True)
 class Piece:
-    """Positions ``[start, stop)`` (sample order inside the tar) of shard number ``shard``."""
+    """Positions ``[start, stop)`` (sample order inside the tar) of shard number ``shard``; only the
+    positions in ``keep`` when it is given (a resumed epoch's unseen samples, see the module docstring)."""
 
     shard: int
     start: int
     stop: int
+    keep: tuple[int, ...] | None = None
 
     @property
     def size(self) -> int:
-        return self.stop - self.start
+        return self.stop - self.start if self.keep is None else len(self.keep)
+
+    def positions(self) -> range | tuple[int, ...]:
+        """The positions read, in tar order."""
+        return range(self.start, self.stop) if self.keep is None else self.keep
 
 
 @dataclass(frozen=True)
@@ -215,3 +239,50 @@ def plan_slot(
     if not (0 <= rank < world and 0 <= worker < workers):
         raise ValueError(f"slot (rank {rank}, worker {worker}) outside world {world} x workers {workers}")
     return plan_epoch(sizes, world, workers, batch_size, order)[rank][worker]
+
+
+def global_offsets(sizes: list[int]) -> list[int]:
+    """Global index of each shard's first sample: shard ``i``'s position ``p`` is sample
+    ``offsets[i] + p`` of the split (manifest order). One more entry at the end: the split's size."""
+    out = [0]
+    for n in sizes:
+        out.append(out[-1] + n)
+    return out
+
+
+def plan_remaining(
+    sizes: list[int],
+    seen,
+    world: int,
+    workers: int,
+    batch_size: int,
+    order: list[int] | None = None,
+) -> list[list[SlotPlan]]:
+    """The plan of every slot for the rest of an epoch: the samples not marked in ``seen`` (a bool
+    sequence over the split's global indices, :func:`global_offsets`), shared out over ``world``
+    ranks by the rule of :func:`plan_epoch`. Every rank yields ``batches_per_epoch(unseen, world,
+    batch_size)`` batches; pieces carry ``keep`` where they skip seen positions.
+
+    Fewer unseen samples than ranks (a checkpoint just before an epoch's end, resumed on more
+    ranks): every rank needs a sample to stay in step, so the first ``world - unseen`` seen samples
+    are trained on again (at most ``world - 1`` samples twice, rather than a job that cannot resume)."""
+    offsets = global_offsets(sizes)
+    seen = np.array(seen, dtype=bool)
+    if seen.shape != (offsets[-1],):
+        raise ValueError(f"seen marks {seen.shape} samples but the split has {offsets[-1]}")
+    short = world - int((~seen).sum())
+    if 0 < short < world:
+        seen[np.flatnonzero(seen)[:short]] = False
+    left = [tuple(np.flatnonzero(~seen[offsets[i] : offsets[i + 1]]).tolist()) for i in range(len(sizes))]
+    plan = plan_epoch([len(p) for p in left], world, workers, batch_size, order)
+    return [[_real_slot(slot, left) for slot in rank] for rank in plan]
+
+
+def _real_slot(slot: SlotPlan, left: list[tuple[int, ...]]) -> SlotPlan:
+    """A plan over the unseen positions (pieces index ``left[shard]``) -> pieces of tar positions."""
+    pieces = []
+    for piece in slot.pieces:
+        kept = left[piece.shard][piece.start : piece.stop]
+        contiguous = kept[-1] - kept[0] + 1 == len(kept)
+        pieces.append(Piece(piece.shard, kept[0], kept[-1] + 1, None if contiguous else kept))
+    return SlotPlan(slot.rank, slot.worker, tuple(pieces), slot.batches)

@@ -13,6 +13,8 @@
   worker logs, which nobody reads.
 - :class:`RngState`: saves each rank's RNG state in the checkpoint so a resumed run continues the
   same random stream (the rank-0 state is what the checkpoint holds; see ``training/README``).
+- :class:`SeenSamples`: the train samples this epoch has trained on, over all ranks, in every
+  checkpoint, so an elastic job resumed at another world size trains on the rest of the epoch only.
 """
 
 from __future__ import annotations
@@ -249,3 +251,70 @@ class StartupTimer(pl.Callback):
             },
             step=trainer.global_step,
         )
+
+
+#: The checkpoint entry :class:`SeenSamples` writes (a plain dict of ints, a bool and a uint8 tensor).
+SEEN_KEY = "aigc_seen_samples"
+
+
+class SeenSamples(pl.Callback):
+    """Which train samples the current epoch has trained on, over every rank, kept in checkpoints.
+
+    Each rank marks the valid samples of its batches (``batch["index"]``, global indices of the
+    split); when a checkpoint is saved the ranks sum their marks (an all-reduce: every rank saves
+    together, see :class:`StepCheckpoint`) and the checkpoint holds them bit-packed under
+    :data:`SEEN_KEY` with the epoch, the world size and ``replanned`` (whether the epoch's batches
+    were already re-planned after a resize). :func:`resume_plan` reads them back. 1 bit a sample:
+    10 M samples are 1.25 MB a checkpoint.
+
+    ``start`` is ``(epoch, seen)`` from the checkpoint a run resumes from, so marks keep adding up
+    across resumes within the epoch.
+    """
+
+    def __init__(self, num_samples: int, start: tuple[int, np.ndarray, bool] | None = None):
+        self.seen = torch.zeros(num_samples, dtype=torch.uint8)
+        self.epoch, self.replanned = -1, False
+        if start is not None:
+            epoch, seen, replanned = start
+            self.seen[torch.from_numpy(np.asarray(seen, dtype=bool))] = 1
+            self.epoch, self.replanned = int(epoch), bool(replanned)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch != self.epoch:
+            self.seen.zero_()
+            self.epoch, self.replanned = trainer.current_epoch, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen[batch["index"][batch["valid"]].cpu()] = 1
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        # Every rank is here (Lightning dumps the checkpoint on all ranks, rank 0 writes it). The
+        # reduce is in place, hence the copy; NCCL reduces device tensors only.
+        total = trainer.strategy.reduce(self.seen.to(pl_module.device, copy=True), reduce_op="max").cpu()
+        checkpoint[SEEN_KEY] = {
+            "epoch": int(self.epoch),
+            "world": int(trainer.world_size),
+            "num_samples": int(total.numel()),
+            "replanned": bool(self.replanned),
+            "bits": torch.from_numpy(np.packbits(total.numpy() > 0)),
+        }
+
+
+def resume_plan(
+    checkpoint: dict[str, Any], world: int
+) -> tuple[int, int, np.ndarray | None, SeenSamples | None]:
+    """How a run resumes its data from a Lightning checkpoint (loaded with ``weights_only=True``):
+    ``(epoch, batches of it trained on, seen or None, the SeenSamples callback to train with)``.
+
+    ``seen`` (bool over the train split) is given when the rest of the epoch must be re-planned: the
+    world size differs from the epoch's, or the epoch was already re-planned once (its batches are
+    no longer the plain plan's). Otherwise the loader skips ``batches`` batches, which is exact."""
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+    epoch, done = int(checkpoint["epoch"]), int(progress["processed"])
+    state = checkpoint.get(SEEN_KEY)
+    if state is None or int(state["epoch"]) != epoch:
+        return epoch, done, None, None
+    n = int(state["num_samples"])
+    seen = np.unpackbits(state["bits"].numpy(), count=n).astype(bool)
+    replan = int(state["world"]) != world or bool(state["replanned"])
+    return epoch, done, seen if replan else None, SeenSamples(n, (epoch, seen, replan))

@@ -162,7 +162,7 @@ class _Prepared:
         return tracking.run_description(
             self.cfg.model.family,
             max_steps=self.cfg.trainer.max_steps,
-            workers=self.cfg.scaling.num_workers,
+            workers=_workers_text(self.cfg.scaling),
             data=f"`{self.data_name}` version `{self.data_version}`{modified}",
             **done,
         )
@@ -342,7 +342,8 @@ def _run_opener(prep: _Prepared):
             family=cfg.model.family,
             data_name=prep.data_name,
             data_version=prep.data_version,
-            workers=cfg.scaling.num_workers,
+            # An elastic job's tag is its most workers; each attempt's size is in the worker logs.
+            workers=cfg.scaling.max_workers,
             git_sha=sha,
             registered_model=cfg.tracking.model_name(cfg.model.family),
         )
@@ -437,7 +438,12 @@ def _fit(job: TrainJob, progress: Progress | None, ray_start: RayStart, clock: S
         train_loop,
         train_loop_config=job.to_json(),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources
+            # An int, or (min, max): Ray Train V2's elastic policy then starts with what the cluster
+            # can place and resizes (restarting the workers from the last checkpoint) as it changes.
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=sc.elastic_resize_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=job.name,
@@ -588,7 +594,12 @@ def evaluation_threads(job: TrainJob) -> int:
     """The cores the job was given (workers x CPUs per worker), at most this machine's: the final
     evaluation runs after the workers are done, on their share of the machine."""
     sc = job.run.scaling
-    return max(1, min(os.cpu_count() or 1, int(sc.num_workers * sc.cpus_per_worker)))
+    return max(1, min(os.cpu_count() or 1, int(sc.max_workers * sc.cpus_per_worker)))
+
+
+def _workers_text(sc) -> str:
+    """``2``, or ``1-2`` for an elastic job (the run description says how many workers)."""
+    return f"{sc.min_workers}-{sc.max_workers}" if sc.elastic else str(sc.num_workers)
 
 
 def _final_evaluation(job: TrainJob, out: TrainResult, num_samples: int, say: Messages) -> dict[str, Any]:

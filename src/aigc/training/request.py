@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from aigc.config import ConfigError, RunConfig, apply_overrides, load_config, validate
+from aigc.config import ConfigError, RunConfig, apply_overrides, load_config, parse_workers, validate
 from aigc.contract import (
     ALIAS_CANDIDATE,
     DEFAULT_EVAL_SAMPLES,
@@ -36,7 +36,9 @@ class TrainRequest:
     overrides: list[str] = field(
         default_factory=list, metadata={"help": "dotted override KEY=VALUE (repeatable)"}
     )
-    workers: int | None = _option(None, "Ray Train workers (scaling.num_workers)")
+    workers: int | str | None = _option(
+        None, "Ray Train workers (scaling.num_workers): N, or MIN-MAX for elastic training"
+    )
     gpus_per_worker: float | None = _option(None, "GPUs per worker")
     ray_address: str | None = _option(None, "join this Ray cluster")
     name: str | None = _option(None, "run name (must be new)")
@@ -80,9 +82,10 @@ class TrainRequest:
         else:
             cfg = load_config(self.config, self.overrides)
         if self.workers is not None:
-            if self.workers < 1:
-                raise ConfigError(f"--workers must be >= 1, got {self.workers}")
-            cfg.scaling.num_workers = self.workers
+            try:
+                cfg.scaling.num_workers = parse_workers(self.workers)
+            except ValueError as err:
+                raise ConfigError(f"--workers: {err}") from None
         if self.gpus_per_worker is not None:
             cfg.scaling.gpus_per_worker = self.gpus_per_worker
             cfg.scaling.use_gpu = self.gpus_per_worker > 0

@@ -10,6 +10,7 @@ counts summed over ranks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,9 +25,14 @@ log = logging.getLogger("aigc.training")
 # Fault injection for tests of fault tolerance: the named rank exits hard at the named step on the
 # first attempt only (a marker file under the run folder remembers the attempt).
 FAULT_ENV = "AIGC_FAULT_EXIT_AT_STEP"  # "<rank>:<step>"
-# Tests of data parallelism and placement: each rank appends the sample keys it trained on and its
-# Ray node id to files in this folder.
+# Tests of data parallelism, placement and elastic resizes: each rank appends the sample keys it
+# trained on ("<step> <key> <epoch> <step the attempt started at>", valid samples only) and its Ray
+# node id to files in this folder, and rank 0 appends "<step> <world size>" to attempts.txt each time
+# training (re)starts.
 RECORD_ENV = "AIGC_RECORD_KEYS_DIR"
+# Tests that must act while a job is still training (kill a node, let it rejoin): sleep this many
+# seconds after every step, so the job outlasts what the test does on a fast machine.
+STEP_SLEEP_ENV = "AIGC_STEP_SLEEP_S"
 
 
 class _FaultInjection:
@@ -57,27 +63,28 @@ class _FaultInjection:
         return _Exit()
 
 
-def _data_position(ckpt_file: Path) -> tuple[int, int]:
-    """(epoch, batches of that epoch already trained on) from a Lightning checkpoint's loop state."""
-    import torch
-
-    ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=True, mmap=True)
-    progress = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
-    return int(ckpt["epoch"]), int(progress["processed"])
-
-
 def _key_recorder(folder: str):
     import pytorch_lightning as pl
     import ray
 
     class _Record(pl.Callback):
+        start = 0
+
         def on_train_start(self, trainer, pl_module):
+            self.start = trainer.global_step
             path = Path(folder) / f"node-rank{trainer.global_rank}.txt"
             path.write_text(ray.get_runtime_context().get_node_id())
+            if trainer.global_rank == 0:
+                with open(Path(folder) / "attempts.txt", "a") as f:
+                    f.write(f"{trainer.global_step} {trainer.world_size}\n")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            epoch = trainer.current_epoch
+            keys = [k for k, v in zip(batch["key"], batch["valid"].tolist(), strict=True) if v]
             with open(Path(folder) / f"keys-rank{trainer.global_rank}.txt", "a") as f:
-                f.write("".join(f"{trainer.global_step} {k}\n" for k in batch["key"]))
+                f.write("".join(f"{trainer.global_step} {k} {epoch} {self.start}\n" for k in keys))
+            if os.environ.get(STEP_SLEEP_ENV):
+                time.sleep(float(os.environ[STEP_SLEEP_ENV]))
 
     return _Record()
 
@@ -98,8 +105,10 @@ def train_loop(config: dict[str, Any]) -> None:
         BadSampleReport,
         MlflowMetrics,
         RngState,
+        SeenSamples,
         StartupTimer,
         StepCheckpoint,
+        resume_plan,
     )
     from aigc.training.job import TrainJob
     from aigc.training.trainer import build_trainer
@@ -130,42 +139,61 @@ def train_loop(config: dict[str, Any]) -> None:
         rank, job.tracking_uri, job.run_id, system_metrics=cfg.tracking.system_metrics
     )
 
-    callbacks: list[pl.Callback] = [
-        StepCheckpoint(tc.checkpoint_every_steps),
-        RngState(),
-        StartupTimer(logger, job.launched_at or worker_t0, worker_t0),
-        MlflowMetrics(
-            logger,
-            log_every=tc.log_every_steps,
-            sample_every=tc.sample_every_steps,
-            prompts=job.sample_prompts,
-            samples_per_rank_step=cfg.data.batch_size * tc.accumulate_grad_batches,
-            world_size=world,
-            final_grid=f"{job.run_dir}/{FINAL_GRID}",
-        ),
-        BadSampleReport(datamodule, logger),
-    ]
-    fault = os.environ.get(FAULT_ENV)
-    if fault:
-        callbacks.append(_FaultInjection(fault, Path(job.run_dir) / ".fault-injected").callback())
-    if os.environ.get(RECORD_ENV):
-        callbacks.append(_key_recorder(os.environ[RECORD_ENV]))
+    checkpoint = ray.train.get_checkpoint()
+    # The checkpoint's folder is opened once (from S3 it is a download) and kept for fit().
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as ckpt_dir:
+        ckpt_file = Path(ckpt_dir) / CHECKPOINT_NAME if ckpt_dir is not None else None
+        resume = None
+        if ckpt_file is not None:
+            # weights_only=True: plain tensors and JSON types only, never arbitrary pickles.
+            state = torch.load(ckpt_file, map_location="cpu", weights_only=True, mmap=True)
+            resume = resume_plan(state, world)
+            del state
+        callbacks: list[pl.Callback] = [
+            # First: it marks a batch's samples before StepCheckpoint may save after that batch.
+            (resume and resume[3]) or SeenSamples(datamodule.num_samples("train")),
+            StepCheckpoint(tc.checkpoint_every_steps),
+            RngState(),
+            StartupTimer(logger, job.launched_at or worker_t0, worker_t0),
+            MlflowMetrics(
+                logger,
+                log_every=tc.log_every_steps,
+                sample_every=tc.sample_every_steps,
+                prompts=job.sample_prompts,
+                samples_per_rank_step=cfg.data.batch_size * tc.accumulate_grad_batches,
+                world_size=world,
+                final_grid=f"{job.run_dir}/{FINAL_GRID}",
+            ),
+            BadSampleReport(datamodule, logger),
+        ]
+        fault = os.environ.get(FAULT_ENV)
+        if fault:
+            callbacks.append(_FaultInjection(fault, Path(job.run_dir) / ".fault-injected").callback())
+        if os.environ.get(RECORD_ENV):
+            callbacks.append(_key_recorder(os.environ[RECORD_ENV]))
 
-    trainer = build_trainer(module, use_gpu=sc.use_gpu, distributed=True, callbacks=callbacks)
-
-    try:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                step = json.loads((Path(d) / "aigc-step.json").read_text())["global_step"]
-                log.info("rank %d resumes from %s (step %d)", rank, checkpoint.path, step)
-                # Recorded in the run so a resume is visible in the UI (and testable).
-                logger.log_metrics({"train/resumed_from_step": float(step)}, step=step)
-                ckpt_file = Path(d) / CHECKPOINT_NAME
-                datamodule.resume_at(*_data_position(ckpt_file))
-                # weights_only=True: plain tensors and JSON types only, never arbitrary pickles.
-                trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_file), weights_only=True)
-        else:
-            trainer.fit(module, datamodule=datamodule)
-    finally:
-        logger.close()
+        trainer = build_trainer(module, use_gpu=sc.use_gpu, distributed=True, callbacks=callbacks)
+        try:
+            if resume is None:
+                trainer.fit(module, datamodule=datamodule)
+                return
+            step = json.loads((Path(ckpt_dir) / "aigc-step.json").read_text())["global_step"]
+            epoch, done, unseen_from, _ = resume
+            log.info(
+                "rank %d of %d resumes from %s (step %d, epoch %d after %d batches%s)",
+                rank,
+                world,
+                checkpoint.path,
+                step,
+                epoch,
+                done,
+                "; the rest of the epoch re-planned for this world size" if unseen_from is not None else "",
+            )
+            # Recorded in the run so a resume (and an elastic resize) is visible in the UI.
+            logger.log_metrics(
+                {"train/resumed_from_step": float(step), "train/world_size": float(world)}, step=step
+            )
+            datamodule.resume_at(epoch, done, unseen_from)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_file), weights_only=True)
+        finally:
+            logger.close()
