@@ -634,6 +634,41 @@ def test_serving_workers_are_ready_on_the_proxys_healthz(rendered: Rendered) -> 
             assert "readinessProbe" not in head, f"{label(overlay, doc)}: a head probe on the app deadlocks"
 
 
+def split_image(ref: str) -> tuple[str, str | None, str | None]:
+    """(name, tag, digest) of an image reference; a registry's :port is part of the name."""
+    name, _, digest = ref.partition("@")
+    if ":" in name.rsplit("/", 1)[-1]:
+        name, tag = name.rsplit(":", 1)
+        return name, tag, digest or None
+    return name, None, digest or None
+
+
+def test_every_image_has_an_explicit_tag_and_a_place_to_pin_its_digest(rendered: Rendered) -> None:
+    """No image floats: each has a tag other than `latest` (or a digest), and each is in its overlay's
+    `images:` block, where k8s/README.md says to pin digests."""
+    assert split_image("registry.example.com:5000/aigc:1.0@sha256:" + "0" * 64)[:2] == (
+        "registry.example.com:5000/aigc",
+        "1.0",
+    )
+    for overlay, docs in rendered.items():
+        kustomization = yaml.safe_load(
+            (ROOT / "k8s" / "overlays" / overlay / "kustomization.yaml").read_text()
+        )
+        listed = {i.get("newName", i["name"]) for i in kustomization["images"]}
+        seen = set()
+        for doc in docs:
+            for template in pod_templates(doc):
+                for c in containers(template):
+                    where = f"{label(overlay, doc)} {c['name']}"
+                    name, tag, digest = split_image(c["image"])
+                    assert tag or digest, f"{where}: {c['image']} has no tag"
+                    assert tag != "latest", f"{where}: {c['image']}"
+                    assert digest is None or re.fullmatch(r"sha256:[0-9a-f]{64}", digest), where
+                    assert name in listed, f"{where}: {name} is not in {overlay}/kustomization.yaml images"
+                    seen.add(name)
+        assert seen == listed, f"{overlay}: images listed but unused: {listed - seen}"
+
+
 def allows_outside_namespace(rule: dict[str, Any]) -> list[dict[str, Any]]:
     """The peers of an ingress rule that are not 'a pod of this namespace' ([{}] for no `from`)."""
     peers = rule.get("from") or [{}]
