@@ -669,6 +669,47 @@ def test_every_image_has_an_explicit_tag_and_a_place_to_pin_its_digest(rendered:
         assert seen == listed, f"{overlay}: images listed but unused: {listed - seen}"
 
 
+PULL_SECRETS = [{"name": "aigc-registry"}]
+
+
+def without_pull_secrets(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: without_pull_secrets(v) for k, v in obj.items() if k != "imagePullSecrets"}
+    if isinstance(obj, list):
+        return [without_pull_secrets(v) for v in obj]
+    return obj
+
+
+def test_private_registry_example_gives_every_pod_of_the_gpu_overlay_its_pull_secret(
+    rendered: Rendered,
+) -> None:
+    """k8s/examples/private-registry: the gpu overlay with imagePullSecrets on every pod spec, and
+    nothing else changed; the overlays themselves name no pull secret (it is optional)."""
+    kubectl = find_kubectl()
+    assert kubectl
+    docs = kustomize(kubectl, ROOT / "k8s" / "examples" / "private-registry")
+    count = 0
+    for doc in docs:
+        for i, template in enumerate(pod_templates(doc)):
+            assert template["spec"].get("imagePullSecrets") == PULL_SECRETS, (
+                f"{label('example', doc)} pod {i}"
+            )
+            wrapped = {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": "t"},
+                "template": template,
+            }
+            kubernetes_validate.validate(wrapped, K8S_VERSION, strict=True)
+            count += 1
+    assert count >= 11
+    assert without_pull_secrets(docs) == rendered["gpu"]
+    for overlay, doc in all_docs(rendered):
+        assert not find_key(doc, "imagePullSecrets"), f"{label(overlay, doc)}: a pull secret in an overlay"
+    k8s_readme = (ROOT / "k8s" / "README.md").read_text(encoding="utf-8")
+    assert "kubectl -n aigc create secret docker-registry aigc-registry" in k8s_readme
+
+
 def allows_outside_namespace(rule: dict[str, Any]) -> list[dict[str, Any]]:
     """The peers of an ingress rule that are not 'a pod of this namespace' ([{}] for no `from`)."""
     peers = rule.get("from") or [{}]
