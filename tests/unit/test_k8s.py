@@ -589,7 +589,7 @@ def test_ray_pods_log_in_to_mlflow_as_least_privilege_users_made_by_the_init_job
         spec = job["spec"]["template"]["spec"]
         assert spec["restartPolicy"] in ("OnFailure", "Never") and job["spec"]["backoffLimit"] >= 3
         (c,) = spec["containers"]
-        assert c["image"].split(":")[0].split("@")[0].rsplit("/", 1)[-1] == "aigc", c["image"]
+        assert split_image(c["image"])[0].rsplit("/", 1)[-1] == "aigc", c["image"]
         (mount,) = c["volumeMounts"]
         assert c["command"] == ["python", f"{mount['mountPath']}/init-users.py"]
         (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
