@@ -111,6 +111,8 @@ def _init_users(uri: str, **extra: str) -> subprocess.CompletedProcess[str]:
 
 
 def _client(uri: str, user: tuple[str, str], monkeypatch: pytest.MonkeyPatch):
+    """A client logged in as ``user``. MLflow reads the credentials from the environment at each
+    request, so the last client made decides who every client is: use each one before the next."""
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user[0])
