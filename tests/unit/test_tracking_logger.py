@@ -100,3 +100,23 @@ def test_a_server_dead_for_longer_than_the_bound_fails_the_caller_clearly(client
         logger.log_metrics({"train/loss": 1.0}, 2)
     assert logger.close(timeout=5)
     assert client.metrics == [] and logger.lost == 1
+
+
+@pytest.mark.timeout(30)
+def test_an_artifact_logged_while_the_server_is_down_is_uploaded_once_it_answers(client, tmp_path) -> None:
+    uploads: list[str] = []
+
+    def log_artifact(run_id, local_path, artifact_path=None):
+        if client.down.is_set():
+            raise MlflowException(f"API request to {URI}/api/2.0/mlflow/runs/get failed (Connection refused)")
+        uploads.append(local_path)
+
+    client.log_artifact = log_artifact
+    grid = tmp_path / "samples-final.png"
+    grid.write_bytes(b"png")
+    client.down.set()
+    threading.Timer(0.4, client.down.clear).start()  # the server is back 0.4 s later
+    logger = RunLogger(URI, "r" * 32, retry_initial_s=0.05, retry_max_s=0.1)
+    logger.log_artifact(grid)  # waits for the server instead of failing the job's last step
+    assert uploads == [str(grid)] and logger.errors > 0 and logger.lost == 0
+    assert logger.close(timeout=5)

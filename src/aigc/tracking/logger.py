@@ -126,6 +126,7 @@ class RunLogger(NullRunLogger):
         self.lost = 0  # values the server rejected, or still unsent when the logger gave up
         self.failure: str | None = None  # why the logger gave up (see the module docstring)
         self._failing_since: float | None = None
+        self._rejected: Exception | None = None  # the last error a request was dropped for
         self._thread = threading.Thread(target=self._drain, name=f"aigc-mlflow-{run_id[:8]}", daemon=True)
         self._thread.start()
         self._monitor = None
@@ -189,14 +190,18 @@ class RunLogger(NullRunLogger):
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file or folder now (synchronous: callers log artifacts rarely and may delete the
-        file afterwards). Raises ``FileNotFoundError`` naming ``path`` if it does not exist."""
+        file afterwards), tried again while the server is away like every other request: this waits
+        up to ``give_up_after_s`` for it. Raises ``FileNotFoundError`` naming ``path`` if it does not
+        exist, the server's error if it rejects the upload, :class:`TrackingUnavailable` if the
+        logger gives up on the server."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"artifact {path} does not exist")
-        if path.is_dir():
-            self._client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+        self._check_open()
+        upload = self._client.log_artifacts if path.is_dir() else self._client.log_artifact
+        if not self._call(1, upload, self.run_id, str(path), artifact_path):
+            self._raise_if_failed()
+            raise self._rejected or TrackingUnavailable(f"MLflow did not take artifact {path}")
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far has been sent (or dropped); False on timeout.
@@ -330,6 +335,7 @@ class RunLogger(NullRunLogger):
             except Exception as err:  # noqa: BLE001 - a logging failure must never kill this thread
                 self.errors += 1
                 if not _may_pass(err):
+                    self._rejected = err
                     _log.warning("MLflow %s rejected for run %s; dropped", name, self.run_id, exc_info=True)
                     break
                 now = time.monotonic()
