@@ -277,6 +277,10 @@ def lightning_precision(requested: str, use_gpu: bool) -> str:
 STORAGE_PATH_ENV = "AIGC_STORAGE_PATH"
 
 
+#: An elastic job's default ``scaling.worker_start_timeout_s``; see there.
+ELASTIC_START_TIMEOUT_S = 30.0
+
+
 def parse_workers(value: Any) -> int | tuple[int, int]:
     """``scaling.num_workers`` / ``--workers``: ``N`` (fixed), or ``[MIN, MAX]`` / ``"MIN-MAX"``
     (elastic: Ray Train runs with as many workers between MIN and MAX as the cluster can place).
@@ -315,6 +319,13 @@ class ScalingConfig(StrictModel):
         gt=0.0,
         description="elastic training: how often a healthy job checks whether more workers fit",
     )
+    worker_start_timeout_s: float | None = Field(
+        None,
+        gt=0.0,
+        description=f"seconds Ray Train waits for a worker group to be placed before it retries; default "
+        f"Ray's 60, or {ELASTIC_START_TIMEOUT_S:g} for an elastic job (a node just lost is still counted as "
+        "ready for a while, and a start that waits for it is retried with the workers left)",
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(0.0, ge=0.0)
@@ -342,6 +353,13 @@ class ScalingConfig(StrictModel):
     @property
     def max_workers(self) -> int:
         return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def start_timeout_s(self) -> float | None:
+        """``worker_start_timeout_s``, else the elastic default, else None (Ray's own)."""
+        if self.worker_start_timeout_s is not None:
+            return self.worker_start_timeout_s
+        return ELASTIC_START_TIMEOUT_S if self.elastic else None
 
 
 class TrackingConfig(StrictModel):

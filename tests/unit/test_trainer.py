@@ -226,3 +226,26 @@ def test_a_resume_replans_the_rest_of_the_epoch_only_when_the_world_changed() ->
     # A checkpoint without the entry (older), or of an epoch the entry does not describe, skips.
     assert resume_plan(_checkpoint(2, 5, None), world=3)[2:] == (None, None)
     assert resume_plan(_checkpoint(3, 0, state), world=3)[2:] == (None, None)
+
+
+def test_an_elastic_job_waits_less_for_a_worker_group_to_start(monkeypatch) -> None:
+    """Ray counts a just-lost node as ready for a while; an elastic start that waits for it gives up
+    after 30 s (not Ray's 60) and retries with the workers left. Fixed-size jobs keep Ray's default,
+    an exported value wins over the elastic default, an explicit config value over both."""
+    import os
+
+    from aigc.training.launcher import START_TIMEOUT_ENV, _start_timeout
+
+    def inside(*overrides: str) -> str | None:
+        with _start_timeout(load_config(None, list(overrides)).scaling):
+            return os.environ.get(START_TIMEOUT_ENV)
+
+    monkeypatch.delenv(START_TIMEOUT_ENV, raising=False)
+    assert inside("scaling.num_workers=2") is None
+    assert inside("scaling.num_workers=1-2") == "30"
+    assert inside("scaling.num_workers=2", "scaling.worker_start_timeout_s=300") == "300"
+    assert START_TIMEOUT_ENV not in os.environ  # restored
+    monkeypatch.setenv(START_TIMEOUT_ENV, "90")
+    assert inside("scaling.num_workers=1-2") == "90"
+    assert inside("scaling.num_workers=1-2", "scaling.worker_start_timeout_s=5") == "5"
+    assert os.environ[START_TIMEOUT_ENV] == "90"

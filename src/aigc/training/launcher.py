@@ -458,7 +458,8 @@ def _fit(job: TrainJob, progress: Progress | None, ray_start: RayStart, clock: S
     clock.mark("submit")
     startup = _startup_figures(job, clock, ray_start.seconds, ray_wait)
     try:
-        result = trainer.fit()
+        with _start_timeout(sc):
+            result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         # Ray's message carries each failing rank's traceback snippet: keep it for the user and the
         # MLflow run's aigc.error tag.
@@ -470,6 +471,34 @@ def _fit(job: TrainJob, progress: Progress | None, ray_start: RayStart, clock: S
     if result.error is not None:
         raise TrainError(f"training failed: {result.error}") from result.error
     return result
+
+
+#: Ray Train's setting for how long a worker group may take to be placed and started. Read from the
+#: driver's environment when ``fit()`` starts the controller, which passes it on (ray 2.60,
+#: ray/train/v2/_internal/constants.py ENV_VARS_TO_PROPAGATE).
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+@contextmanager
+def _start_timeout(sc) -> Iterator[None]:
+    """``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` for the duration of ``fit()`` (restored after, so an
+    in-process caller's next job is not affected): ``scaling.worker_start_timeout_s`` when set, else
+    what the user exported, else the elastic default (:attr:`ScalingConfig.start_timeout_s`)."""
+    old = os.environ.get(START_TIMEOUT_ENV)
+    seconds = sc.worker_start_timeout_s
+    if seconds is None and old is None:
+        seconds = sc.start_timeout_s  # the elastic default, or None: Ray's own
+    if seconds is None:
+        yield
+        return
+    os.environ[START_TIMEOUT_ENV] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(START_TIMEOUT_ENV, None)
+        else:
+            os.environ[START_TIMEOUT_ENV] = old
 
 
 def _startup_figures(job: TrainJob, clock: StartupClock, ray_s: float, ray_wait_s: float) -> dict[str, float]:
