@@ -392,20 +392,27 @@ def test_every_container_runs_as_non_root_with_requests_and_limits(
     assert count >= 20
 
 
-# Labels KubeRay v1.7.0 puts on every Ray pod (ray-operator/controllers/ray/common/pod.go,
-# labelPod; keys in ray-operator/controllers/ray/utils/constant.go): the ray.io/* keys are always
-# KubeRay's; app.kubernetes.io/name defaults to kuberay but a template's own value replaces it, and
-# the RayJob- and RayService-level head Services select app.kubernetes.io/name=kuberay, so a
-# template that sets that key makes those Services select no pod (KubeRay #2648).
+# Labels KubeRay v1.7.0 puts on every Ray pod, read in its source (tag ray-operator/v1.7.0):
+# ray-operator/controllers/ray/common/pod.go `labelPod` (lines 1167-1191; called at 236 for the head
+# with group "headgroup", utils/constant.go:352, and at 671 for a worker group) starts from
+# ray.io/is-ray-node=yes, ray.io/cluster, ray.io/node-type, ray.io/group, ray.io/identifier
+# (<cluster>-<type>, utils/util.go:385), app.kubernetes.io/name=kuberay and
+# app.kubernetes.io/created-by=kuberay-operator (utils/constant.go:19-23, 98-99, 126, 129), then
+# lets the template's labels (merged with the group's `labels`) override every key except
+# ray.io/node-type, ray.io/group and ray.io/cluster. A head Service (common/service.go
+# `HeadServiceLabels`, lines 25-33) selects cluster, node-type, identifier, name=kuberay and
+# created-by; the RayJob- and RayService-level head Services use the same labels, so a template
+# that sets app.kubernetes.io/name makes them select no pod (KubeRay #2648).
 def kuberay_pod_labels(cluster: str, template: dict[str, Any], node_type: str, group: str) -> dict[str, str]:
     return {
+        "ray.io/is-ray-node": "yes",
+        "ray.io/identifier": f"{cluster}-{node_type}"[-63:],
         "app.kubernetes.io/name": "kuberay",
         "app.kubernetes.io/created-by": "kuberay-operator",
         **template.get("metadata", {}).get("labels", {}),
         "ray.io/cluster": cluster,
         "ray.io/node-type": node_type,
         "ray.io/group": group,
-        "ray.io/is-ray-node": "yes",
     }
 
 
@@ -427,8 +434,16 @@ def test_network_policies_and_head_services_select_the_ray_pods(rendered: Render
                 ]
                 for labels in pods:
                     where = f"{label(overlay, doc)} {labels['ray.io/node-type']}"
-                    # The head Services of a RayJob / RayService select these (KubeRay #2648).
-                    assert selects({"matchLabels": {"app.kubernetes.io/name": "kuberay"}}, labels), where
+                    # The head Services of a RayJob / RayService select the head (KubeRay #2648).
+                    if labels["ray.io/node-type"] == "head":
+                        head_service = {
+                            "ray.io/cluster": name,
+                            "ray.io/node-type": "head",
+                            "ray.io/identifier": f"{name}-head"[-63:],
+                            "app.kubernetes.io/name": "kuberay",
+                            "app.kubernetes.io/created-by": "kuberay-operator",
+                        }
+                        assert selects({"matchLabels": head_service}, labels), where
                     assert selects(policies["aigc-ray-internal"]["spec"]["podSelector"], labels), where
                     serving = selects(policies["aigc-ray-serve"]["spec"]["podSelector"], labels)
                     # Serve's port 8000 (the Ingress, and the operator's /-/healthz of the head's
