@@ -8,7 +8,10 @@ Each host is a network namespace with its own loopback and an ``eth0`` (one end 
 other end is on a bridge in the root namespace); the bridge carries 10.R.0.1/24 so the test process
 can reach the hosts too. Only the network is separate: the hosts share this machine's files (and its
 ``/etc/hosts``, where this machine's name may resolve to 127.0.0.1, as on many bare-metal hosts).
-Names carry this process's id, so parallel runs and leftovers do not collide. Needs root and
+Names carry this process's id and a count of the hosts made in it (a second ``hosts()`` in the same
+pytest process must not meet the first's veth, which outlives ``ip netns del`` while a socket in the
+namespace is still closing); a name already taken, by a leftover of an earlier run, is skipped. On
+exit the TCP sockets in each namespace are destroyed (``ss -K``) before it is deleted. Needs root and
 iproute2's ``ip``; :func:`unavailable` says why a test must skip. Processes started with
 :meth:`Hosts.popen` are stopped by their process group id on exit, then the namespaces and the
 bridge are deleted, whatever happened in between.
@@ -17,6 +20,7 @@ bridge are deleted, whatever happened in between.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -68,11 +72,28 @@ class Hosts:
             proc.wait(timeout=30)
 
 
+_made = itertools.count()  # hosts() calls in this process: each gets new names and a new subnet
+
+
+def _taken(link: str) -> bool:
+    return subprocess.run(["ip", "link", "show", link], capture_output=True, check=False).returncode == 0
+
+
+def _new_tag() -> tuple[str, int]:
+    """A name tag and a subnet no link on this machine uses yet (interface names: 15 bytes at most)."""
+    pid = os.getpid() % 100000
+    for _ in range(100):
+        n = next(_made)
+        tag = f"{pid}x{n % 100}"
+        if not _taken(f"aigcbr{tag}") and not _taken(f"aigcv{tag}h0"):
+            return tag, 10 + (pid + 37 * n) % 240  # 10.<subnet>.0.0/24
+    raise RuntimeError("no free name for a test bridge: remove the leftover aigc* links (ip link)")
+
+
 @contextlib.contextmanager
 def hosts(count: int) -> Iterator[Hosts]:
     """``count`` namespaces on one new bridge; everything removed on exit."""
-    tag = f"{os.getpid() % 100000}"
-    subnet = 10 + os.getpid() % 200  # 10.<subnet>.0.0/24: unlikely to meet a leftover of another run
+    tag, subnet = _new_tag()
     bridge = f"aigcbr{tag}"
     net = Hosts(
         names=[f"aigc{tag}h{i}" for i in range(count)],
@@ -98,6 +119,15 @@ def hosts(count: int) -> Iterator[Hosts]:
         for proc in net.procs:
             net.stop(proc)
         for name in made:  # deleting a namespace deletes its end of the veth, and so the pair
+            # A socket still closing (TIME_WAIT, FIN_WAIT) keeps the namespace, and with it the veth,
+            # alive after `ip netns del`; destroy them first (ss -K needs CONFIG_INET_DIAG_DESTROY:
+            # where it is missing the names are simply not reused).
+            subprocess.run(
+                ["ip", "netns", "exec", name, "ss", "-K", "-t", "-a"],
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
             with contextlib.suppress(RuntimeError):
                 _ip("netns", "del", name)
         with contextlib.suppress(RuntimeError):

@@ -95,6 +95,7 @@ def test_ray_job_submit_trains_on_both_nodes_into_the_store_and_storage_it_was_g
     assert "succeeded" in out.stdout and "FINISHED" in out.stdout
     keys = submitted_job["keys"]
     assert sorted(p.name for p in keys.iterdir()) == [
+        "attempts.txt",
         "keys-rank0.txt",
         "keys-rank1.txt",
         "node-rank0.txt",
@@ -103,6 +104,7 @@ def test_ray_job_submit_trains_on_both_nodes_into_the_store_and_storage_it_was_g
     assert len({(keys / f"node-rank{r}.txt").read_text() for r in (0, 1)}) == 2, (
         "both workers ran on one node"
     )
+    assert (keys / "attempts.txt").read_text().split() == ["0", "2"], "one attempt, from step 0, on 2 workers"
     # The runtime env's store and storage, not the working-dir package Ray deletes.
     job = json.loads((submitted_job["runs"] / "submitted" / "aigc-job.json").read_text())
     assert job["tracking_uri"] == submitted_job["uri"]
