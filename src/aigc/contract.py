@@ -26,9 +26,12 @@ from typing import Any
 #: The job record ``aigc train`` writes into the run folder (``aigc.training.job``); resume reads it.
 JOB_FILE = "aigc-job.json"
 #: Every reported checkpoint is a folder ``checkpoint-step<8-digit step>`` under the run folder,
-#: holding one Lightning file :data:`CHECKPOINT_NAME`; the names sort in step order.
+#: holding one Lightning file :data:`CHECKPOINT_NAME` and :data:`STEP_FILE` (``{"global_step": N}``);
+#: the names sort in step order. A folder is complete when both are there and neither is empty.
 CHECKPOINT_DIR_PREFIX = "checkpoint-step"
 CHECKPOINT_NAME = "checkpoint.ckpt"
+STEP_FILE = "aigc-step.json"
+CHECKPOINT_FILES = (STEP_FILE, CHECKPOINT_NAME)
 
 
 def checkpoint_dir_name(step: int) -> str:

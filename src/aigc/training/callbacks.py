@@ -3,7 +3,8 @@
 - :class:`StepCheckpoint`: a Lightning checkpoint every N optimiser steps and at the end, written
   by rank 0 and reported to Ray Train by every rank (``ray.train.report`` is a barrier: all ranks
   must call it the same number of times). Ray's own ``RayTrainReportCallback`` saves at epoch end
-  only and has every rank upload the same file (ray 2.60).
+  only and has every rank upload the same file (ray 2.60). Rank 0's upload is
+  :func:`upload_checkpoint`: Ray's copy, then every file checked in storage, retried, else an error.
 - :class:`MlflowMetrics`: rank-0 metrics (``train/*``, ``val/*``, ``perf/samples_per_s``, ``lr``) and
   sample grids, sent through the non-blocking :class:`aigc.tracking.RunLogger`; the final grid is
   also written beside the checkpoints and logged as the run's ``samples-final.png`` artifact.
@@ -33,7 +34,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from aigc.contract import CHECKPOINT_NAME, checkpoint_dir_name
+from aigc.contract import CHECKPOINT_NAME, STEP_FILE, checkpoint_dir_name
 
 
 def _scalar_metrics(trainer: pl.Trainer, prefix: tuple[str, ...]) -> dict[str, float]:
@@ -44,6 +45,89 @@ def _scalar_metrics(trainer: pl.Trainer, prefix: tuple[str, ...]) -> dict[str, f
             if math.isfinite(value):
                 out[k] = value
     return out
+
+
+#: How often :func:`upload_checkpoint` tries again, and its first wait (doubled each time): the waits
+#: add up to 63 s, longer than the storage outages a job should ride out.
+UPLOAD_RETRIES = 6
+UPLOAD_BACKOFF_S = 1.0
+
+
+class CheckpointUploadError(RuntimeError):
+    """A checkpoint could not be written complete to the storage path: the job fails with this
+    rather than have Ray register a checkpoint that a resume could not load."""
+
+
+def upload_checkpoint(
+    checkpoint,
+    checkpoint_dir_name: str,
+    *,
+    storage=None,
+    retries: int = UPLOAD_RETRIES,
+    backoff_s: float = UPLOAD_BACKOFF_S,
+):
+    """Ray Train's ``checkpoint_upload_fn`` (ray 2.60 calls it with the local checkpoint and the
+    folder name): persist the local ``checkpoint`` folder as Ray's default would, then check that
+    every one of its files is in storage with the same size; on an error or a difference wait
+    (``backoff_s``, doubled each time) and try again, ``retries`` times, then raise
+    :class:`CheckpointUploadError`. Returns the persisted ``ray.train.Checkpoint`` for Ray to register.
+
+    Why Ray's upload alone is not enough: pyarrow's S3 output stream ignores a failed part upload
+    when it is closed ("Error ignored when destroying file of type ObjectOutputStream"), so
+    ``pyarrow.fs.copy_files`` returns, Ray logs "Checkpoint successfully created" and registers a
+    folder without its files (S3 cut off mid-upload, ``tests/integration/test_outage_s3.py``).
+
+    ``storage`` is Ray's ``StorageContext`` (``ray.train.get_context().get_storage()`` when None):
+    the copy is its ``persist_current_checkpoint``, so the checkpoint lands where, and on the
+    filesystem object, Ray expects it. The final error names the checkpoint, the destination and
+    what was wrong; the storage error itself is its ``__cause__``, not in its message: Ray retries
+    an upload whose error message reads like a transient AWS error (``AWS_RETRYABLE_TOKENS``, 3
+    attempts), which would run these retries three times over.
+    """
+    import pyarrow.fs
+
+    if storage is None:
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+    fs, dest = storage.storage_filesystem, storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+    where = f"{fs.type_name}://{dest}" if fs.type_name in ("s3", "gcs", "abfs", "hdfs") else dest
+    source = checkpoint.path.rstrip("/")
+    local = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(source, recursive=True))
+    # Relative name -> size of every file the checkpoint holds (aigc's: STEP_FILE and CHECKPOINT_NAME).
+    expected = {i.path[len(source) + 1 :]: i.size for i in local if i.type == pyarrow.fs.FileType.File}
+    names, problem = sorted(expected), ""
+    for attempt in range(retries + 1):
+        if attempt:
+            wait = backoff_s * 2 ** (attempt - 1)
+            print(
+                f"aigc: checkpoint {checkpoint_dir_name} not written complete to {where}: {problem}; "
+                f"retry {attempt} of {retries} in {wait:g} s",
+                flush=True,
+            )
+            time.sleep(wait)
+        error = None
+        try:
+            persisted = storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+            stored = fs.get_file_info([f"{dest}/{name}" for name in names])
+        except Exception as err:  # noqa: BLE001 - any storage error is retried, then raised below
+            error, problem = err, f"{type(err).__name__}: {err}"
+            continue
+        wrong = [
+            f"{name} is {'missing' if info.type != pyarrow.fs.FileType.File else f'{info.size} bytes'}, "
+            f"not {expected[name]} bytes"
+            for name, info in zip(names, stored, strict=True)
+            if info.type != pyarrow.fs.FileType.File or info.size != expected[name]
+        ]
+        if not wrong:
+            return persisted
+        problem = "; ".join(wrong)
+    last = f"the last try raised {type(error).__name__} (the cause below)" if error else problem
+    raise CheckpointUploadError(
+        f"checkpoint {checkpoint_dir_name} could not be written complete to the storage path {where} "
+        f"in {retries + 1} tries ({last}); the job stops rather than register a checkpoint that a "
+        "resume could not load"
+    ) from error
 
 
 class StepCheckpoint(pl.Callback):
@@ -68,9 +152,14 @@ class StepCheckpoint(pl.Callback):
             trainer.save_checkpoint(tmp / CHECKPOINT_NAME)
             checkpoint = None
             if trainer.global_rank == 0:
-                (tmp / "aigc-step.json").write_text(json.dumps({"global_step": step}))
+                (tmp / STEP_FILE).write_text(json.dumps({"global_step": step}))
                 checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(step))
+            ray.train.report(
+                metrics,
+                checkpoint=checkpoint,
+                checkpoint_dir_name=checkpoint_dir_name(step),
+                checkpoint_upload_fn=upload_checkpoint,
+            )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
