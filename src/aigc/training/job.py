@@ -6,7 +6,8 @@ the tokenizer, the sample-grid prompts) into a ``TrainJob``, writes it to
 ``<storage>/<name>/aigc-job.json``, and hands the same JSON to every Ray worker;
 ``aigc train --resume NAME`` reads it back. Workers run in Ray's session folder, possibly on other
 machines, so every path in it is absolute and every value plain JSON. The run folder's other
-contents (the checkpoints, :func:`final_checkpoint`) are named by :mod:`aigc.contract`.
+contents (the checkpoints, :func:`complete_checkpoints`, :func:`final_checkpoint`) are named by
+:mod:`aigc.contract`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from typing import Any
 from pydantic import Field
 
 from aigc.config import RunConfig, StrictModel
-from aigc.contract import CHECKPOINT_DIR_PREFIX, CHECKPOINT_NAME, JOB_FILE, TAG_DATA_MODIFIED
+from aigc.contract import (
+    CHECKPOINT_DIR_PREFIX,
+    CHECKPOINT_FILES,
+    CHECKPOINT_NAME,
+    JOB_FILE,
+    TAG_DATA_MODIFIED,
+)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -50,6 +57,9 @@ class TrainJob(StrictModel):
     launched_at: float = Field(0.0, description="time.time() of this launch's train() call")
     allow_modified_data: bool = Field(
         False, description="train on shards that differ from the manifest (--allow-modified-data)"
+    )
+    resumed: bool = Field(
+        False, description="this launch is an `aigc train --resume`: see worker.train_loop's fallback"
     )
 
     def to_json(self) -> dict[str, Any]:
@@ -275,15 +285,34 @@ def write_job(job: TrainJob) -> str:
     return url
 
 
-def final_checkpoint(run_dir: str) -> str | None:
-    """The checkpoint file of the newest ``checkpoint-step*`` folder under a run folder (local or
-    URL), or None when there is none. The folders' names sort in step order
-    (:func:`aigc.contract.checkpoint_dir_name`), so after a ``--resume`` the newest is the resumed
-    job's last, whichever launch wrote it."""
+def complete_checkpoints(run_dir: str) -> list[str]:
+    """The complete ``checkpoint-step*`` folders under a run folder (local or URL), as URLs, newest
+    last: those holding every file aigc writes in one (:data:`aigc.contract.CHECKPOINT_FILES`), none
+    of them empty. A folder a storage outage cut short (files missing, or left empty by an upload
+    that failed) is left out. The folders' names sort in step order
+    (:func:`aigc.contract.checkpoint_dir_name`)."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(run_dir)
-    steps = sorted(p for p in fs.glob(f"{path.rstrip('/')}/{CHECKPOINT_DIR_PREFIX}*") if fs.isdir(p))
-    if not steps:
-        return None
-    return f"{run_dir.rstrip('/')}/{steps[-1].rsplit('/', 1)[-1]}/{CHECKPOINT_NAME}"
+    root = path.rstrip("/")
+    fs.invalidate_cache(root)  # s3fs keeps listings: this one must see the storage as it is now
+    complete = []
+    for folder in sorted(fs.glob(f"{root}/{CHECKPOINT_DIR_PREFIX}*")):
+        if not fs.isdir(folder):
+            continue
+        sizes = {
+            info["name"].rstrip("/").rsplit("/", 1)[-1]: info.get("size") or 0
+            for info in fs.ls(folder, detail=True)
+            if info["type"] == "file"
+        }
+        if all(sizes.get(name, 0) > 0 for name in CHECKPOINT_FILES):
+            complete.append(f"{run_dir.rstrip('/')}/{folder.rsplit('/', 1)[-1]}")
+    return complete
+
+
+def final_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint file of the newest complete ``checkpoint-step*`` folder under a run folder
+    (:func:`complete_checkpoints`), or None when there is none: a folder cut short is never loaded
+    or exported. After a ``--resume`` the newest is the resumed job's last, whichever launch wrote it."""
+    complete = complete_checkpoints(run_dir)
+    return f"{complete[-1]}/{CHECKPOINT_NAME}" if complete else None

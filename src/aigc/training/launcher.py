@@ -410,6 +410,7 @@ def _write_job(prep: _Prepared, started: _Started) -> TrainJob:
         sample_prompts=sample_prompts(prep.location),
         launched_at=prep.launched_at,
         allow_modified_data=prep.request.allow_modified_data,
+        resumed=prep.saved is not None,
     )
     write_job(job)
     prep.clock.mark("job_file")

@@ -4,8 +4,9 @@ Everything arrives in ``config`` as the job's :class:`~aigc.training.job.TrainJo
 (resolved by the driver: absolute paths, the MLflow URI and run id, the tokenizer), because
 workers run in Ray's session folder on possibly other machines. Distributed concerns stay here:
 rank-zero logging, the Ray strategy (through ``build_trainer(distributed=True)``), resuming from
-``ray.train.get_checkpoint()``, and (in its callbacks) checkpoint reports and the skipped-sample
-counts summed over ranks.
+``ray.train.get_checkpoint()`` (or, on an ``aigc train --resume`` Ray has no checkpoint for, from
+the run folder's newest complete checkpoint: :func:`_stored_checkpoint`), and (in its callbacks)
+checkpoint reports and the skipped-sample counts summed over ranks.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aigc.contract import FINAL_GRID
+from aigc.contract import FINAL_GRID, STEP_FILE
 
 log = logging.getLogger("aigc.training")
 
@@ -89,6 +90,37 @@ def _key_recorder(folder: str):
     return _Record()
 
 
+def _stored_checkpoint(run_dir: str):
+    """The newest complete ``checkpoint-step*`` folder of the run (:func:`~aigc.training.job.
+    complete_checkpoints`) as a ``ray.train.Checkpoint`` on Ray's storage filesystem, or None.
+
+    For a resumed run Ray hands no checkpoint: Ray Train 2.60 restores from its
+    ``checkpoint_manager_snapshot.json`` only, and the controller does not retry writing it, so a
+    storage outage during its first write fails the job with no snapshot at all although complete
+    checkpoints are in the run folder (``tests/integration/test_outage_s3.py``, ``no-route``). Every
+    rank lists the same folder after the previous job ended, so every rank picks the same one."""
+    import ray.train
+
+    from aigc.training.job import complete_checkpoints
+
+    complete = complete_checkpoints(run_dir)
+    if not complete:
+        print(
+            f"aigc: resuming {run_dir}: neither Ray Train nor the run folder has a complete checkpoint",
+            flush=True,
+        )
+        return None
+    name = complete[-1].rsplit("/", 1)[-1]
+    print(
+        f"aigc: resuming {run_dir}: Ray Train has no checkpoint of it (its checkpoint_manager_snapshot"
+        f".json lists none: the run may have failed before Ray wrote it); resuming from {name}, the "
+        "newest complete checkpoint folder",
+        flush=True,
+    )
+    storage = ray.train.get_context().get_storage()
+    return ray.train.Checkpoint(storage.build_checkpoint_path_from_name(name), storage.storage_filesystem)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train entry point: ``config`` is a :class:`~aigc.training.job.TrainJob` as JSON; build data
     and model from it and fit with the Ray DDP strategy (see :func:`build_trainer`)."""
@@ -140,6 +172,8 @@ def train_loop(config: dict[str, Any]) -> None:
     )
 
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and job.resumed:
+        checkpoint = _stored_checkpoint(job.run_dir)
     # The checkpoint's folder is opened once (from S3 it is a download) and kept for fit().
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as ckpt_dir:
         ckpt_file = Path(ckpt_dir) / CHECKPOINT_NAME if ckpt_dir is not None else None
@@ -177,7 +211,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if resume is None:
                 trainer.fit(module, datamodule=datamodule)
                 return
-            step = json.loads((Path(ckpt_dir) / "aigc-step.json").read_text())["global_step"]
+            step = json.loads((Path(ckpt_dir) / STEP_FILE).read_text())["global_step"]
             epoch, done, unseen_from, _ = resume
             log.info(
                 "rank %d of %d resumes from %s (step %d, epoch %d after %d batches%s)",
