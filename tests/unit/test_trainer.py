@@ -1,5 +1,7 @@
-"""The one Trainer builder (aigc.training.trainer.build_trainer): the rules every caller shares; and
-the driver's inputs that need no Ray: the training request and the run folder's final checkpoint."""
+"""The one Trainer builder (aigc.training.trainer.build_trainer): the rules every caller shares; the
+driver's inputs that need no Ray: the training request and the run folder's complete and final
+checkpoints; and the checkpoint upload a worker hands Ray (on Ray's own StorageContext, no Ray
+started)."""
 
 from __future__ import annotations
 
@@ -140,16 +142,124 @@ def test_a_resume_keeps_the_jobs_config_under_the_options_given_now() -> None:
         TrainRequest.of(request, ["x=1"])
 
 
-def test_the_final_checkpoint_is_the_newest_step_folder(tmp_path: Path) -> None:
-    from aigc.contract import CHECKPOINT_NAME, checkpoint_dir_name
-    from aigc.training.job import final_checkpoint
+def _checkpoint_folder(run_dir: Path, step: int, sizes: dict[str, int] | None = None) -> Path:
+    """A checkpoint folder as StepCheckpoint writes it: each file ``sizes[name]`` bytes (8 unless
+    given; None leaves the file out)."""
+    from aigc.contract import CHECKPOINT_FILES, checkpoint_dir_name
+
+    folder = run_dir / checkpoint_dir_name(step)
+    folder.mkdir(parents=True)
+    for name in CHECKPOINT_FILES:
+        size = (sizes or {}).get(name, 8)
+        if size is not None:
+            (folder / name).write_bytes(b"x" * size)
+    return folder
+
+
+def test_the_final_checkpoint_is_the_newest_complete_step_folder(tmp_path: Path) -> None:
+    from aigc.contract import CHECKPOINT_NAME, STEP_FILE, checkpoint_dir_name
+    from aigc.training.job import complete_checkpoints, final_checkpoint
 
     run_dir = tmp_path / "run"
-    assert final_checkpoint(str(run_dir)) is None
+    assert final_checkpoint(str(run_dir)) is None and complete_checkpoints(str(run_dir)) == []
     for step in (100, 20, 1000):
-        (run_dir / checkpoint_dir_name(step)).mkdir(parents=True)
+        _checkpoint_folder(run_dir, step)
     (run_dir / f"{checkpoint_dir_name(5000)}.tmp").write_text("")  # a file, not a checkpoint
-    assert final_checkpoint(f"{run_dir}/") == f"{run_dir}/{checkpoint_dir_name(1000)}/{CHECKPOINT_NAME}"
+    # Newer folders cut short by a storage outage: a file missing, a file left empty, nothing.
+    _checkpoint_folder(run_dir, 2000, {CHECKPOINT_NAME: None})
+    _checkpoint_folder(run_dir, 3000, {CHECKPOINT_NAME: 0})
+    _checkpoint_folder(run_dir, 4000, {STEP_FILE: 0})
+    (run_dir / checkpoint_dir_name(4500)).mkdir()
+    expected = [f"{run_dir}/{checkpoint_dir_name(step)}" for step in (20, 100, 1000)]  # newest last
+    assert complete_checkpoints(f"{run_dir}/") == expected
+    assert final_checkpoint(f"{run_dir}/") == f"{expected[-1]}/{CHECKPOINT_NAME}"
+
+
+def _cut_uploads(cuts: int):
+    """A pyarrow filesystem on local files whose first ``cuts`` writes of a checkpoint file keep its
+    first 100 bytes only and report no error: what pyarrow's S3 output stream did when S3 went away
+    during a part upload (it ignores the failed upload when the stream is closed). Real files and
+    pyarrow's own copy (``pyarrow.fs.PyFileSystem`` is its interface for filesystems written in
+    Python); only the lost bytes are made up: losing them for real needs an S3 server that goes
+    away (tests/integration/test_outage_s3.py)."""
+    import io
+
+    import fsspec
+    import pyarrow
+    import pyarrow.fs
+
+    from aigc.contract import CHECKPOINT_NAME
+
+    class Lossy(io.RawIOBase):
+        def __init__(self, f):
+            self.f, self.kept = f, 0
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data) -> int:
+            keep = bytes(data)[: max(0, 100 - self.kept)]
+            self.kept += len(keep)
+            self.f.write(keep)
+            return len(data)
+
+        def close(self) -> None:
+            self.f.close()
+            super().close()
+
+    class Handler(pyarrow.fs.FSSpecHandler):
+        left = cuts
+
+        def open_output_stream(self, path, metadata):
+            if path.endswith(CHECKPOINT_NAME) and self.left:
+                self.left -= 1
+                return pyarrow.PythonFile(Lossy(self.fs.open(path, "wb")), mode="w")
+            return super().open_output_stream(path, metadata)
+
+    return pyarrow.fs.PyFileSystem(Handler(fsspec.filesystem("file")))
+
+
+def test_a_checkpoint_upload_is_checked_in_storage_and_retried(tmp_path: Path, capsys) -> None:
+    """upload_checkpoint (StepCheckpoint's checkpoint_upload_fn): a copy that left a short file is
+    seen in storage and done again; one that stays short fails the job, naming the checkpoint and
+    the storage path, after the retries (each printed), instead of letting Ray register it."""
+    from ray.train import Checkpoint
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    from aigc.contract import CHECKPOINT_NAME
+    from aigc.training.callbacks import CheckpointUploadError, upload_checkpoint
+
+    local = _checkpoint_folder(tmp_path / "local", 20, {CHECKPOINT_NAME: 5000})
+    checkpoint = Checkpoint.from_directory(str(local))
+
+    def storage(name: str, cuts: int) -> StorageContext:
+        return StorageContext(str(tmp_path / "runs"), name, storage_filesystem=_cut_uploads(cuts))
+
+    stored = upload_checkpoint(checkpoint, local.name, storage=storage("once", 1), backoff_s=0.01)
+    dest = tmp_path / "runs" / "once" / local.name
+    assert stored.path == str(dest) and (dest / CHECKPOINT_NAME).stat().st_size == 5000
+    out = capsys.readouterr().out
+    assert f"checkpoint {local.name} not written complete to {dest}: " in out
+    assert f"{CHECKPOINT_NAME} is 100 bytes, not 5000 bytes; retry 1 of 6" in out
+    assert "retry 2" not in out
+
+    with pytest.raises(CheckpointUploadError) as err:
+        upload_checkpoint(checkpoint, local.name, storage=storage("always", 99), retries=2, backoff_s=0.01)
+    dest = tmp_path / "runs" / "always" / local.name
+    assert str(err.value).startswith(
+        f"checkpoint {local.name} could not be written complete to the storage path {dest} in 3 tries "
+        f"({CHECKPOINT_NAME} is 100 bytes, not 5000 bytes)"
+    )
+    assert capsys.readouterr().out.count("not written complete") == 2
+
+    # A storage error (here: a file where the checkpoint folder goes) is retried too, then the cause.
+    blocked = tmp_path / "runs" / "blocked"
+    upload = storage("blocked", 0)
+    (blocked / local.name).write_text("")
+    with pytest.raises(CheckpointUploadError, match=r"in 2 tries \(the last try raised") as err:
+        upload_checkpoint(checkpoint, local.name, storage=upload, retries=1, backoff_s=0.01)
+    assert err.value.__cause__ is not None
+    assert "retry 1 of 1" in capsys.readouterr().out
 
 
 def test_train_and_register_names_the_version_or_the_retry(tmp_path: Path, monkeypatch) -> None:
