@@ -7,13 +7,14 @@ started in its own session and stopped by its process group id, never by name.
 
 docs/stack-pitfalls.md: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every Ray process on 127.0.0.1 on
 Linux; `ray start` turns token authentication on, so every client (ray job submit, aigc) must send
-the token (RAY_AUTH_MODE=token).
+the token (RAY_AUTH_MODE=token, and RAY_AUTH_TOKEN, which the fixture makes).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -64,6 +65,9 @@ def ray_cluster(
         **os.environ,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_AUTH_MODE": "token",
+        # The cluster's own token: `ray start --head` does not create one (only ray.init() does, in
+        # ~/.ray/auth_token), so on a fresh machine it would fail unless an earlier test made it.
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # a job's `aigc`
     }
     env.pop("RAY_ADDRESS", None)
