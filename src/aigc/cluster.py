@@ -77,8 +77,8 @@ def init_ray(address: str | None) -> None:
             hint = ""
             if os.environ.get("RAY_AUTH_MODE") != "token":
                 hint = (
-                    " If the cluster uses token authentication (the default of `ray start`),"
-                    " set RAY_AUTH_MODE=token."
+                    " If the cluster uses token authentication (`ray start` turns it on where it finds"
+                    " a token), set RAY_AUTH_MODE=token."
                 )
             raise ClusterError(f"cannot join the Ray cluster at {address}: {err}.{hint}") from err
         return
