@@ -43,6 +43,7 @@ def registered_model(work: Path, dataset: Path, steps: int) -> str:
     import torch
 
     from aigc.config import load_config
+    from aigc.contract import CHECKPOINT_NAME, STEP_FILE, checkpoint_dir_name
     from aigc.data.captions_io import read_captions
     from aigc.data.loader import ShardDataModule
     from aigc.models import build_module
@@ -61,7 +62,9 @@ def registered_model(work: Path, dataset: Path, steps: int) -> str:
     torch.set_num_threads(1)  # not timed; 2 threads on a busy 2-core machine run several times slower
     trainer.fit(module, datamodule=ShardDataModule(cfg.data, location=dataset, seed=0))
     run_dir = work / "runs" / "bench"
-    trainer.save_checkpoint(run_dir / f"checkpoint-step{steps:08d}" / "checkpoint.ckpt")
+    folder = run_dir / checkpoint_dir_name(steps)  # a complete checkpoint folder, as aigc train writes
+    trainer.save_checkpoint(folder / CHECKPOINT_NAME)
+    (folder / STEP_FILE).write_text(json.dumps({"global_step": steps}))
     tags = {"aigc.family": "diffusion", "aigc.storage": str(run_dir), "aigc.run.name": "bench"}
     run_id = start_job_run(uri, "benchmarks", "bench", tags=tags)
     end_job_run(uri, run_id)

@@ -49,3 +49,20 @@ TINY: dict[str, list[str]] = {
         "model.text.heads=1",
     ],
 }
+
+
+def save_run_checkpoint(trainer, run_dir, step: int):
+    """Write ``trainer``'s state into ``run_dir`` as one checkpoint folder of an ``aigc train`` run
+    (:mod:`aigc.contract`: ``checkpoint-step<N>/`` holding the Lightning file and the step file), for
+    tests that train in-process but hand the folder to code that reads real runs (register, lineage,
+    export). A folder missing either file is not a complete checkpoint (``job.complete_checkpoints``).
+    Returns the Lightning file's path."""
+    import json
+    from pathlib import Path
+
+    from aigc.contract import CHECKPOINT_NAME, STEP_FILE, checkpoint_dir_name
+
+    folder = Path(run_dir) / checkpoint_dir_name(step)
+    trainer.save_checkpoint(folder / CHECKPOINT_NAME)
+    (folder / STEP_FILE).write_text(json.dumps({"global_step": step}))
+    return folder / CHECKPOINT_NAME

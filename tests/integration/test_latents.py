@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from test_train import tiny_overrides
 
-from tiny import TINY
+from tiny import TINY, save_run_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 AIGC = str(Path(sys.executable).parent / "aigc")
@@ -69,9 +69,9 @@ def _train_autoencoder(kind: str, dataset: Path, out: Path, steps: int = 60) -> 
     torch.set_num_threads(1)
     trainer = build_trainer(module, limit_val_batches=0)
     trainer.fit(module, datamodule=ShardDataModule(cfg.data, location=dataset))
-    # Also the layout of an `aigc train` run folder (checkpoint-step*/checkpoint.ckpt beside the
+    # Also the layout of an `aigc train` run folder (checkpoint-step*/ with its two files, beside the
     # export), which a run's record or id resolves to.
-    trainer.save_checkpoint(out.parent / f"run-{kind}" / f"checkpoint-step{steps:08d}" / "checkpoint.ckpt")
+    save_run_checkpoint(trainer, out.parent / f"run-{kind}", steps)
     return export_model(module.eval(), out)
 
 

@@ -100,7 +100,7 @@ def pipeline(tmp_path_factory, warm_ray) -> tuple[Path, dict[str, str], str]:
     repo = base / "repo"
     repo.mkdir()
     env = repo_env(base)
-    for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE"):
+    for key in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
         env[key] = warm_ray.env[key]
     env["RAY_ADDRESS"] = warm_ray.address
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):

@@ -26,7 +26,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tiny import TINY
+from tiny import TINY, save_run_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 AIGC = str(Path(sys.executable).parent / "aigc")
@@ -70,7 +70,7 @@ def trained_run(
     trainer = build_trainer(module, limit_val_batches=0)
     trainer.fit(module, datamodule=ShardDataModule(cfg.data, location=dataset, seed=0))
     run_dir = tmp / "runs" / name
-    trainer.save_checkpoint(run_dir / f"checkpoint-step{steps:08d}" / "checkpoint.ckpt")
+    save_run_checkpoint(trainer, run_dir, steps)
     dversion = version(dataset)
     tags = lineage_tags("diffusion", "digits", dversion, 1, "0123abc") | {
         "aigc.run.name": name,

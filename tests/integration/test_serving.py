@@ -31,7 +31,7 @@ from aigc.registry.versions import ModelRef
 from aigc.serving.batching import ModelQueue, plan_calls
 from aigc.serving.follower import AliasFollower
 from aigc.serving.limits import GenerateRequest, RequestLimits, RequestRejected, parse_generate_request
-from tiny import TINY
+from tiny import TINY, save_run_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 AIGC = str(Path(sys.executable).parent / "aigc")
@@ -253,7 +253,7 @@ def trained_version(uri: str, tmp: Path, dataset: Path, name: str, steps: int, s
     finally:
         torch.set_num_threads(threads)
     run_dir = tmp / "runs" / name
-    trainer.save_checkpoint(run_dir / f"checkpoint-step{steps:08d}" / "checkpoint.ckpt")
+    save_run_checkpoint(trainer, run_dir, steps)
     tags = {"aigc.family": "diffusion", "aigc.storage": str(run_dir), "aigc.run.name": name}
     run_id = start_job_run(uri, "serving-test", name, tags=tags)
     end_job_run(uri, run_id)

@@ -27,6 +27,7 @@ from typing import Any
 
 from aigc.contract import (
     CHECKPOINT_DIR_PREFIX,
+    CHECKPOINT_FILES,
     EVAL_TAG_PREFIX,
     FINAL_GRID,
     GUARDS,
@@ -182,7 +183,8 @@ def register_run(ref: str, tracking_uri: str | None = None, progress=None) -> Re
     checkpoint = final_checkpoint(run_dir)
     if checkpoint is None:
         raise RegistryError(
-            f"run folder {run_dir} holds no {CHECKPOINT_DIR_PREFIX}* folder: nothing to export"
+            f"run folder {run_dir} holds no complete {CHECKPOINT_DIR_PREFIX}* folder (one with "
+            f"{' and '.join(CHECKPOINT_FILES)}, neither empty): nothing to export"
         )
     say(f"exporting {checkpoint}")
     with tempfile.TemporaryDirectory(prefix="aigc-register-") as tmp:

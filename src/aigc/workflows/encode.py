@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from aigc.contract import TAG_STORAGE, is_version_ref
+from aigc.contract import CHECKPOINT_DIR_PREFIX, CHECKPOINT_FILES, TAG_STORAGE, is_version_ref
 from aigc.data.build import BuildSummary
 from aigc.data.latents import AUTOENCODER_DIR, LATENT_DTYPES, LATENT_EXT, encode_npy, latent_spec
 from aigc.data.loader_read import BadSample, ReadStats, decode_sample, iter_piece
@@ -100,7 +100,8 @@ def resolve_autoencoder(
         checkpoint = final_checkpoint(storage)
         if checkpoint is None:
             raise DatasetError(
-                f"--autoencoder {ref}: run folder {storage} holds no checkpoint-step* folder: nothing to load"
+                f"--autoencoder {ref}: run folder {storage} holds no complete {CHECKPOINT_DIR_PREFIX}* "
+                f"folder (one with {' and '.join(CHECKPOINT_FILES)}, neither empty): nothing to load"
             )
         say(f"autoencoder: run {run.info.run_id}, {checkpoint}")
         module = load_model_from(checkpoint)
