@@ -300,6 +300,31 @@ def test_rayjobs_run_the_documented_entrypoints(rendered: Rendered) -> None:
         assert spec["entrypoint"] in readme, f"README.md does not quote the {overlay} RayJob's entrypoint"
 
 
+def _cpus(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if str(quantity).endswith("m") else float(quantity)
+
+
+def test_the_gpu_head_that_runs_the_final_evaluation_is_not_smaller_than_a_cpu_worker(
+    rendered: Rendered,
+) -> None:
+    """The job's driver runs on the head (KubeRay's submitter only tails it): after training it loads
+    the checkpoint and runs the final evaluation, training the reference evaluator on first use. A
+    1-CPU head (what the gpu overlay had) makes that the slowest step of a GPU run: there the head gets
+    at least the CPUs of the biggest CPU worker. dev-cpu keeps a 1-CPU head that fits a laptop's kind
+    or minikube, where the evaluation is as slow as the training anyway."""
+    biggest_cpu = 0.0
+    for _, doc in all_docs(rendered):
+        for spec in pick(doc, CLUSTER_SPEC.get(doc["kind"], "-")):
+            for group in spec["workerGroupSpecs"]:
+                limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+                if "nvidia.com/gpu" not in limits:
+                    biggest_cpu = max(biggest_cpu, _cpus(limits["cpu"]))
+    assert biggest_cpu >= 2
+    (job,) = of_kind(rendered["gpu"], "RayJob")
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert _cpus(head["resources"]["limits"]["cpu"]) >= biggest_cpu, head["resources"]
+
+
 def test_rayservice_serve_config_is_what_aigc_serve_prints(rendered: Rendered) -> None:
     aigc = Path(sys.executable).with_name("aigc")
     out = subprocess.run(
