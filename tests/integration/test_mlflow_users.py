@@ -11,16 +11,14 @@ runs in its own process group, stopped by that group's id.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from s3_server import stop_group, wait_until_answers
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "mlflow" / "init-users.py"
@@ -63,30 +61,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             start_new_session=True,  # own process group: the server's workers stop with it
         )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(
-                    f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-                )
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"mlflow server not healthy after 60 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
+        wait_until_answers(f"http://127.0.0.1:{port}/health", proc, log, timeout=60)
         yield f"http://127.0.0.1:{port}"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_group(proc)
 
 
 def _init_users(uri: str, **extra: str) -> subprocess.CompletedProcess[str]:

@@ -21,12 +21,12 @@ import signal
 import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from netns import hosts, unavailable
 from ray_cluster import BIN, alive_nodes
+from s3_server import CREDENTIALS, wait_until_answers
 from test_train import tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -37,23 +37,6 @@ if reason := unavailable():
 
 
 S3_PORT, MLFLOW_PORT, DASHBOARD_PORT = 9000, 5000, 8265  # each host has its own ports
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-def _wait_answers(url: str, proc: subprocess.Popen, log: Path, within_s: float = 90) -> None:
-    deadline = time.monotonic() + within_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            assert proc.poll() is None, f"{url}: exited: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"{url}: no answer in {within_s} s: {log.read_text()[-3000:]}"
-            time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +104,8 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory):
                  f"--temp-dir={dirs[1]}", *common],
                 env=env, stdout=logs[1], stderr=subprocess.STDOUT,
             )  # fmt: skip
-            _wait_answers(f"{s3}/moto-api/", moto, tmp / "s3.log")
-            _wait_answers(f"{mlflow_uri}/health", server, tmp / "mlflow.log")
+            wait_until_answers(f"{s3}/moto-api/", moto, tmp / "s3.log", timeout=90)
+            wait_until_answers(f"{mlflow_uri}/health", server, tmp / "mlflow.log", timeout=90)
             while alive_nodes(address, env, prefix=tuple(net.command(0, []))) < 2:
                 assert time.monotonic() < deadline, (tmp / "node1.log").read_text()[-3000:]
                 time.sleep(1)
