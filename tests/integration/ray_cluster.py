@@ -70,7 +70,8 @@ def ray_cluster(
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # a job's `aigc`
     }
-    env.pop("RAY_ADDRESS", None)
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # the second: see test_multihost's fixture
+        env.pop(key, None)
     cluster = Cluster(address=f"127.0.0.1:{port}", env=env)
     common = [
         f"--num-cpus={cpus_per_node}",

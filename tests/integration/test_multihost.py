@@ -55,6 +55,9 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory):
     }
     for key in (
         "RAY_ADDRESS",
+        # Set in this process by an earlier in-process embedded Ray (aigc.cluster.init_ray); `ray job
+        # submit` would take it over its --address.
+        "RAY_API_SERVER_ADDRESS",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
         "GLOO_SOCKET_IFNAME",
         "NCCL_SOCKET_IFNAME",
