@@ -9,9 +9,9 @@ model cards): each is the worst seed's figure with a margin, and none is met by 
 
 A figure has a bar only where a CPU test's budget moves it clearly past the untrained model in all 3
 seeds. The CLIP score (200 images) of untrained models spans -1.4 to 3.4 (their images' look alone),
-so the GAN's (7.1-13.2), latent diffusion's (4.8-5.1) and latent autoregression's (4.4-5.9) have a
-bar; the VAE's (2.0-3.5) and pixel diffusion's (-0.1-1.5) stay within that span at a CPU test's
-budget.
+so the GAN's (7.1-13.2) and latent diffusion's (4.8-5.1) have a bar; the VAE's (2.0-3.5) and pixel
+diffusion's (-0.1-1.5) stay within that span at a CPU test's budget, and latent autoregression's
+(4.4-5.9 on the calibration machine) fell to 1.95 on another CPU (see its entry).
 """
 
 from __future__ import annotations
@@ -53,8 +53,12 @@ BARS: dict[str, Bars] = {
     # 23.03); CLIP 4.96, 4.84, 5.07 (untrained 2.54, -0.80, 1.98).
     "latent-diffusion": Bars(max_fd=16.0, min_clip=3.5, min_psnr=17.0, max_recon_fd=10.0),
     # PSNR 18.01, 17.27, 17.20; rFD 8.53, 10.90, 10.05; FD 10.61, 13.45, 13.13 (untrained 18.08, 18.69,
-    # 16.45); CLIP 4.44, 5.91, 5.03 (untrained -1.39, 0.55, -0.04).
-    "latent-autoregressive": Bars(max_fd=15.5, min_clip=3.0, min_psnr=16.5, max_recon_fd=11.5),
+    # 16.45); CLIP 4.44, 5.91, 5.03 (untrained -1.39, 0.55, -0.04). On another CPU (an AVX-512/AMX
+    # Xeon, torch's "AVX512" kernels; 2026-12-05) seed 0 gives PSNR 17.97, rFD 8.62, FD 12.28
+    # (untrained 17.27) but CLIP 1.95 (untrained 0.53), twice, with this commit's code and with the
+    # code of 2026-12-04: the discrete codes amplify the CPU's float differences, and the CLIP score
+    # does not clear the untrained span (-1.4 to 3.4) on every machine, so it has no bar (as the VAE's).
+    "latent-autoregressive": Bars(max_fd=15.5, min_clip=None, min_psnr=16.5, max_recon_fd=11.5),
 }
 
 
