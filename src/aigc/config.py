@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from aigc.contract import CHECKPOINT_METRICS
+
 __all__ = [
     "ConfigError",
     "StrictModel",
@@ -256,8 +258,48 @@ class TrainerConfig(StrictModel):
     log_every_steps: int = Field(10, ge=1)
     sample_every_steps: int = Field(500, ge=1)
     checkpoint_every_steps: int = Field(500, ge=1)
-    keep_last_checkpoints: int = Field(3, ge=1)
+    keep_last_checkpoints: int = Field(
+        3, ge=1, description="checkpoints kept, the newest, when the run does not evaluate during training"
+    )
+    eval_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="measure the eval/* figures of the checkpoint at every N steps (and the last) while "
+        "training goes on, in a Ray task beside the workers; None: only the final checkpoint, at the end",
+    )
+    eval_samples: int | None = Field(
+        None, ge=2, description="samples per evaluation during training; default `aigc train --eval-samples`"
+    )
+    eval_cpus: float = Field(
+        1.0,
+        ge=0.0,
+        description="CPUs the evaluation task reserves (with 0 it shares the workers' CPUs; with more "
+        "CPUs than the cluster has free it waits, and evaluations queue until the workers finish)",
+    )
+    checkpoint_metric: str = Field(
+        "eval/fd",
+        description="figure that ranks the checkpoints evaluated during training: "
+        + ", ".join(CHECKPOINT_METRICS),
+    )
+    keep_best_checkpoints: int = Field(
+        2,
+        ge=1,
+        description="checkpoints kept when the run evaluates during training: the best by "
+        "checkpoint_metric, plus the newest and any still waiting for its evaluation",
+    )
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads; default the worker's CPUs")
+
+    @field_validator("checkpoint_metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        if value not in CHECKPOINT_METRICS:
+            raise ValueError(f"unknown figure {value!r}; allowed: {', '.join(CHECKPOINT_METRICS)}")
+        return value
+
+    @property
+    def checkpoint_mode(self) -> str:
+        """``"min"`` or ``"max"``: which way ``checkpoint_metric`` is better."""
+        return CHECKPOINT_METRICS[self.checkpoint_metric]
 
 
 def lightning_precision(requested: str, use_gpu: bool) -> str:
@@ -496,7 +538,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     # Checks that need two sections (the model's shape against the data's image size).
     if isinstance(cfg.model, AutoencoderConfig):
         cfg.model.check_image_size(cfg.data.image_size)
+    check_checkpoint_metric(cfg)
     return cfg
+
+
+#: The figures an autoencoder's evaluation (by reconstruction) reports.
+RECONSTRUCTION_METRICS = ("eval/fd", "eval/psnr", "eval/mse")
+
+
+def check_checkpoint_metric(cfg: RunConfig) -> None:
+    """A :class:`ConfigError` when ``trainer.checkpoint_metric`` is not a figure the family's
+    evaluation reports (an autoencoder is measured by reconstruction, the others by samples)."""
+    metric = cfg.trainer.checkpoint_metric
+    if cfg.model.family == "autoencoder":
+        allowed = RECONSTRUCTION_METRICS
+    else:
+        allowed = tuple(m for m in CHECKPOINT_METRICS if m not in ("eval/psnr", "eval/mse"))
+    if metric not in allowed:
+        raise ConfigError(
+            f"trainer.checkpoint_metric: {metric} is not measured for family {cfg.model.family}; "
+            f"allowed: {', '.join(allowed)}"
+        )
 
 
 def load_data_config(params: str | Path | None, overrides: list[str], **fields: Any) -> DataConfig:

@@ -41,6 +41,9 @@ def checkpoint_dir_name(step: int) -> str:
 
 #: The sample grid rank 0 writes into the run folder at the end of training (and logs to MLflow).
 FINAL_GRID = "samples-final.png"
+#: The report of a checkpoint's evaluation during training (``trainer.eval_every_steps``), written
+#: into its checkpoint folder: every ``eval/*`` figure, the provenance and the guards, as JSON.
+EVAL_FILE = "aigc-eval.json"
 
 # ------------------------------------------------------------------------------------ run tags
 
@@ -56,6 +59,10 @@ TAG_STORAGE = "aigc.storage"
 #: the registry name ``aigc register`` gives the run's model (``tracking.registered_model``)
 TAG_REGISTERED_MODEL = "aigc.registered_model"
 TAG_ERROR = "aigc.error"
+#: the step of the checkpoint that is the run's model: what its final evaluation measured, what
+#: ``aigc register`` exports. The best by ``trainer.checkpoint_metric`` when the run evaluated
+#: during training, else the last.
+TAG_CHECKPOINT_STEP = "aigc.checkpoint.step"
 # What of the data the run did not see as its version describes it. Shards that differed from the
 # manifest when the job started (allowed by --allow-modified-data): "true", and which ones, how.
 TAG_DATA_MODIFIED = "aigc.data.modified"
@@ -79,6 +86,21 @@ GUARDS = ("collapse", "copying")
 #: Samples an evaluation draws unless told otherwise: ``aigc train``, ``aigc evaluate``,
 #: ``aigc quickstart`` and the gate's re-evaluation. Part of a figure's provenance.
 DEFAULT_EVAL_SAMPLES = 500
+
+
+#: The figures a checkpoint may be chosen by (``trainer.checkpoint_metric``), each with the
+#: direction that is better: "min" or "max". An autoencoder is measured by reconstruction
+#: (``eval/psnr``, ``eval/mse``, ``eval/fd`` of its reconstructions); ``eval/cond_accuracy`` exists
+#: on labelled data only.
+CHECKPOINT_METRICS = {
+    "eval/fd": "min",
+    "eval/clip_score": "max",
+    "eval/cond_accuracy": "max",
+    "eval/psnr": "max",
+    "eval/mse": "min",
+}
+#: The run's sample grid at each evaluation during training, one image per evaluated step.
+EVAL_GRID_KEY = "eval_samples"
 
 
 def is_eval_key(key: str) -> bool:

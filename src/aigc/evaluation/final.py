@@ -123,14 +123,18 @@ def load_model_from(location: str | Path) -> Any:
         return load_model(local)
 
 
-def log_evaluation(tracking_uri: str, run_id: str, report: dict[str, Any], step: int = 0) -> None:
-    """Record a report in run ``run_id``: ``eval/*`` metrics at ``step``, the provenance tags
-    (``aigc.eval.evaluator_hash``, ``data_version``, ``num_samples``, ``seed``) and the guards."""
+def log_evaluation(
+    tracking_uri: str, run_id: str, report: dict[str, Any], step: int = 0, metrics: bool = True
+) -> None:
+    """Record a report in run ``run_id``: ``eval/*`` metrics at ``step`` (unless ``metrics`` is
+    False: the figures are in the run already), the provenance tags (``aigc.eval.evaluator_hash``,
+    ``data_version``, ``num_samples``, ``seed``) and the guards."""
     from mlflow.entities import Metric, RunTag
 
     from aigc.tracking.backend import client_for
 
     now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, int(step)) for k, v in eval_figures(report).items()]
+    figures = eval_figures(report) if metrics else {}
+    entries = [Metric(k, v, now, int(step)) for k, v in figures.items()]
     tags = [RunTag(f"{EVAL_TAG_PREFIX}{k}", str(report[k])) for k in (*PROVENANCE, *GUARDS) if k in report]
-    client_for(tracking_uri).log_batch(run_id, metrics=metrics, tags=tags)
+    client_for(tracking_uri).log_batch(run_id, metrics=entries, tags=tags)

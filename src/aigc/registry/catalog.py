@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aigc.contract import (
+    TAG_CHECKPOINT_STEP,
     TAG_DATA_NAME,
     TAG_DATA_VERSION,
     TAG_GIT_SHA,
@@ -82,6 +83,8 @@ def lineage(ref: str | ModelRef, tracking_uri: str | None = None) -> dict[str, A
         "data_location": dataset[1] if dataset else None,
         "git_sha": tags.get(TAG_GIT_SHA),
         "checkpoints": tags.get(TAG_STORAGE),
+        # the step of the checkpoint this version is (the run's best, when it evaluated during training)
+        "checkpoint_step": version.tags.get(TAG_CHECKPOINT_STEP) or tags.get(TAG_CHECKPOINT_STEP),
         "model_source": version.source,
     }
 
@@ -97,6 +100,7 @@ def format_lineage(chain: dict[str, Any]) -> str:
             f"  <- data     {c['data_name']} version {c['data_version']}",
             f"  <- shards   {c['data_location']}",
             f"  <- code     git {c['git_sha'] or 'unknown'}",
-            f"     checkpoints {c['checkpoints']}",
+            f"     checkpoints {c['checkpoints']}"
+            + (f" (this model: step {c['checkpoint_step']})" if c.get("checkpoint_step") else ""),
         ]
     )

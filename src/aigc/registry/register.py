@@ -1,6 +1,8 @@
 """``aigc register``: a finished training run -> export -> MLflow pyfunc -> version of ``aigc-<family>``.
 
-1. The run's final checkpoint (the newest ``checkpoint-step*`` under its run folder) is loaded with
+1. The run's model checkpoint (the step its ``aigc.checkpoint.step`` tag names: the best by
+   ``trainer.checkpoint_metric`` for a run that evaluated during training; for a run without the
+   tag, the newest complete ``checkpoint-step*`` under its run folder) is loaded with
    ``weights_only=True`` and exported: ``weights.safetensors`` (EMA weights included where the family
    has them; ``generate`` samples with them), ``config.json`` (with the aigc version), ``tokenizer.json``.
 2. The pyfunc is logged into the training run as "models from code" (``model_code.py``), with the
@@ -31,13 +33,13 @@ from aigc.contract import (
     EVAL_TAG_PREFIX,
     FINAL_GRID,
     GUARDS,
+    TAG_CHECKPOINT_STEP,
     TAG_DATA_NAME,
     TAG_DATA_VERSION,
     TAG_FAMILY,
     TAG_GIT_SHA,
     TAG_RUN_NAME,
     TAG_STORAGE,
-    eval_entries,
     eval_tags,
 )
 from aigc.registry.versions import (
@@ -51,7 +53,8 @@ from aigc.registry.versions import (
 )
 from aigc.tracking.backend import ENV_TRACKING_URI
 from aigc.tracking.lineage import TAG_REGISTERED_MODEL
-from aigc.training.job import final_checkpoint
+from aigc.tracking.runs import model_figures
+from aigc.training.job import final_checkpoint, step_checkpoint
 
 MODEL_ARTIFACT = "model"  # the logged model's name inside the training run
 _PYTHON_TYPES = {int: "long", float: "double", str: "string", bool: "boolean"}
@@ -89,10 +92,11 @@ def find_run(client: Any, ref: str):
     raise RegistryError(f"no run with id or name {ref!r} in {client.tracking_uri} (see `aigc runs`)")
 
 
-def eligibility(run: Any) -> tuple[bool, str | None]:
-    """Whether the gate may ever promote a model of this run, and why not."""
-    tags, metrics = run.data.tags, run.data.metrics
-    if "eval/fd" not in metrics:
+def eligibility(run: Any, figures: dict[str, float]) -> tuple[bool, str | None]:
+    """Whether the gate may ever promote a model of this run (whose model's ``figures`` are these:
+    :func:`aigc.tracking.model_figures`), and why not."""
+    tags = run.data.tags
+    if "eval/fd" not in figures:
         return False, "the run has no final evaluation (eval/fd); re-run it with aigc evaluate --run"
 
     flagged = [g for g in GUARDS if tags.get(f"{EVAL_TAG_PREFIX}{g}") == "True"]
@@ -157,6 +161,22 @@ def _description(family: str, run: Any, figures: dict[str, float], eligible: boo
     return "\n".join(lines)
 
 
+def model_checkpoint(run_dir: str, tags: dict[str, str]) -> str | None:
+    """The checkpoint file that is the run's model: the one of the step ``aigc.checkpoint.step``
+    names (a :class:`RegistryError` when that folder is gone or incomplete: registering another
+    checkpoint would register a model the run's figures do not describe), else the newest complete."""
+    step = tags.get(TAG_CHECKPOINT_STEP)
+    if step is None:  # a run from before the tag, or one that ended before choosing
+        return final_checkpoint(run_dir)
+    checkpoint = step_checkpoint(run_dir, int(step))
+    if checkpoint is None:
+        raise RegistryError(
+            f"the run's model is its checkpoint of step {step} ({TAG_CHECKPOINT_STEP}), and {run_dir} "
+            f"holds no complete {CHECKPOINT_DIR_PREFIX}{int(step):08d} folder"
+        )
+    return checkpoint
+
+
 def register_run(ref: str, tracking_uri: str | None = None, progress=None) -> Registered:
     """Export run ``ref``'s final checkpoint and register it as a new ``candidate`` version."""
     import mlflow
@@ -178,9 +198,9 @@ def register_run(ref: str, tracking_uri: str | None = None, progress=None) -> Re
         raise RegistryError(f"run {run_id} was not made by aigc train (no {TAG_FAMILY}/{TAG_STORAGE} tags)")
     # The name the run's config chose (tracking.registered_model), else aigc-<family>.
     name = tags.get(TAG_REGISTERED_MODEL) or model_name(family)
-    eligible, reason = eligibility(run)
-    figures = eval_entries(run.data.metrics)
-    checkpoint = final_checkpoint(run_dir)
+    figures = model_figures(client, run)
+    eligible, reason = eligibility(run, figures)
+    checkpoint = model_checkpoint(run_dir, tags)
     if checkpoint is None:
         raise RegistryError(
             f"run folder {run_dir} holds no complete {CHECKPOINT_DIR_PREFIX}* folder (one with "
@@ -198,6 +218,7 @@ def register_run(ref: str, tracking_uri: str | None = None, progress=None) -> Re
             TAG_DATA_VERSION: tags.get(TAG_DATA_VERSION, ""),
             TAG_DATA_NAME: tags.get(TAG_DATA_NAME, ""),
             TAG_GIT_SHA: tags.get(TAG_GIT_SHA, ""),
+            TAG_CHECKPOINT_STEP: tags.get(TAG_CHECKPOINT_STEP, ""),
             TAG_ELIGIBLE: str(eligible).lower(),
             **eval_tags(tags),
             **{k: repr(float(v)) for k, v in figures.items()},

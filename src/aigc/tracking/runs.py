@@ -8,10 +8,28 @@ from typing import Any
 
 from mlflow.entities import ViewType
 
+from aigc.contract import TAG_CHECKPOINT_STEP, eval_figures
 from aigc.tracking.backend import client_for, ensure_tracking_store, resolve_tracking_uri
 from aigc.tracking.lineage import TAG_FAMILY
 
 TABLE_METRICS = ("train/loss", "val/loss", "eval/fd", "eval/cond_accuracy")
+
+
+def model_figures(client: Any, run: Any) -> dict[str, float]:
+    """The ``eval/*`` figures of a run's model: the values at the step of the checkpoint that is its
+    model (tag ``aigc.checkpoint.step``; the last value logged at that step), or, for a run without
+    the tag, the latest of each. A run that evaluated during training has figures at many steps, and
+    its model may be an earlier checkpoint than its last (``trainer.checkpoint_metric``)."""
+    latest = eval_figures(run.data.metrics)
+    step = run.data.tags.get(TAG_CHECKPOINT_STEP)
+    if step is None:
+        return latest
+    figures = {}
+    for key in latest:
+        at_step = [m for m in client.get_metric_history(run.info.run_id, key) if m.step == int(step)]
+        if at_step:
+            figures[key] = max(at_step, key=lambda m: m.timestamp).value
+    return figures
 
 
 def list_runs(
@@ -20,7 +38,8 @@ def list_runs(
     """The newest ``max_results`` runs of ``experiment`` (all active experiments when None).
 
     Each run is ``{"run_id", "run_name", "experiment", "status", "family", "start_time" (datetime,
-    local time), "duration_s" (to now for a RUNNING run), "metrics" (latest value per key), "tags"}``.
+    local time), "duration_s" (to now for a RUNNING run), "metrics" (latest value per key, the
+    ``eval/*`` figures of its model: :func:`model_figures`), "tags"}``.
     An unknown experiment raises ``ValueError`` listing the ones there are.
     """
     uri = resolve_tracking_uri(uri)
@@ -52,7 +71,8 @@ def list_runs(
                 "family": run.data.tags.get(TAG_FAMILY),
                 "start_time": datetime.fromtimestamp(info.start_time / 1000) if info.start_time else None,
                 "duration_s": (end_ms - info.start_time) / 1000 if end_ms and info.start_time else None,
-                "metrics": dict(run.data.metrics),
+                # the eval/* figures are those of the run's model (model_figures)
+                "metrics": dict(run.data.metrics) | model_figures(client, run),
                 "tags": dict(run.data.tags),
             }
         )

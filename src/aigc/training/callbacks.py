@@ -131,13 +131,29 @@ def upload_checkpoint(
 
 
 class StepCheckpoint(pl.Callback):
-    """Save and report a checkpoint every ``every_n_steps`` optimiser steps and when training ends."""
+    """Save and report a checkpoint every ``every_n_steps`` optimiser steps and when training ends.
 
-    def __init__(self, every_n_steps: int):
+    With ``eval_every`` (``trainer.eval_every_steps``) a checkpoint is also saved every ``eval_every``
+    steps, and those and the last are reported with ``validation=True``: Ray Train's controller runs
+    the job's ``ValidationConfig`` (:func:`aigc.training.validation.evaluate_checkpoint`) on each in a
+    Ray task of its own while the workers train on. Every report then carries ``placeholder``
+    (``{checkpoint_metric: its worst value}``): Ray ranks checkpoints by that metric, and one
+    without it counts as the *best* under ``mode="min"`` (ray 2.60 scores a missing attribute
+    ``-inf``, negated for "min"), so a checkpoint that is never evaluated would never be deleted.
+    The evaluation's figures replace the placeholder when they arrive."""
+
+    def __init__(
+        self, every_n_steps: int, eval_every: int | None = None, placeholder: dict[str, float] | None = None
+    ):
         self.every_n_steps = every_n_steps
+        self.eval_every = eval_every
+        self.placeholder = dict(placeholder or {})
         self._last_saved_step = -1
 
-    def _save_and_report(self, trainer: pl.Trainer) -> None:
+    def _due(self, step: int, every: int | None) -> bool:
+        return bool(every) and step > 0 and step % every == 0
+
+    def _save_and_report(self, trainer: pl.Trainer, evaluate: bool) -> None:
         import ray.train
 
         step = trainer.global_step
@@ -145,6 +161,7 @@ class StepCheckpoint(pl.Callback):
             return
         self._last_saved_step = step
         metrics: dict[str, Any] = _scalar_metrics(trainer, ("train/", "val/"))
+        metrics.update(self.placeholder)
         metrics.update(step=step, epoch=trainer.current_epoch)
         tmp = Path(tempfile.mkdtemp(prefix=f"aigc-ckpt-rank{trainer.global_rank}-"))
         try:
@@ -159,17 +176,20 @@ class StepCheckpoint(pl.Callback):
                 checkpoint=checkpoint,
                 checkpoint_dir_name=checkpoint_dir_name(step),
                 checkpoint_upload_fn=upload_checkpoint,
+                # Ray raises on validation without a checkpoint: only rank 0 holds one.
+                validation=evaluate and checkpoint is not None,
             )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step > 0 and step % self.every_n_steps == 0:
-            self._save_and_report(trainer)
+        evaluate = self._due(step, self.eval_every)
+        if evaluate or self._due(step, self.every_n_steps):
+            self._save_and_report(trainer, evaluate)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._save_and_report(trainer)
+        self._save_and_report(trainer, evaluate=bool(self.eval_every))
 
 
 class RngState(pl.Callback):

@@ -25,8 +25,12 @@ from aigc.contract import (
     CHECKPOINT_DIR_PREFIX,
     CHECKPOINT_FILES,
     CHECKPOINT_NAME,
+    DEFAULT_EVAL_SAMPLES,
+    EVAL_FILE,
     JOB_FILE,
+    STEP_FILE,
     TAG_DATA_MODIFIED,
+    checkpoint_dir_name,
 )
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -60,6 +64,10 @@ class TrainJob(StrictModel):
     )
     resumed: bool = Field(
         False, description="this launch is an `aigc train --resume`: see worker.train_loop's fallback"
+    )
+    eval_samples: int = Field(
+        DEFAULT_EVAL_SAMPLES,
+        description="samples per evaluation during training: trainer.eval_samples, else --eval-samples",
     )
 
     def to_json(self) -> dict[str, Any]:
@@ -316,3 +324,39 @@ def final_checkpoint(run_dir: str) -> str | None:
     or exported. After a ``--resume`` the newest is the resumed job's last, whichever launch wrote it."""
     complete = complete_checkpoints(run_dir)
     return f"{complete[-1]}/{CHECKPOINT_NAME}" if complete else None
+
+
+def evaluated_checkpoints(run_dir: str) -> list[dict[str, Any]]:
+    """The reports of the complete checkpoints that were evaluated during training (the
+    :data:`~aigc.contract.EVAL_FILE` :mod:`aigc.training.validation` writes into a checkpoint's
+    folder), oldest first, each with ``checkpoint`` (the Lightning file's URL) and ``step`` added."""
+    import fsspec
+
+    reports = []
+    for folder in complete_checkpoints(run_dir):
+        fs, path = fsspec.core.url_to_fs(f"{folder}/{EVAL_FILE}")
+        if not fs.exists(path):
+            continue
+        with fs.open(path, "r") as f:
+            report = json.load(f)
+        with fsspec.open(f"{folder}/{STEP_FILE}", "r") as f:
+            report["step"] = int(json.load(f)["global_step"])
+        reports.append(report | {"checkpoint": f"{folder}/{CHECKPOINT_NAME}"})
+    return reports
+
+
+def best_checkpoint(run_dir: str, metric: str, mode: str) -> dict[str, Any] | None:
+    """The report (:func:`evaluated_checkpoints`) of the complete checkpoint with the best
+    ``metric`` (``mode`` "min" or "max"; a tie goes to the later step), or None when no complete
+    checkpoint was evaluated with that figure."""
+    scored = [r for r in evaluated_checkpoints(run_dir) if isinstance(r.get(metric), (int, float))]
+    if not scored:
+        return None
+    sign = 1.0 if mode == "min" else -1.0
+    return min(scored, key=lambda r: (sign * float(r[metric]), -r["step"]))
+
+
+def step_checkpoint(run_dir: str, step: int) -> str | None:
+    """The checkpoint file of step ``step`` under a run folder if that folder is complete, else None."""
+    folder = f"{run_dir.rstrip('/')}/{checkpoint_dir_name(step)}"
+    return f"{folder}/{CHECKPOINT_NAME}" if folder in complete_checkpoints(run_dir) else None

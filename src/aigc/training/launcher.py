@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -31,7 +32,16 @@ from typing import TYPE_CHECKING, Any
 from aigc import project_root
 from aigc.cluster import ClusterError, RayStart, worker_runtime_env
 from aigc.config import RunConfig
-from aigc.contract import FINAL_GRID, GUARDS, TAG_DATA_MODIFIED, TAG_RUN_NAME, TAG_STORAGE, eval_figures
+from aigc.contract import (
+    FINAL_GRID,
+    GUARDS,
+    STEP_FILE,
+    TAG_CHECKPOINT_STEP,
+    TAG_DATA_MODIFIED,
+    TAG_RUN_NAME,
+    TAG_STORAGE,
+    eval_figures,
+)
 from aigc.training.job import (
     TrainError,
     TrainJob,
@@ -69,7 +79,7 @@ class TrainResult:
     tracking_uri: str
     status: str
     global_step: int
-    checkpoint: str | None
+    checkpoint: str | None  # the run's model: the best evaluated checkpoint, else the last
     run_dir: str
     metrics: dict[str, float] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
@@ -85,6 +95,9 @@ class TrainResult:
     bad_fraction: float = 0.0
     bad_shards: str | None = None
     data_modified: list[str] = field(default_factory=list)
+    # The step of ``checkpoint`` (tag aigc.checkpoint.step): below global_step when the run
+    # evaluated during training and an earlier checkpoint measured best.
+    checkpoint_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,7 +135,7 @@ def train(
     prep = _prepare_resume(request, say) if request.resume else _prepare(request, say)
     with _start(prep) as started:  # the run open and Ray starting; from here a failure ends the run
         job = _write_job(prep, started)
-        result = _fit(job, progress, started.ray, prep.clock)
+        result = _fit(job, progress, started.ray, prep.clock, say)
         out = _finish(prep, job, result, say)
     out.seconds = time.perf_counter() - t0
     if request.metrics_out:
@@ -351,6 +364,10 @@ def _run_opener(prep: _Prepared):
         | tracking.data_modified_tags(prep.modified)
         | {TAG_RUN_NAME: prep.name, TAG_STORAGE: prep.run_dir, tracking.TAG_RUN_NOTE: prep.description()}
     )
+    if prep.request.parent_run_id:  # a sweep's trial, nested under the sweep's run in the UI
+        from aigc.tracking.context import TAG_PARENT_RUN
+
+        tags[TAG_PARENT_RUN] = prep.request.parent_run_id
     opener = tracking.RunOpener(
         prep.tracking_uri,
         cfg.tracking.experiment,
@@ -411,13 +428,54 @@ def _write_job(prep: _Prepared, started: _Started) -> TrainJob:
         launched_at=prep.launched_at,
         allow_modified_data=prep.request.allow_modified_data,
         resumed=prep.saved is not None,
+        eval_samples=prep.cfg.trainer.eval_samples or prep.request.eval_samples,
     )
     write_job(job)
     prep.clock.mark("job_file")
     return job
 
 
-def _fit(job: TrainJob, progress: Progress | None, ray_start: RayStart, clock: StartupClock) -> Any:
+def _checkpoint_config(tc) -> Any:
+    """Which checkpoints Ray Train keeps: the newest ``keep_last_checkpoints``; or, for a run that
+    evaluates during training, the best ``keep_best_checkpoints`` by ``checkpoint_metric`` plus the
+    newest. Ray deletes the others from the storage (local or S3) once their evaluation is in, never
+    one still waiting for it (ray 2.60 ``CheckpointManager._save_state_and_delete_old_checkpoints``)."""
+    import ray.train
+
+    if not tc.eval_every_steps:
+        return ray.train.CheckpointConfig(num_to_keep=tc.keep_last_checkpoints)
+    return ray.train.CheckpointConfig(
+        num_to_keep=tc.keep_best_checkpoints,
+        checkpoint_score_attribute=tc.checkpoint_metric,
+        checkpoint_score_order=tc.checkpoint_mode,
+    )
+
+
+def _prepare_evaluator(job: TrainJob, messages: Messages | None) -> None:
+    """Before the workers start: the dataset's reference evaluator trained (and cached) here, once,
+    rather than by the first evaluation task while the workers wait for its CPUs; and a clear error
+    when it cannot report ``trainer.checkpoint_metric`` (``eval/cond_accuracy`` needs labels)."""
+    from aigc.data.latents import evaluation_dataset
+    from aigc.evaluation.reference import reference_evaluator
+
+    tc = job.run.trainer
+    evaluator = reference_evaluator(
+        evaluation_dataset(job.data_location), progress=messages, threads=evaluation_threads(job)
+    )
+    if tc.checkpoint_metric == "eval/cond_accuracy" and evaluator.classifier is None:
+        raise TrainError(
+            "trainer.checkpoint_metric: eval/cond_accuracy needs a labelled dataset and "
+            f"{job.data_location} has no labels; choose eval/fd or eval/clip_score"
+        )
+
+
+def _fit(
+    job: TrainJob,
+    progress: Progress | None,
+    ray_start: RayStart,
+    clock: StartupClock,
+    messages: Messages | None = None,
+) -> Any:
     """Ray Train over ``job.run.scaling.num_workers`` workers; its checkpoints under ``job.run_dir``."""
     try:
         ray_wait = ray_start.wait()  # Ray was started on a thread while the driver prepared the job
@@ -428,10 +486,13 @@ def _fit(job: TrainJob, progress: Progress | None, ray_start: RayStart, clock: S
     from ray.train.torch import TorchTrainer
 
     from aigc.training.progress import ProgressPoller
+    from aigc.training.validation import validation_config
     from aigc.training.worker import train_loop
 
     cfg = job.run
-    sc = cfg.scaling
+    sc, tc = cfg.scaling, cfg.trainer
+    if tc.eval_every_steps:
+        _prepare_evaluator(job, messages)
     resources = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker or 1.0
@@ -450,9 +511,10 @@ def _fit(job: TrainJob, progress: Progress | None, ray_start: RayStart, clock: S
             name=job.name,
             storage_path=job.run_dir.rsplit("/", 1)[0],
             failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.trainer.keep_last_checkpoints),
+            checkpoint_config=_checkpoint_config(tc),
             worker_runtime_env=worker_runtime_env(),
         ),
+        validation_config=validation_config(job),
     )
     poller = ProgressPoller(job.tracking_uri, job.run_id, cfg.trainer.max_steps, callback=progress)
     poller.start()
@@ -566,7 +628,8 @@ def _finish(prep: _Prepared, job: TrainJob, result: Any, say: Messages) -> Train
         metrics={
             k: float(v)
             for k, v in metrics.items()
-            if isinstance(v, (int, float)) and k not in ("step", "epoch")
+            # not the placeholder of a checkpoint metric that was not measured (StepCheckpoint)
+            if isinstance(v, (int, float)) and k not in ("step", "epoch") and math.isfinite(v)
         },
         data_modified=prep.modified,
     )
@@ -575,9 +638,20 @@ def _finish(prep: _Prepared, job: TrainJob, result: Any, say: Messages) -> Train
     max_bad = prep.cfg.data.max_bad_fraction
     if out.bad_samples:
         say(f"warning: {bad_samples_line(out, max_bad)}")
+    best = _best_evaluated(job, say) if prep.cfg.trainer.eval_every_steps else None
+    if best is not None:  # the run's model is its best checkpoint, measured while training went on
+        out.checkpoint, out.checkpoint_step = best.pop("checkpoint"), best.pop("step")
+        out.eval = best
+        # Its figures are in the run at its step already; its guards become the run's.
+        from aigc.evaluation.final import log_evaluation
+
+        log_evaluation(job.tracking_uri, job.run_id, best, metrics=False)
+    elif out.checkpoint:
+        out.checkpoint_step = _checkpoint_step(out.checkpoint)
     if out.checkpoint:
+        client.set_tag(job.run_id, TAG_CHECKPOINT_STEP, str(out.checkpoint_step))
         out.sample_grid = _final_grid(job.run_dir)
-        if prep.request.evaluate:
+        if prep.request.evaluate and best is None:
             out.eval = _final_evaluation(job, out, prep.request.eval_samples, say)
     notes = [f"Data: {bad_samples_line(out, max_bad)}"] if out.bad_samples else []
     if prep.modified:
@@ -590,6 +664,42 @@ def _finish(prep: _Prepared, job: TrainJob, result: Any, say: Messages) -> Train
     )
     client.set_tag(job.run_id, tracking.TAG_RUN_NOTE, done)
     return out
+
+
+def _best_evaluated(job: TrainJob, say: Messages) -> dict[str, Any] | None:
+    """The report of the run's best complete checkpoint by ``trainer.checkpoint_metric``
+    (:func:`~aigc.training.job.best_checkpoint`), announced; None when none was evaluated (the
+    final evaluation then measures the last checkpoint, as for a run that does not evaluate)."""
+    from aigc.training.job import best_checkpoint, evaluated_checkpoints
+
+    tc = job.run.trainer
+    best = best_checkpoint(job.run_dir, tc.checkpoint_metric, tc.checkpoint_mode)
+    if best is None:
+        say(
+            f"warning: no checkpoint of {job.run_dir} was evaluated with {tc.checkpoint_metric} during "
+            "training (see the evaluation tasks' errors in the Ray logs); the last checkpoint is the "
+            "run's model and is evaluated now"
+        )
+        return None
+    kept = ", ".join(
+        f"{r['step']}: {r[tc.checkpoint_metric]:.4g}"
+        for r in evaluated_checkpoints(job.run_dir)
+        if tc.checkpoint_metric in r
+    )
+    say(
+        f"the run's model is the checkpoint of step {best['step']}: {tc.checkpoint_metric} "
+        f"{best[tc.checkpoint_metric]:.4g}, the {'lowest' if tc.checkpoint_mode == 'min' else 'highest'} "
+        f"of the checkpoints kept (step: {tc.checkpoint_metric}: {kept})"
+    )
+    return best
+
+
+def _checkpoint_step(checkpoint: str) -> int:
+    """The step of a checkpoint file of the run folder, from its folder's step file."""
+    import fsspec
+
+    with fsspec.open(f"{checkpoint.rsplit('/', 1)[0]}/{STEP_FILE}", "r") as f:
+        return int(json.load(f)["global_step"])
 
 
 def write_metrics(path: str | Path, out: TrainResult) -> None:
@@ -640,7 +750,7 @@ def _final_evaluation(job: TrainJob, out: TrainResult, num_samples: int, say: Me
     from aigc.evaluation.final import final_evaluation, load_model_from, log_evaluation
 
     threads = evaluation_threads(job)
-    say(f"final evaluation of step {out.global_step} on {threads} thread(s)")
+    say(f"final evaluation of step {out.checkpoint_step} on {threads} thread(s)")
     report = final_evaluation(
         load_model_from(out.checkpoint),
         job.data_location,
@@ -649,5 +759,5 @@ def _final_evaluation(job: TrainJob, out: TrainResult, num_samples: int, say: Me
         threads=threads,
         progress=say,
     )
-    log_evaluation(job.tracking_uri, job.run_id, report, step=out.global_step)
+    log_evaluation(job.tracking_uri, job.run_id, report, step=out.checkpoint_step or out.global_step)
     return report

@@ -55,6 +55,11 @@ class TrainRequest:
         False, f"train on shards that differ from the manifest; the run is tagged {TAG_DATA_MODIFIED}"
     )
     verify_data: bool = _option(False, "re-hash every shard against the manifest before training")
+    # A sweep's trial (aigc.workflows.sweep): the new run is tagged mlflow.parentRunId, so the MLflow
+    # UI nests it under the sweep's run and compares it with its siblings.
+    parent_run_id: str | None = _option(
+        None, "MLflow run id of the parent run (a sweep's) to nest the run under"
+    )
 
     def __post_init__(self) -> None:
         if self.name and self.resume:

@@ -144,6 +144,7 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     from aigc.training.job import TrainJob
     from aigc.training.trainer import build_trainer
+    from aigc.training.validation import worst_value
 
     # Lightning logs "weights_only was not set" at INFO on every checkpoint *save*; it is not a load.
     logging.getLogger("pytorch_lightning.trainer.connectors.checkpoint_connector").setLevel(logging.WARNING)
@@ -186,7 +187,13 @@ def train_loop(config: dict[str, Any]) -> None:
         callbacks: list[pl.Callback] = [
             # First: it marks a batch's samples before StepCheckpoint may save after that batch.
             (resume and resume[3]) or SeenSamples(datamodule.num_samples("train")),
-            StepCheckpoint(tc.checkpoint_every_steps),
+            StepCheckpoint(
+                tc.checkpoint_every_steps,
+                eval_every=tc.eval_every_steps,
+                placeholder={tc.checkpoint_metric: worst_value(tc.checkpoint_mode)}
+                if tc.eval_every_steps
+                else None,
+            ),
             RngState(),
             StartupTimer(logger, job.launched_at or worker_t0, worker_t0),
             MlflowMetrics(

@@ -248,7 +248,9 @@ def quickstart(
             s["reused"] = True
             echo(f"  run {state['run_name']} ({state['run_id']}) of this config is FINISHED; reusing it")
             run_id, run_name, experiment_id = run.info.run_id, state["run_name"], run.info.experiment_id
-            eval_figures = eval_entries(run.data.metrics)
+            from aigc.tracking import model_figures
+
+            eval_figures = model_figures(client, run)
         else:
             n = cfg.trainer.max_steps
             echo(f"  models/{config_name}.yaml, {n} steps, {workers} workers on the embedded Ray")
