@@ -38,6 +38,8 @@ EXPERIMENT_KIND = "custom_model_development"
 # MLflow (seconds; the run is opened in a child process, see aigc.tracking.opener).
 # tests/unit/test_tracking.py checks each against MLflow's own.
 TAG_RUN_NOTE = "mlflow.note.content"
+#: MLflow's tag that nests a run under another in the UI (a sweep's trials under its parent run).
+TAG_PARENT_RUN = "mlflow.parentRunId"
 TAG_SOURCE_NAME = "mlflow.source.name"
 TAG_SOURCE_TYPE = "mlflow.source.type"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
