@@ -209,3 +209,19 @@ def test_the_workers_flag_takes_a_range_and_names_itself_in_errors() -> None:
     assert TrainRequest.of(None, workers="5").run_config().scaling.num_workers == 5
     with pytest.raises(ConfigError, match="--workers: workers range 6-2"):
         TrainRequest.of(None, workers="6-2").run_config()
+
+
+def test_the_checkpoint_metric_is_a_figure_the_family_is_measured_by() -> None:
+    cfg = load_config(None, ["trainer.eval_every_steps=50", "trainer.checkpoint_metric=eval/clip_score"])
+    assert cfg.trainer.checkpoint_mode == "max"
+    assert load_config(None, []).trainer.checkpoint_mode == "min"  # eval/fd: lower is better
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["trainer.checkpoint_metric=eval/fid"])
+    assert "trainer.checkpoint_metric" in str(err.value) and "eval/fd, eval/clip_score" in str(err.value)
+    # An autoencoder is measured by reconstruction: no CLIP score, and PSNR only there.
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.family=autoencoder", "trainer.checkpoint_metric=eval/clip_score"])
+    assert "allowed: eval/fd, eval/psnr, eval/mse" in str(err.value)
+    assert load_config(None, ["model.family=autoencoder", "trainer.checkpoint_metric=eval/psnr"])
+    with pytest.raises(ConfigError, match="not measured for family diffusion"):
+        load_config(None, ["trainer.checkpoint_metric=eval/psnr"])

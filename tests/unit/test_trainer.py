@@ -359,3 +359,31 @@ def test_an_elastic_job_waits_less_for_a_worker_group_to_start(monkeypatch) -> N
     assert inside("scaling.num_workers=1-2") == "90"
     assert inside("scaling.num_workers=1-2", "scaling.worker_start_timeout_s=5") == "5"
     assert os.environ[START_TIMEOUT_ENV] == "90"
+
+
+def test_the_best_checkpoint_is_the_best_evaluated_complete_one(tmp_path: Path) -> None:
+    """``job.best_checkpoint``: by the figure's direction, among complete folders with a report; a
+    tie goes to the later step; a report of a folder cut short does not count."""
+    import json
+
+    from aigc.contract import CHECKPOINT_NAME, EVAL_FILE, STEP_FILE
+    from aigc.training.job import best_checkpoint, step_checkpoint
+
+    run_dir = tmp_path / "run"
+    assert best_checkpoint(str(run_dir), "eval/fd", "min") is None
+    figures = {10: (30.0, 0.5), 20: (12.0, 0.9), 30: (12.0, 0.7), 40: (25.0, 0.95), 50: None}
+    for step, values in figures.items():
+        folder = _checkpoint_folder(run_dir, step)
+        (folder / STEP_FILE).write_text(json.dumps({"global_step": step}))
+        if values is not None:
+            report = {"eval/fd": values[0], "eval/cond_accuracy": values[1]}
+            (folder / EVAL_FILE).write_text(json.dumps(report))
+    cut = _checkpoint_folder(run_dir, 60, {CHECKPOINT_NAME: 0})  # the best report, but no weights
+    (cut / EVAL_FILE).write_text(json.dumps({"eval/fd": 1.0, "eval/cond_accuracy": 1.0}))
+
+    best = best_checkpoint(str(run_dir), "eval/fd", "min")
+    assert best["step"] == 30 and best["checkpoint"] == f"{run_dir}/checkpoint-step00000030/{CHECKPOINT_NAME}"
+    assert best_checkpoint(str(run_dir), "eval/cond_accuracy", "max")["step"] == 40
+    assert best_checkpoint(str(run_dir), "eval/clip_score", "max") is None  # never measured
+    assert step_checkpoint(str(run_dir), 50) == f"{run_dir}/checkpoint-step00000050/{CHECKPOINT_NAME}"
+    assert step_checkpoint(str(run_dir), 60) is None and step_checkpoint(str(run_dir), 70) is None

@@ -38,6 +38,7 @@ def register(app: typer.Typer) -> None:
             TrainRequest, "allow_modified_data", "--allow-modified-data"
         ),
         verify_data: bool = field_option(TrainRequest, "verify_data", "--verify-data"),
+        parent_run_id: str | None = field_option(TrainRequest, "parent_run_id", "--parent-run-id"),
     ) -> None:
         """Train a model family with Ray Train; every run lands in MLflow."""
         from aigc.config import ConfigError
@@ -70,6 +71,7 @@ def register(app: typer.Typer) -> None:
                 register=register,
                 allow_modified_data=allow_modified_data,
                 verify_data=verify_data,
+                parent_run_id=parent_run_id,
             )
             result = train_and_register(request)
         except (ConfigError, TrainError, TrackingUnavailable, DatasetError) as err:
@@ -104,7 +106,10 @@ def print_summary(r) -> None:
         )
     if r.data_modified:
         typer.echo(f"data       differs from its manifest (allowed): {'; '.join(r.data_modified)}")
-    typer.echo(f"checkpoint {r.checkpoint}")
+    chosen = ""
+    if r.checkpoint and r.checkpoint_step is not None and r.checkpoint_step != r.global_step:
+        chosen = f"  (the best evaluated, step {r.checkpoint_step} of {r.global_step})"
+    typer.echo(f"checkpoint {r.checkpoint}{chosen}")
     typer.echo(f"run folder {r.run_dir}")
     if r.sample_grid:
         typer.echo(f"samples    {r.sample_grid}")
