@@ -293,3 +293,46 @@ def test_train_evaluate_register_and_load_on_s3(stack, tmp_path, shared_evaluato
     module = load_version(client, client.get_model_version("aigc-diffusion", "2"))
     images = module.generate(["a handwritten digit three"], num_samples=2, seed=0)
     assert tuple(images.shape) == (2, 1, 8, 8) and str(images.dtype) == "torch.uint8"
+
+
+@pytest.mark.timeout(600)
+def test_only_the_best_checkpoints_and_the_newest_stay_in_the_bucket(stack, tmp_path):
+    """Evaluation during training with ``trainer.keep_best_checkpoints=2`` on the S3 store: each
+    evaluation's report is written beside its checkpoint in the bucket, and Ray deletes every other
+    checkpoint from the bucket, leaving exactly the best 2 and the newest (the learning rate warms
+    up to one far too high, so the newest is the worst: 3 folders)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = stack.tracking_uri()
+    env = {**stack.env, "MLFLOW_TRACKING_URI": uri}
+    args = ["train", str(ROOT / "models" / "diffusion.yaml"), "--name", "s3-best", "--eval-samples", "32"]
+    args += ["--no-register", "--metrics-out", str(tmp_path / "train.json")]
+    settings = [
+        *TINY_S3,
+        "scaling.num_workers=1",  # the evaluation task runs on the embedded Ray's other CPU
+        "trainer.max_steps=20",
+        "trainer.lr=0.05",
+        "trainer.warmup_steps=20",
+        "trainer.eval_every_steps=5",
+        "trainer.keep_best_checkpoints=2",
+    ]
+    for o in settings:
+        args += ["--set", o]
+    out = aigc(*args, env=env, timeout=540)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    run_id = json.loads((tmp_path / "train.json").read_text())["run_id"]
+
+    fd = sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, "eval/fd"))
+    assert [s for s, _ in fd] == [5, 10, 15, 20], fd
+    best = sorted(fd, key=lambda item: item[1])
+    assert best[0][0] != 20, fd  # the samples got worse: the newest is not the best
+    keys = stack.s3.keys(BUCKET, "runs/s3-best/")
+    folders = sorted({k.split("/")[2] for k in keys if k.split("/")[2].startswith("checkpoint-step")})
+    expected = sorted({best[0][0], best[1][0], 20})
+    assert len(expected) == 3 and folders == [f"checkpoint-step{s:08d}" for s in expected], (folders, fd)
+    for folder in folders:
+        for name in ("checkpoint.ckpt", "aigc-step.json", "aigc-eval.json"):
+            assert f"runs/s3-best/{folder}/{name}" in keys, keys
+    assert (
+        f"checkpoint s3://{BUCKET}/runs/s3-best/checkpoint-step{best[0][0]:08d}/checkpoint.ckpt" in out.stdout
+    )
