@@ -15,12 +15,13 @@ from aigc.tracking.lineage import TAG_FAMILY
 TABLE_METRICS = ("train/loss", "val/loss", "eval/fd", "eval/cond_accuracy")
 
 
-def model_figures(client: Any, run: Any) -> dict[str, float]:
+def model_figures(client: Any, run: Any, keys: tuple[str, ...] | None = None) -> dict[str, float]:
     """The ``eval/*`` figures of a run's model: the values at the step of the checkpoint that is its
     model (tag ``aigc.checkpoint.step``; the last value logged at that step), or, for a run without
     the tag, the latest of each. A run that evaluated during training has figures at many steps, and
-    its model may be an earlier checkpoint than its last (``trainer.checkpoint_metric``)."""
-    latest = eval_figures(run.data.metrics)
+    its model may be an earlier checkpoint than its last (``trainer.checkpoint_metric``). ``keys``
+    limits the figures read (each is one metric-history request)."""
+    latest = {k: v for k, v in eval_figures(run.data.metrics).items() if keys is None or k in keys}
     step = run.data.tags.get(TAG_CHECKPOINT_STEP)
     if step is None:
         return latest
@@ -72,7 +73,7 @@ def list_runs(
                 "start_time": datetime.fromtimestamp(info.start_time / 1000) if info.start_time else None,
                 "duration_s": (end_ms - info.start_time) / 1000 if end_ms and info.start_time else None,
                 # the eval/* figures are those of the run's model (model_figures)
-                "metrics": dict(run.data.metrics) | model_figures(client, run),
+                "metrics": dict(run.data.metrics) | model_figures(client, run, TABLE_METRICS),
                 "tags": dict(run.data.tags),
             }
         )

@@ -705,8 +705,11 @@ def _checkpoint_step(checkpoint: str) -> int:
 def write_metrics(path: str | Path, out: TrainResult) -> None:
     """``--metrics-out``: what DVC compares across experiments (``dvc metrics diff``, ``dvc exp
     show``): the run id, the step, the numeric figures and the guards; their provenance stays in
-    the run's ``aigc.eval.*`` tags."""
+    the run's ``aigc.eval.*`` tags. ``checkpoint_step`` is the step of the run's model (the best
+    evaluated checkpoint's, when the run evaluated during training), whose figures these are."""
     record = {"run_id": out.run_id, "step": out.global_step, **eval_figures(out.eval)}
+    if out.checkpoint_step is not None:
+        record["checkpoint_step"] = out.checkpoint_step
     record.update({g: out.eval[g] for g in GUARDS if g in out.eval})
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
