@@ -13,6 +13,7 @@ from aigc.cli import quickstart as quickstart_cmds
 from aigc.cli import registry as registry_cmds
 from aigc.cli import runs as runs_cmds
 from aigc.cli import serve as serve_cmds
+from aigc.cli import sweep as sweep_cmds
 from aigc.cli import train as train_cmds
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ quickstart_cmds.register(app)
 registry_cmds.register(app)
 runs_cmds.register(app)
 serve_cmds.register(app)
+sweep_cmds.register(app)
 train_cmds.register(app)
 
 
