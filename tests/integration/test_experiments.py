@@ -101,6 +101,7 @@ def test_the_best_checkpoint_is_kept_registered_and_named_when_the_samples_get_w
     assert result.checkpoint_step == best_step and result.global_step == 30
     assert result.checkpoint == str(run_dir / f"checkpoint-step{best_step:08d}" / "checkpoint.ckpt")
     assert result.eval["eval/fd"] == pytest.approx(by_fd[0][1])
+    assert not [k for k in result.metrics if k.startswith("eval/")]  # the last checkpoint's are not the run's
     assert f"the run's model is the checkpoint of step {best_step}" in said, said[-2000:]
     assert run.data.tags[TAG_CHECKPOINT_STEP] == str(best_step)
     name, number = result.registered.split("/")

@@ -41,6 +41,7 @@ from aigc.contract import (
     TAG_RUN_NAME,
     TAG_STORAGE,
     eval_figures,
+    is_eval_key,
 )
 from aigc.training.job import (
     TrainError,
@@ -628,8 +629,13 @@ def _finish(prep: _Prepared, job: TrainJob, result: Any, say: Messages) -> Train
         metrics={
             k: float(v)
             for k, v in metrics.items()
-            # not the placeholder of a checkpoint metric that was not measured (StepCheckpoint)
-            if isinstance(v, (int, float)) and k not in ("step", "epoch") and math.isfinite(v)
+            # Not the eval/* figures Ray merged in from the last checkpoint's evaluation during
+            # training (the run's figures are its model's: TrainResult.eval), nor the placeholder
+            # of a checkpoint metric not measured (StepCheckpoint).
+            if isinstance(v, (int, float))
+            and k not in ("step", "epoch")
+            and not is_eval_key(k)
+            and math.isfinite(v)
         },
         data_modified=prep.modified,
     )
