@@ -120,3 +120,30 @@ def test_an_artifact_logged_while_the_server_is_down_is_uploaded_once_it_answers
     logger.log_artifact(grid)  # waits for the server instead of failing the job's last step
     assert uploads == [str(grid)] and logger.errors > 0 and logger.lost == 0
     assert logger.close(timeout=5)
+
+
+def test_a_resumed_job_does_not_log_a_step_twice(tmp_path) -> None:
+    """A resumed job trains again the steps after its last checkpoint: their values, logged by the
+    first launch already, are not logged again (ray#48664: two values at one step), and the steps
+    past what the run had are. Real sqlite store."""
+    from aigc.tracking import client_for, start_job_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_job_run(uri, "resume")
+    first = RunLogger(uri, run_id, flush_interval_s=0.05)
+    for step in (5, 10, 15):
+        first.log_metrics({"train/loss": 1.0 / step, "val/loss": 2.0 / step}, step=step)
+    first.close()
+    # Resumed from the step-10 checkpoint: step 15 is trained (and logged) again, then 20.
+    second = RunLogger(uri, run_id, flush_interval_s=0.05)
+    for step in (15, 20):
+        second.log_metrics({"train/loss": 9.0, "val/loss": 9.0}, step=step)
+    second.log_metrics({"train/resumed_from_step": 10.0}, step=10)  # a key new to the run: sent
+    second.close()
+    client = client_for(uri)
+    for key in ("train/loss", "val/loss"):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        assert [s for s, _ in history] == [5, 10, 15, 20], history
+        assert dict(history)[15] != 9.0  # the first value at a step wins
+    assert second.replayed == 2
+    assert [m.step for m in client.get_metric_history(run_id, "train/resumed_from_step")] == [10]

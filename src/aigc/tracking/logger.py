@@ -124,6 +124,8 @@ class RunLogger(NullRunLogger):
         self.dropped = 0
         self.errors = 0
         self.lost = 0  # values the server rejected, or still unsent when the logger gave up
+        self.replayed = 0  # values not sent: their step was logged before a resume (_not_logged_before)
+        self._logged_upto: dict[str, int] = {}  # key -> last step the run had when first sent here
         self.failure: str | None = None  # why the logger gave up (see the module docstring)
         self._failing_since: float | None = None
         self._rejected: Exception | None = None  # the last error a request was dropped for
@@ -317,11 +319,36 @@ class RunLogger(NullRunLogger):
                 return
 
     def _send_metrics(self, pending: list[Metric]) -> None:
+        pending[:] = self._not_logged_before(pending)
         for batch in chunked(pending, MAX_METRICS_PER_BATCH):
             if self._call(len(batch), self._client.log_batch, self.run_id, metrics=batch):
                 self.batches_sent += 1
                 self.metrics_sent += len(batch)
         pending.clear()
+
+    def _not_logged_before(self, pending: list[Metric]) -> list[Metric]:
+        """``pending`` without the values at steps the run already had for their key when this
+        logger first sent that key. A resumed job (``aigc train --resume``, a worker group restarted
+        from its last checkpoint, a sweep's trial continued) trains again the steps after its
+        checkpoint and logs them again; kept, the run would hold two values at one step (ray#48664
+        with Ray's MLflow callback). The first value at a step wins: the replayed steps restart from
+        the checkpoint's state, so they repeat it. One history request per key and launch, on this
+        thread; a key whose history cannot be read is sent unfiltered (and asked again next time)."""
+        out = []
+        for m in pending:
+            last = self._logged_upto.get(m.key)
+            if last is None:
+                try:
+                    history = self._client.get_metric_history(self.run_id, m.key)
+                except Exception:  # noqa: BLE001 - the send below retries and reports the store's state
+                    out.append(m)
+                    continue
+                last = self._logged_upto[m.key] = max((h.step for h in history), default=-1)
+            if m.step > last:
+                out.append(m)
+            else:
+                self.replayed += 1
+        return out
 
     def _call(self, count: int, fn: Any, *args: Any, **kwargs: Any) -> bool:
         """Send one request of ``count`` values, again and again while it fails for a reason that

@@ -322,7 +322,19 @@ def load_sweep_file(path: str | Path, **flags: Any) -> SweepFile:
             data["set"] = [*(data.get("set") or []), *value]
         else:
             data[key] = value
-    sweep = validate(SweepFile, data, prefix=str(path))
+    unknown = sorted(set(data) - set(SweepFile.model_fields))
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], list(SweepFile.model_fields), n=1)
+        hint = f"; did you mean `{close[0]}`?" if close else ""
+        raise ConfigError(
+            f"{path}: {unknown[0]}: unknown key{hint}; allowed keys: {', '.join(SweepFile.model_fields)}"
+        )
+    try:
+        sweep = validate(SweepFile, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     cfg = Path(sweep.config)
     if not cfg.is_absolute() and not cfg.exists() and (Path(path).parent / cfg).exists():
         sweep.config = str(Path(path).parent / cfg)
