@@ -87,7 +87,9 @@ def register(app: typer.Typer) -> None:
                     fail(
                         "--resume NAME continues a sweep as it was planned: give no config, --param or --file"
                     )
-                result = run_sweep(resume=resume, storage_overrides=overrides, say=typer.echo)
+                result = run_sweep(
+                    resume=resume, storage_overrides=overrides, register_best=register_best, say=typer.echo
+                )
             else:
                 if file is not None:
                     if config is not None:

@@ -44,8 +44,11 @@ the resolved plan, its seed and the parent run) and the trials' MLflow runs are 
 experiment checkpoint: a fresh ``Tuner`` with the same seed generates the same trials in the same
 order (Tune's ``BasicVariantGenerator(random_state=seed)``), hence the same names, and each trial
 decides from its run what to do: a FINISHED run, or one the scheduler stopped, is not run again (its
-history is reported to Tune so that ASHA's rungs hold it again); a run that was cut off continues
-with ``TrainRequest(resume=<trial name>)``, into the same MLflow run; a trial with no run starts.
+history is reported to Tune so that ASHA's rungs hold it again); any other run (cut off RUNNING,
+KILLED by Ctrl-C, or FAILED: a trial cut off by the driver's death can end FAILED, its Ray Train
+controller dying before its actor) continues with ``TrainRequest(resume=<trial name>)``, into the
+same MLflow run, from its last checkpoint, as ``aigc train --resume`` would; a trial with no run
+starts.
 ``Tuner.restore`` was not used: it brings back the ``RunConfig`` callbacks and the scheduler pickled
 at the first launch (ASHA's rungs as they were then, empty) and knows only what Tune's periodic
 experiment checkpoint had written before the kill.
@@ -533,12 +536,6 @@ def run_trial(config: dict[str, Any], plan_json: str) -> None:
         if run.info.status == "FINISHED":
             reporter.report_last(finished=True)
         return
-    if run is not None and run.info.status == "FAILED":
-        reporter.run_id = run.info.run_id
-        reporter.report_new()
-        raise SweepError(
-            f"trial {name} failed before the resume: {run.data.tags.get('aigc.error', '')[:500]}"
-        )
     resume = run_exists(plan.storage, name)
     if run is not None and not resume:
         # Its run was opened but the job never started (no run folder): nothing to continue.
@@ -699,12 +696,14 @@ def run_sweep(
     *,
     resume: str | None = None,
     storage_overrides: list[str] | None = None,
+    register_best: bool | None = None,
     say: Say | None = _stderr,
 ) -> SweepResult:
     """Run ``sweep`` (or continue sweep ``resume``, found under the storage path that
     ``storage_overrides`` such as ``scaling.storage_path=...`` give, else the default) and return its
     table. Raises :class:`~aigc.config.ConfigError` before anything starts for a bad param, key or
-    value, :class:`SweepError` for a sweep that exists already or is not there to resume."""
+    value, :class:`SweepError` for a sweep that exists already or is not there to resume.
+    ``register_best`` given with ``resume`` replaces the plan's ``--register-best``."""
     from aigc import tracking
     from aigc.cluster import ClusterError, RayStart
 
@@ -715,6 +714,8 @@ def run_sweep(
 
         storage = storage_location(load_config(None, storage_overrides or []), project_root())
         plan = _read_plan(storage, resume)
+        if register_best is not None:  # the one choice a resume may change: what happens at the end
+            plan.register_best = register_best
     else:
         assert sweep is not None
         plan = _plan(sweep)
@@ -753,6 +754,7 @@ def run_sweep(
         except BaseException:
             _close_cut_off_trials(client, plan)  # trial actors die with this driver
             raise
+        _settle_stopped(client, plan)
         _close_cut_off_trials(client, plan)
         result = _collect(client, plan, experiment_id)
         _record_best(client, plan, result)
@@ -935,18 +937,39 @@ class _SweepCallback:
 
 
 def _mark_stopped(plan: SweepPlan, run_id: str, step: int) -> bool:
-    """A trial the scheduler stopped: its run, RUNNING when its actor was ended, marked KILLED with
-    ``aigc.sweep.stopped=<scheduler>``. A run that is no longer RUNNING (it finished, or its history
-    was replayed on a resume) is left as it is."""
+    """A trial the scheduler stopped: its run marked KILLED with ``aigc.sweep.stopped=<scheduler>``.
+
+    The run is RUNNING when Tune ends the trial's actor, or FAILED already: the Ray Train controller
+    the actor owns can die first, and ``train()``'s guard, still alive on its thread, then ends the
+    run FAILED ("controller died") before the actor goes; or it does so just after this mark
+    (:func:`_settle_stopped` corrects it once Tune is done). A FINISHED run, or a KILLED one (its
+    history replayed on a resume), is left as it is."""
     from aigc import tracking
 
     client = tracking.client_for(plan.tracking_uri)
-    if client.get_run(run_id).info.status != "RUNNING":
+    run = client.get_run(run_id)
+    if run.info.status not in ("RUNNING", "FAILED"):
         return False
     client.set_tag(run_id, TAG_STOPPED, plan.scheduler)
     client.set_tag(run_id, "aigc.sweep.stopped_at_step", str(step))
-    tracking.end_job_run(plan.tracking_uri, run_id, "KILLED")
+    _end_stopped(client, plan, run)
     return True
+
+
+def _end_stopped(client: Any, plan: SweepPlan, run: Any) -> None:
+    from aigc import tracking
+
+    if "aigc.error" in run.data.tags:
+        client.delete_tag(run.info.run_id, "aigc.error")  # the error was the stop itself
+    tracking.end_job_run(plan.tracking_uri, run.info.run_id, "KILLED")
+
+
+def _settle_stopped(client: Any, plan: SweepPlan) -> None:
+    """Once Tune is done (every trial actor gone): a stopped trial's run that its dying job ended
+    FAILED after :func:`_mark_stopped` is KILLED again."""
+    for run in _child_runs(client, plan):
+        if TAG_STOPPED in run.data.tags and run.info.status != "KILLED":
+            _end_stopped(client, plan, run)
 
 
 def _child_runs(client: Any, plan: SweepPlan) -> list[Any]:
