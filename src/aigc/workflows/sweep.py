@@ -45,10 +45,9 @@ experiment checkpoint: a fresh ``Tuner`` with the same seed generates the same t
 order (Tune's ``BasicVariantGenerator(random_state=seed)``), hence the same names, and each trial
 decides from its run what to do: a FINISHED run, or one the scheduler stopped, is not run again (its
 history is reported to Tune so that ASHA's rungs hold it again); any other run (cut off RUNNING,
-KILLED by Ctrl-C, or FAILED: a trial cut off by the driver's death can end FAILED, its Ray Train
-controller dying before its actor) continues with ``TrainRequest(resume=<trial name>)``, into the
-same MLflow run, from its last checkpoint, as ``aigc train --resume`` would; a trial with no run
-starts.
+KILLED by Ctrl-C, or FAILED, as ``aigc train --resume`` continues a failed run: a failure that may
+pass, a store that was busy, is tried again) continues with ``TrainRequest(resume=<trial name>)``,
+into the same MLflow run, from its last checkpoint; a trial with no run folder starts.
 ``Tuner.restore`` was not used: it brings back the ``RunConfig`` callbacks and the scheduler pickled
 at the first launch (ASHA's rungs as they were then, empty) and knows only what Tune's periodic
 experiment checkpoint had written before the kill.
@@ -749,6 +748,8 @@ def run_sweep(
         + (" (resumed)" if resume else "")
     )
     with opened:
+        if resume is None:
+            _log_sweep_dataset(client, plan)
         try:
             _tune(plan, say)
         except BaseException:
@@ -768,6 +769,22 @@ def run_sweep(
             say("warning: --register-best: no trial finished with a value; nothing registered")
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _log_sweep_dataset(client: Any, plan: SweepPlan) -> None:
+    """The trials' dataset as the parent run's input, logged before any trial starts. Every trial's
+    run logs it too (``aigc.tracking.lineage.log_dataset_input``), and MLflow 3.17 inserts the
+    experiment's dataset row on first use: two trials opening their runs at once both inserted it
+    and one failed, FAILED before training, with "UNIQUE constraint failed: datasets.experiment_id,
+    datasets.name, datasets.digest" (sqlite store). With the row already there they only link it."""
+    from aigc import tracking
+    from aigc.data.version import version
+    from aigc.training.job import data_location, dataset_manifest
+
+    cfg = load_config(plan.config, plan.overrides)
+    location = data_location(cfg, Path(plan.root))
+    name = dataset_manifest(location).get("name", cfg.data.name)
+    tracking.log_dataset_input(client, plan.parent_run_id, name, location, version(location))
 
 
 def _grid_note(plan: SweepPlan) -> str:
