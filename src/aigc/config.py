@@ -28,6 +28,7 @@ __all__ = [
     "StrictModel",
     "DataConfig",
     "TextConfig",
+    "LoraConfig",
     "DiffusionConfig",
     "GANConfig",
     "VAEConfig",
@@ -111,6 +112,22 @@ class TextConfig(StrictModel):
     dim: int = Field(128, ge=8)
     layers: int = Field(2, ge=0)
     heads: int = Field(4, ge=1)
+
+
+class LoraConfig(StrictModel):
+    """LoRA adapters (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") through
+    Hugging Face PEFT: ``W x + (alpha / rank) * B A x`` on the ``targets`` layers, base weights frozen.
+    A model with ``lora`` fine-tunes a base model (``aigc train --init-from``, or the pipeline a
+    diffusers-family config names); its checkpoints and exports hold only the adapter."""
+
+    rank: int = Field(8, ge=1, description="rank r of the update B A")
+    alpha: float | None = Field(None, gt=0.0, description="scale numerator; default: the rank (scale 1)")
+    targets: list[str] = Field(
+        [],
+        description="module names (or name suffixes, PEFT's target_modules) that get adapters; "
+        "empty: the family's default (its attention and projection layers)",
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
 
 
 class DiffusionConfig(StrictModel):
