@@ -34,6 +34,7 @@ __all__ = [
     "VAEConfig",
     "AutoregressiveConfig",
     "AutoencoderConfig",
+    "SDConfig",
     "ModelConfig",
     "MODEL_CONFIGS",
     "TrainerConfig",
@@ -244,10 +245,30 @@ class AutoencoderConfig(StrictModel):
             )
 
 
+class SDConfig(StrictModel):
+    """A Stable-Diffusion-format pipeline folder (diffusers: unet/, vae/, text_encoder/, tokenizer/,
+    scheduler/) fine-tuned and sampled behind the generate() contract (aigc.models.sd, docs/diffusers.md).
+    Text goes through the pipeline's own CLIP tokenizer and text encoder (frozen), so there is no
+    ``text`` section; the VAE is frozen too. With ``lora`` only PEFT adapters on the UNet train,
+    otherwise the whole UNet. The training target (epsilon or v) is the pipeline scheduler's."""
+
+    family: Literal["sd"] = "sd"
+    pipeline: str = Field(
+        ..., min_length=1, description="the pipeline folder: a local path or fsspec URL (s3://...)"
+    )
+    lora: LoraConfig | None = Field(None, description="LoRA adapters on the UNet; None: full fine-tuning")
+    cond_drop_prob: float = Field(0.1, ge=0.0, le=1.0, description="caption -> '' rate (guidance)")
+    snr_gamma: float | None = Field(
+        None, gt=0.0, description="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is usual); None: off"
+    )
+    sample_steps: int = Field(25, ge=1, description="default sampling steps")
+    guidance: float = Field(7.5, ge=0.0, description="default guidance: 1 conditional, 0 unconditional")
+
+
 # The one list of families. pydantic needs the union spelled out; the table is read off it, keyed
 # by each class's ``family`` literal, so adding a family is one class here plus aigc/models/<family>.py.
 ModelConfig = Annotated[
-    Union[DiffusionConfig, GANConfig, VAEConfig, AutoregressiveConfig, AutoencoderConfig],
+    Union[DiffusionConfig, GANConfig, VAEConfig, AutoregressiveConfig, AutoencoderConfig, SDConfig],
     Field(discriminator="family"),
 ]
 #: family -> its model config class, in the order the CLI and benchmarks list them.
