@@ -39,6 +39,11 @@ def checkpoint_dir_name(step: int) -> str:
     return f"{CHECKPOINT_DIR_PREFIX}{int(step):08d}"
 
 
+#: The folder of the run folder holding the export a fine-tuned job started from (``aigc train
+#: --init-from``): copied there once, so every worker reads it from the run's storage and a resume
+#: before the first checkpoint starts from the same weights.
+INIT_DIR = "init-from"
+
 #: The sample grid rank 0 writes into the run folder at the end of training (and logs to MLflow).
 FINAL_GRID = "samples-final.png"
 #: The report of a checkpoint's evaluation during training (``trainer.eval_every_steps``), written
@@ -63,6 +68,14 @@ TAG_ERROR = "aigc.error"
 #: ``aigc register`` exports. The best by ``trainer.checkpoint_metric`` when the run evaluated
 #: during training, else the last.
 TAG_CHECKPOINT_STEP = "aigc.checkpoint.step"
+# A fine-tuned run (``aigc train --init-from REF``): the reference as given, and what it resolved to:
+# the registered model and version, and the run that trained those weights (absent for an export
+# folder from elsewhere). ``aigc lineage`` follows TAG_INIT_RUN_ID back to a model trained from scratch.
+TAG_INIT_FROM = "aigc.init.from"
+TAG_INIT_MODEL = "aigc.init.model"
+TAG_INIT_VERSION = "aigc.init.version"
+TAG_INIT_RUN_ID = "aigc.init.run_id"
+INIT_TAGS = (TAG_INIT_FROM, TAG_INIT_MODEL, TAG_INIT_VERSION, TAG_INIT_RUN_ID)
 # What of the data the run did not see as its version describes it. Shards that differed from the
 # manifest when the job started (allowed by --allow-modified-data): "true", and which ones, how.
 TAG_DATA_MODIFIED = "aigc.data.modified"

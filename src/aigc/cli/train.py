@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         ),
         verify_data: bool = field_option(TrainRequest, "verify_data", "--verify-data"),
         parent_run_id: str | None = field_option(TrainRequest, "parent_run_id", "--parent-run-id"),
+        init_from: str | None = field_option(TrainRequest, "init_from", "--init-from", metavar="REF"),
     ) -> None:
         """Train a model family with Ray Train; every run lands in MLflow."""
         from aigc.config import ConfigError
@@ -72,6 +73,7 @@ def register(app: typer.Typer) -> None:
                 allow_modified_data=allow_modified_data,
                 verify_data=verify_data,
                 parent_run_id=parent_run_id,
+                init_from=init_from,
             )
             result = train_and_register(request)
         except (ConfigError, TrainError, TrackingUnavailable, DatasetError) as err:

@@ -57,6 +57,16 @@ class Tokenizer:
         vocab += sorted(CHAR_PREFIX + c for c in chars)
         return cls(vocab)
 
+    def extend(self, captions: Iterable[str]) -> Tokenizer:
+        """This vocabulary followed by the words and characters of ``captions`` it lacks (sorted, as
+        :meth:`build` orders them): every existing token keeps its id, so a model fine-tuned with the
+        extended tokenizer (``aigc train --init-from``) keeps the embedding of every word it knew."""
+        new = Tokenizer.build(captions)
+        added = [t for t in new.vocab[len(SPECIALS) :] if t not in self.index]
+        words = sorted(t for t in added if not t.startswith(CHAR_PREFIX))
+        chars = sorted(t for t in added if t.startswith(CHAR_PREFIX))
+        return Tokenizer(self.vocab + words + chars)
+
     def __len__(self) -> int:
         return len(self.vocab)
 

@@ -11,6 +11,10 @@ from aigc.contract import (
     TAG_DATA_NAME,
     TAG_DATA_VERSION,
     TAG_GIT_SHA,
+    TAG_INIT_FROM,
+    TAG_INIT_MODEL,
+    TAG_INIT_RUN_ID,
+    TAG_INIT_VERSION,
     TAG_RUN_NAME,
     TAG_STORAGE,
     eval_entries,
@@ -86,7 +90,42 @@ def lineage(ref: str | ModelRef, tracking_uri: str | None = None) -> dict[str, A
         # the step of the checkpoint this version is (the run's best, when it evaluated during training)
         "checkpoint_step": version.tags.get(TAG_CHECKPOINT_STEP) or tags.get(TAG_CHECKPOINT_STEP),
         "model_source": version.source,
+        # a fine-tuned model's ancestry (aigc train --init-from), back to a model trained from scratch
+        "started_from": _ancestry(client, tags),
     }
+
+
+def _ancestry(client: Any, tags: dict[str, str], limit: int = 50) -> list[dict[str, Any]]:
+    """What a run's weights started from, one entry per generation, back to a run trained from
+    scratch (or a source outside the store, such as an export folder): the reference given, the
+    registered model and version it named, and that source's run, data and git sha."""
+    chain: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    while tags.get(TAG_INIT_FROM) and len(chain) < limit:
+        entry: dict[str, Any] = {
+            "ref": tags[TAG_INIT_FROM],
+            "model": tags.get(TAG_INIT_MODEL),
+            "version": tags.get(TAG_INIT_VERSION),
+            "run_id": tags.get(TAG_INIT_RUN_ID),
+        }
+        chain.append(entry)
+        run_id = entry["run_id"]
+        if not run_id or run_id in seen:
+            break
+        seen.add(run_id)
+        try:
+            run = client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - a source run deleted since: the chain ends there, said so
+            entry["run_name"] = "(run not found)"
+            break
+        tags = run.data.tags
+        entry |= {
+            "run_name": tags.get(TAG_RUN_NAME, run.info.run_name),
+            "data_name": tags.get(TAG_DATA_NAME),
+            "data_version": tags.get(TAG_DATA_VERSION),
+            "git_sha": tags.get(TAG_GIT_SHA),
+        }
+    return chain
 
 
 def format_lineage(chain: dict[str, Any]) -> str:
@@ -102,5 +141,24 @@ def format_lineage(chain: dict[str, Any]) -> str:
             f"  <- code     git {c['git_sha'] or 'unknown'}",
             f"     checkpoints {c['checkpoints']}"
             + (f" (this model: step {c['checkpoint_step']})" if c.get("checkpoint_step") else ""),
+            *_format_ancestry(c.get("started_from") or []),
         ]
     )
+
+
+def _format_ancestry(chain: list[dict[str, Any]]) -> list[str]:
+    """``<- from`` lines, one per generation, ending with the model trained from scratch."""
+    lines = []
+    for a in chain:
+        what = f"{a['model']} v{a['version']}" if a.get("model") else a["ref"]
+        run = f", run {a.get('run_name') or '?'} ({a['run_id']})" if a.get("run_id") else ""
+        data = f", data {a['data_name']} version {a['data_version']}" if a.get("data_name") else ""
+        lines.append(f"  <- from     {what}{run}{data}")
+    if chain:
+        last = chain[-1]
+        lines.append(
+            "     (trained from scratch)"
+            if last.get("run_id") and last.get("run_name") != "(run not found)"
+            else "     (its own origin is not in this store)"
+        )
+    return lines

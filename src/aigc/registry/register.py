@@ -33,6 +33,7 @@ from aigc.contract import (
     EVAL_TAG_PREFIX,
     FINAL_GRID,
     GUARDS,
+    INIT_TAGS,
     TAG_CHECKPOINT_STEP,
     TAG_DATA_NAME,
     TAG_DATA_VERSION,
@@ -220,6 +221,8 @@ def register_run(ref: str, tracking_uri: str | None = None, progress=None) -> Re
             TAG_GIT_SHA: tags.get(TAG_GIT_SHA, ""),
             TAG_CHECKPOINT_STEP: tags.get(TAG_CHECKPOINT_STEP, ""),
             TAG_ELIGIBLE: str(eligible).lower(),
+            # a fine-tuned run's source (aigc train --init-from): the version names what it came from
+            **{k: tags[k] for k in INIT_TAGS if k in tags},
             **eval_tags(tags),
             **{k: repr(float(v)) for k, v in figures.items()},
         }

@@ -69,6 +69,11 @@ class TrainJob(StrictModel):
         DEFAULT_EVAL_SAMPLES,
         description="samples per evaluation during training: trainer.eval_samples, else --eval-samples",
     )
+    init_from: str | None = Field(
+        None,
+        description="the export folder (in the run folder, INIT_DIR) whose weights the model starts from "
+        "before step 0: aigc train --init-from",
+    )
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

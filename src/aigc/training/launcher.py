@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -35,6 +36,7 @@ from aigc.config import RunConfig
 from aigc.contract import (
     FINAL_GRID,
     GUARDS,
+    INIT_DIR,
     STEP_FILE,
     TAG_CHECKPOINT_STEP,
     TAG_DATA_MODIFIED,
@@ -43,6 +45,7 @@ from aigc.contract import (
     eval_figures,
     is_eval_key,
 )
+from aigc.models.init import InitSource
 from aigc.training.job import (
     TrainError,
     TrainJob,
@@ -70,6 +73,8 @@ __all__ = ["TrainError", "TrainRequest", "TrainResult", "to_stderr", "train", "w
 
 Progress = Callable[[dict[str, Any]], None]
 Messages = Callable[[str], None]
+#: ``(ref, tracking_uri, scratch folder, messages) -> InitSource``: ``--init-from REF`` as an export folder
+InitResolver = Callable[[str, str, Path, Messages], InitSource]
 
 
 @dataclass
@@ -119,6 +124,7 @@ def train(
     *,
     progress: Progress | None = None,
     messages: Messages | None = to_stderr,
+    resolve_init: InitResolver | None = None,
     **options: Any,
 ) -> TrainResult:
     """Run one training job end to end and return its summary. It is not registered: that is
@@ -128,16 +134,22 @@ def train(
     as keywords (``train("models/vae.yaml", ["trainer.max_steps=5"], name="v1")``). ``progress``
     receives the step dicts of :class:`~aigc.training.progress.ProgressPoller` (default: one line on
     stderr); ``messages`` the warnings and the lines of the final evaluation, default stderr, None
-    for silence.
+    for silence. ``resolve_init`` turns ``request.init_from`` into an export folder
+    (:class:`~aigc.models.init.InitSource`); without it only an export folder is understood
+    (:func:`aigc.workflows.train.resolve_init` knows registered versions and runs as well).
     """
     request = TrainRequest.of(request, overrides, **options)
     t0 = time.perf_counter()
     say = messages or _silent
-    prep = _prepare_resume(request, say) if request.resume else _prepare(request, say)
-    with _start(prep) as started:  # the run open and Ray starting; from here a failure ends the run
-        job = _write_job(prep, started)
-        result = _fit(job, progress, started.ray, prep.clock, say)
-        out = _finish(prep, job, result, say)
+    with tempfile.TemporaryDirectory(prefix="aigc-init-from-") as tmp:  # a source exported for the job
+        if request.resume:
+            prep = _prepare_resume(request, say)
+        else:
+            prep = _prepare(request, say, resolve_init, Path(tmp))
+        with _start(prep) as started:  # the run open and Ray starting; from here a failure ends the run
+            job = _write_job(prep, started)
+            result = _fit(job, progress, started.ray, prep.clock, say)
+            out = _finish(prep, job, result, say)
     out.seconds = time.perf_counter() - t0
     if request.metrics_out:
         write_metrics(request.metrics_out, out)
@@ -163,6 +175,8 @@ class _Prepared:
     clock: StartupClock
     launched_at: float  # time.time() of this launch's train() call
     saved: TrainJob | None = None  # the job record --resume continues
+    init: InitSource | None = None  # --init-from, resolved to an export folder
+    tokenizer: dict[str, Any] | None = None  # --init-from: the source's, extended by the captions
 
     @property
     def data_name(self) -> str:
@@ -182,7 +196,9 @@ class _Prepared:
         )
 
 
-def _prepare(request: TrainRequest, say: Messages) -> _Prepared:
+def _prepare(
+    request: TrainRequest, say: Messages, resolve_init: InitResolver | None = None, tmp: Path | None = None
+) -> _Prepared:
     """A new job: the config resolved, the run name free, the data checked against its manifest, the
     storage path written to. A bad request fails here, with no MLflow run created, Ray not started."""
     from aigc import tracking
@@ -206,6 +222,19 @@ def _prepare(request: TrainRequest, say: Messages) -> _Prepared:
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     data_version = version(location)
     clock.mark("data_version")
+    init = tokenizer = None
+    if request.init_from:
+        init, tokenizer = _prepare_init(
+            request.init_from,
+            resolve_init,
+            cfg,
+            location,
+            manifest,
+            tracking_uri,
+            tmp or Path(tempfile.mkdtemp()),
+            say,
+        )
+        clock.mark("init_from")
     return _Prepared(
         request=request,
         cfg=cfg,
@@ -218,7 +247,55 @@ def _prepare(request: TrainRequest, say: Messages) -> _Prepared:
         tracking_uri=tracking_uri,
         clock=clock,
         launched_at=launched_at,
+        init=init,
+        tokenizer=tokenizer,
     )
+
+
+def _prepare_init(
+    ref: str,
+    resolve_init: InitResolver | None,
+    cfg: RunConfig,
+    location: str,
+    manifest: dict[str, Any],
+    tracking_uri: str,
+    tmp: Path,
+    say: Messages,
+) -> tuple[InitSource, dict[str, Any]]:
+    """``--init-from REF`` resolved to an export folder, checked against the model this config builds
+    (every tensor that does not fit is named, with the config keys that differ from the source's),
+    and the tokenizer the job trains with: the source's, extended by the train captions' new words."""
+    from aigc.data.captions_io import read_captions
+    from aigc.models import build_module
+    from aigc.models.init import (
+        InitError,
+        differing_keys,
+        export_source,
+        init_state,
+        read_config,
+        read_tokenizer,
+        read_weights,
+    )
+
+    try:
+        source = resolve_init(ref, tracking_uri, tmp, say) if resolve_init else export_source(ref)
+        config = read_config(source.path)
+        known = read_tokenizer(source.path)
+        tokenizer = known.extend(read_captions(location, "train"))
+        module = build_module(
+            cfg, tokenizer, manifest["image_size"], manifest["channels"], manifest.get("latent")
+        )
+        init_state(module, read_weights(source.path), config, source.label)
+    except InitError as err:
+        raise TrainError(str(err)) from None
+    # Keys that size no tensor still change what the weights mean (timesteps, prediction, ...).
+    changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in differing_keys(config, module)]
+    say(
+        f"starting from {source.label}: its weights and tokenizer ({len(known)} tokens, "
+        f"{len(tokenizer) - len(known)} new from this data)"
+        + (f"; config keys changed from the source's: {', '.join(changed)}" if changed else "")
+    )
+    return source, tokenizer.to_dict()
 
 
 def _prepare_resume(request: TrainRequest, say: Messages) -> _Prepared:
@@ -307,7 +384,7 @@ def _open_run(prep: _Prepared) -> Iterator[_Started]:
     ray_start: RayStart | None = None
     try:
         try:
-            tokenizer = _tokenizer(prep.location)
+            tokenizer = prep.tokenizer or _tokenizer(prep.location)
             prep.clock.mark("tokenizer")
             ray_start = RayStart(prep.cfg.scaling.ray_address)
             run = opener.result()  # raises what the child raised (TrackingUnavailable, ...)
@@ -364,6 +441,7 @@ def _run_opener(prep: _Prepared):
         | tracking.source_tags(tracking.command_line(), sha)
         | tracking.data_modified_tags(prep.modified)
         | {TAG_RUN_NAME: prep.name, TAG_STORAGE: prep.run_dir, tracking.TAG_RUN_NOTE: prep.description()}
+        | (prep.init.tags if prep.init else {})
     )
     if prep.request.parent_run_id:  # a sweep's trial, nested under the sweep's run in the UI
         from aigc.tracking.context import TAG_PARENT_RUN
@@ -430,10 +508,26 @@ def _write_job(prep: _Prepared, started: _Started) -> TrainJob:
         allow_modified_data=prep.request.allow_modified_data,
         resumed=prep.saved is not None,
         eval_samples=prep.cfg.trainer.eval_samples or prep.request.eval_samples,
+        init_from=_store_init(prep.init, prep.run_dir) if prep.init else None,
     )
     write_job(job)
     prep.clock.mark("job_file")
     return job
+
+
+def _store_init(init: InitSource, run_dir: str) -> str:
+    """Copy the export a job starts from into its run folder (``INIT_DIR``): every worker, on any
+    node, reads it from there, and a resume before the first checkpoint starts from it again."""
+    import fsspec
+
+    from aigc.models.init import SOURCE_FILES
+
+    where = f"{run_dir}/{INIT_DIR}"
+    fs, path = fsspec.core.url_to_fs(where)
+    fs.makedirs(path, exist_ok=True)
+    for name in SOURCE_FILES:
+        fs.put_file(str(init.path / name), f"{path}/{name}")
+    return where
 
 
 def _checkpoint_config(tc) -> Any:

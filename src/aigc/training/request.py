@@ -61,9 +61,20 @@ class TrainRequest:
         None, "MLflow run id of the parent run (a sweep's) to nest the run under"
     )
 
+    init_from: str | None = _option(
+        None,
+        "start from this model's weights and tokenizer (fine-tuning): a registered version "
+        "(aigc-vae@production, aigc-vae/3), a run's id or name, or an export folder",
+    )
+
     def __post_init__(self) -> None:
         if self.name and self.resume:
             raise TrainError("--name and --resume exclude each other: --resume NAME continues run NAME")
+        if self.init_from and self.resume:
+            raise TrainError(
+                "--init-from and --resume exclude each other: a resumed run continues from its own "
+                "checkpoint (and from the model it was started from, which its record names)"
+            )
 
     @classmethod
     def of(

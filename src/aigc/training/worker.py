@@ -161,6 +161,10 @@ def train_loop(config: dict[str, Any]) -> None:
     # per-rank stream for noise and dropout.
     pl.seed_everything(tc.seed, workers=True, verbose=False)
     module = build_module(cfg, Tokenizer.from_dict(job.tokenizer), job.image_size, job.channels, job.latent)
+    if job.init_from is not None:  # fine-tuning: the source's weights (a checkpoint, if any, replaces them)
+        from aigc.models.init import load_init
+
+        load_init(module, job.init_from)
     if job.latent is not None:  # the frozen autoencoder a latent model decodes with, from its dataset
         from aigc.models.export import load_dataset_autoencoder
 

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from aigc.contract import CHECKPOINT_DIR_PREFIX, CHECKPOINT_FILES, TAG_STORAGE, is_version_ref
 from aigc.data.build import BuildSummary
 from aigc.data.latents import AUTOENCODER_DIR, LATENT_DTYPES, LATENT_EXT, encode_npy, latent_spec
 from aigc.data.loader_read import BadSample, ReadStats, decode_sample, iter_piece
@@ -45,73 +44,20 @@ Progress = Callable[[str], None]
 def resolve_autoencoder(
     ref: str, tracking_uri: str | None = None, progress: Progress | None = None
 ) -> tuple[Any, dict[str, Any]]:
-    """The autoencoder module ``ref`` names and its lineage (what the manifest records).
+    """The autoencoder module ``ref`` names and its lineage (what the manifest records): see
+    :func:`aigc.workflows.model_ref.resolve_model` for what ``ref`` may be."""
+    from aigc.workflows.model_ref import ModelRefError, resolve_model
 
-    ``ref`` is, in this order: the ``--metrics-out`` record of an ``aigc train`` run (a local
-    ``.json`` file with its ``run_id``: what the DVC pipeline's train stage writes), a registered
-    version (``aigc-autoencoder@candidate``, ``aigc-autoencoder/3``, ``models:/...``), an export
-    folder or ``.ckpt`` (path or URL), or the id or name of an ``aigc train`` run. A run, named or
-    through its record, gives its final checkpoint, and the lineage names the run (and the record).
-    """
-    # Imported here: the model loader imports torch, the registry and the run lookup MLflow, and
-    # each branch below needs only some of them.
-    from aigc.evaluation.final import load_model_from
-
-    say = progress or (lambda _m: None)
-    lineage: dict[str, Any] = {"ref": ref}
-    run_ref: str | None = None  # the run a --metrics-out record names
-    if ref.endswith(".json") and "://" not in ref:
-        # Before the path branch: a record points to a run; it is not a model file to load.
-        from aigc.config import ConfigError
-        from aigc.workflows.pipeline import run_of
-
-        if not Path(ref).is_file():
-            raise DatasetError(f"--autoencoder {ref}: no such file (an `aigc train --metrics-out` record)")
-        try:
-            run_ref = run_of(ref)
-        except ConfigError as err:
-            raise DatasetError(
-                f"--autoencoder {ref}: not an `aigc train --metrics-out` record ({err}); give such a "
-                "record, a registered version, an export folder, a .ckpt or a run id"
-            ) from None
-        lineage["record"] = str(Path(ref).resolve())
-    if run_ref is None and is_version_ref(ref) and not Path(ref).exists():
-        from aigc.registry.versions import load_version, resolve_version
-        from aigc.tracking import client_for
-
-        client = client_for(tracking_uri)
-        version = resolve_version(client, ref)
-        say(f"autoencoder: {version.name} version {version.version} (run {version.run_id})")
-        module = load_version(client, version)
-        lineage |= {"model": version.name, "version": str(version.version), "run_id": version.run_id}
-    elif run_ref is None and ("://" in ref or Path(ref).exists()):
-        say(f"autoencoder: {ref}")
-        module = load_model_from(ref)
-        lineage["path"] = str(Path(ref).resolve()) if "://" not in ref else ref
-    else:
-        from aigc.registry.register import find_run
-        from aigc.tracking import client_for
-        from aigc.training.job import final_checkpoint
-
-        run = find_run(client_for(tracking_uri), run_ref or ref)
-        storage = run.data.tags.get(TAG_STORAGE)
-        if not storage:
-            raise DatasetError(f"--autoencoder {ref}: run {run.info.run_id} was not made by aigc train")
-        checkpoint = final_checkpoint(storage)
-        if checkpoint is None:
-            raise DatasetError(
-                f"--autoencoder {ref}: run folder {storage} holds no complete {CHECKPOINT_DIR_PREFIX}* "
-                f"folder (one with {' and '.join(CHECKPOINT_FILES)}, neither empty): nothing to load"
-            )
-        say(f"autoencoder: run {run.info.run_id}, {checkpoint}")
-        module = load_model_from(checkpoint)
-        lineage |= {"run_id": run.info.run_id, "checkpoint": checkpoint}
+    try:
+        module, lineage = resolve_model(ref, tracking_uri, progress, option="--autoencoder")
+    except ModelRefError as err:
+        raise DatasetError(str(err)) from None
     if getattr(module, "family", None) != "autoencoder":
         raise DatasetError(
             f"--autoencoder {ref}: a {getattr(module, 'family', type(module).__name__)} model, "
             "not an autoencoder (train one with models/autoencoder-kl*.yaml or autoencoder-vq*.yaml)"
         )
-    return module.eval(), lineage
+    return module, lineage
 
 
 def _encode_batch(module: Any, images: list[np.ndarray]) -> list[np.ndarray]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aigc.config import RunConfig
+from aigc.models.init import InitSource, export_source
 from aigc.training import TrainError, TrainRequest, TrainResult, train
 from aigc.training.launcher import Messages, Progress, to_stderr, write_metrics
 
@@ -35,10 +36,12 @@ def train_and_register(
     """
     request = TrainRequest.of(request, overrides, **options)
     if not request.register:
-        return train(request, progress=progress, messages=messages)
+        return train(request, progress=progress, messages=messages, resolve_init=resolve_init)
     # --metrics-out is written once the run is registered: a failed registration leaves no record
     # for DVC of a stage that failed.
-    out = train(replace(request, metrics_out=None), progress=progress, messages=messages)
+    out = train(
+        replace(request, metrics_out=None), progress=progress, messages=messages, resolve_init=resolve_init
+    )
     t0 = time.perf_counter()
     if out.checkpoint:
         out.registered = _register(out, messages)
@@ -46,6 +49,36 @@ def train_and_register(
     if request.metrics_out:
         write_metrics(request.metrics_out, out)
     return out
+
+
+def resolve_init(ref: str, tracking_uri: str, dst: Path, say: Messages) -> InitSource:
+    """``--init-from REF`` as an export folder to start from (``aigc.training.train``'s
+    ``resolve_init``): REF is anything :func:`aigc.workflows.model_ref.resolve_model` takes (a
+    registered version, a run's id or name or ``--metrics-out`` record, an export folder or ``.ckpt``);
+    what is not an export folder already is exported into ``dst``."""
+    from aigc.contract import TAG_INIT_FROM, TAG_INIT_MODEL, TAG_INIT_RUN_ID, TAG_INIT_VERSION
+    from aigc.models.export import EXPORT_FILES, export_model
+    from aigc.workflows.model_ref import ModelRefError, resolve_model
+
+    local = Path(ref).expanduser()
+    if local.is_dir() and all((local / f).is_file() for f in EXPORT_FILES):
+        return export_source(ref)
+    try:
+        module, lineage = resolve_model(ref, tracking_uri, say, option="--init-from")
+    except (ModelRefError, OSError) as err:
+        raise TrainError(str(err)) from None
+    path = export_model(module, Path(dst) / "export")
+    tags = {TAG_INIT_FROM: ref}
+    for tag, key in ((TAG_INIT_MODEL, "model"), (TAG_INIT_VERSION, "version"), (TAG_INIT_RUN_ID, "run_id")):
+        if lineage.get(key):
+            tags[tag] = str(lineage[key])
+    if "model" in lineage:
+        label = f"{lineage['model']} v{lineage['version']}"
+    elif "run_id" in lineage:
+        label = f"run {lineage['run_id']}"
+    else:
+        label = lineage.get("path", ref)
+    return InitSource(path=path, ref=ref, label=label, tags=tags)
 
 
 def _register(out: TrainResult, messages: Messages | None) -> str:

@@ -1,0 +1,191 @@
+"""Starting a model from another's weights: ``aigc train --init-from`` (fine-tuning).
+
+The source is always an export folder (:mod:`aigc.models.export`: safetensors + JSON, no pickle);
+a registered version or a run is first exported to one (:mod:`aigc.registry.init_source`). The job
+copies it into its run folder (:data:`aigc.contract.INIT_DIR`), and every worker loads it before
+step 0 (:func:`load_init`), so a resume before the first checkpoint starts from the same weights.
+
+The new model is built from the run's config as usual; the source's weights then replace its
+initial ones, tensor by tensor. Two things may differ:
+
+- the tokenizer: the new run's is the source's, extended by the new captions' words
+  (:meth:`Tokenizer.extend`): existing ids keep their rows of the text embedding, new words get the
+  new model's fresh rows, so a word seen before keeps its embedding;
+- a latent model's ``autoencoder.*``: that comes from the dataset (it must be the autoencoder the
+  source learned on, checked by its sha256).
+
+Anything else that differs in shape is an :class:`InitError` naming every such tensor and the model
+config keys whose values differ from the source's (the keys that size those tensors).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+
+from aigc.contract import TAG_INIT_FROM
+from aigc.models.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # torch is imported by the functions that load weights: the driver resolves first
+    import torch
+
+    from aigc.models.base import GenerativeModule
+
+#: the files of an export folder a model starts from (``aigc.models.export.EXPORT_FILES``)
+SOURCE_FILES = ("weights.safetensors", "config.json", "tokenizer.json")
+#: the text-embedding tables whose rows are tokenizer ids (``aigc.models.text.TextEncoder.token``),
+#: in the module and in the diffusion family's EMA copy
+_VOCAB_TABLE = "text_encoder.token.weight"
+_AUTOENCODER = "autoencoder."
+
+
+class InitError(ValueError):
+    """A model cannot start from the source it was given; the message says what differs."""
+
+
+@dataclass(frozen=True)
+class InitSource:
+    """A resolved ``--init-from``: a local export folder, and what it is for the run's lineage."""
+
+    path: Path
+    ref: str  # as the user gave it
+    label: str  # for messages: "aigc-digits v3 (run ...)", a path
+    tags: dict[str, str] = field(default_factory=dict)  # aigc.init.* tags of the new run
+
+
+def export_source(ref: str) -> InitSource:
+    """``--init-from PATH``: an export folder (``aigc export``, or a version's ``export/`` artifact)."""
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        raise InitError(
+            f"--init-from {ref!r}: not an export folder, and not a registered model (NAME@ALIAS, "
+            "NAME/VERSION) or run that this command can look up"
+        )
+    missing = [f for f in SOURCE_FILES if not (path / f).is_file()]
+    if missing:
+        raise InitError(f"--init-from {ref!r}: not an aigc export folder ({', '.join(missing)} missing)")
+    path = path.resolve()
+    return InitSource(path=path, ref=ref, label=str(path), tags={TAG_INIT_FROM: ref})
+
+
+def read_config(location: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of the export folder at ``location`` (a path or fsspec URL)."""
+    with fsspec.open(f"{location}/config.json", "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_tokenizer(location: str | Path) -> Tokenizer:
+    with fsspec.open(f"{location}/tokenizer.json", "r", encoding="utf-8") as f:
+        return Tokenizer.from_dict(json.load(f))
+
+
+def read_weights(location: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as load_safetensors
+
+    with fsspec.open(f"{location}/weights.safetensors", "rb") as f:
+        return load_safetensors(f.read())
+
+
+def check_family(config: Mapping[str, Any], family: str, label: str) -> None:
+    if config.get("family") != family:
+        raise InitError(
+            f"--init-from {label} is a {config.get('family')!r} model; this config trains {family!r} "
+            f"(model.family): start from a {family} model, or set model.family to {config.get('family')!r}"
+        )
+
+
+def init_state(
+    module: GenerativeModule, source: Mapping[str, torch.Tensor], config: Mapping[str, Any], label: str
+) -> dict[str, torch.Tensor]:
+    """The state dict ``module`` starts from: the source's tensors, with the text-embedding rows of
+    words the source did not know taken from ``module`` (its fresh ones), and a latent model's
+    autoencoder left to the dataset. Raises :class:`InitError` naming every tensor that does not fit
+    and the config keys that differ from the source's."""
+    check_family(config, module.family, label)
+    _check_latent(module, config, label)
+    own = module.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    problems: list[str] = []
+    for key, target in own.items():
+        if key.startswith(_AUTOENCODER) and module.latent is not None:
+            state[key] = target  # the dataset's autoencoder, loaded by the worker after this
+            continue
+        if key not in source:
+            problems.append(f"{key}: not in the source (this model {tuple(target.shape)})")
+            continue
+        src = source[key]
+        if src.shape == target.shape:
+            state[key] = src.to(target.dtype)
+        elif key.endswith(_VOCAB_TABLE) and src.shape[1:] == target.shape[1:] and len(src) < len(target):
+            # The tokenizer grew: ids < len(source vocab) are the source's words (Tokenizer.extend).
+            grown = target.detach().clone()
+            grown[: src.shape[0]] = src.to(target.dtype)
+            state[key] = grown
+        else:
+            problems.append(f"{key}: source {tuple(src.shape)}, this model {tuple(target.shape)}")
+    for key in sorted(set(source) - set(own)):
+        if not key.startswith(_AUTOENCODER):
+            problems.append(f"{key}: only in the source {tuple(source[key].shape)}")
+    if problems:
+        keys = differing_keys(config, module)
+        raise InitError(
+            f"--init-from {label}: {len(problems)} tensor(s) of the source do not fit this model:\n  "
+            + "\n  ".join(problems)
+            + "\nconfig keys that differ from the source's: "
+            + (", ".join(f"{k}: {a!r} (source) vs {b!r}" for k, a, b in keys) or "none")
+            + ("\nset them to the source's values (--set KEY=VALUE)" if keys else "")
+        )
+    return state
+
+
+def differing_keys(config: Mapping[str, Any], module: GenerativeModule) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, source value, this model's value)`` for every model key, image size and channel
+    count that differ between the source's ``config.json`` and ``module``."""
+    ours = {"model": module.model_cfg.model_dump(mode="json")}
+    theirs = {"model": dict(config.get("model", {}))}
+    out = [(k, a, b) for k, (a, b) in _flat_diff(theirs, ours).items()]
+    for key, name in (("image_size", "data.image_size"), ("channels", "data.channels")):
+        if config.get(key) != getattr(module, key):
+            out.append((name, config.get(key), getattr(module, key)))
+    return out
+
+
+def _flat_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            out |= _flat_diff(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out[f"{prefix}{key}"] = (x, y)
+    return out
+
+
+def _check_latent(module: GenerativeModule, config: Mapping[str, Any], label: str) -> None:
+    theirs, ours = config.get("latent"), module.latent
+    if (theirs is None) != (ours is None):
+        kind = "latent" if theirs is not None else "pixel"
+        raise InitError(
+            f"--init-from {label} is a {kind} model and this dataset is "
+            f"{'latent' if ours is not None else 'pixel'} data: fine-tune it on data of its kind"
+        )
+    if theirs is not None and ours is not None:
+        a, b = theirs.get("autoencoder_sha256"), ours.get("autoencoder_sha256")
+        if a != b:
+            raise InitError(
+                f"--init-from {label} learned on the latents of autoencoder {str(a)[:12]}, and this "
+                f"dataset holds those of autoencoder {str(b)[:12]}: encode the data with the source's "
+                "autoencoder (aigc data encode --autoencoder ...)"
+            )
+
+
+def load_init(module: GenerativeModule, location: str | Path) -> None:
+    """Load the export folder at ``location`` (a path or URL) into ``module`` (:func:`init_state`)."""
+    config = read_config(location)
+    state = init_state(module, read_weights(location), config, str(location))
+    module.load_state_dict(state, strict=True)
