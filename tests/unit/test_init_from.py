@@ -83,7 +83,7 @@ def test_another_family_and_a_missing_folder_are_clear_errors(tmp_path):
     export_model(module(tok, "vae"), tmp_path / "vae")
     with pytest.raises(InitError, match="is a 'vae' model; this config trains 'diffusion'"):
         load_init(module(tok), tmp_path / "vae")
-    with pytest.raises(InitError, match="not an export folder"):
+    with pytest.raises(InitError, match="no export folder there"):
         export_source(str(tmp_path / "nothing"))
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text("{}")

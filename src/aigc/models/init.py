@@ -63,8 +63,9 @@ def export_source(ref: str) -> InitSource:
     path = Path(ref).expanduser()
     if not path.is_dir():
         raise InitError(
-            f"--init-from {ref!r}: not an export folder, and not a registered model (NAME@ALIAS, "
-            "NAME/VERSION) or run that this command can look up"
+            f"--init-from {ref!r}: no export folder there (a registered version such as "
+            "aigc-vae@production, or a run, is looked up by `aigc train`: "
+            "aigc.workflows.train.train_and_register)"
         )
     missing = [f for f in SOURCE_FILES if not (path / f).is_file()]
     if missing:
