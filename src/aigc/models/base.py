@@ -147,6 +147,10 @@ class GenerativeModule(pl.LightningModule):
     latent_kinds: ClassVar[tuple[str, ...]] = ()
     #: whether the family reads captions: only then is ``text_encoder`` built (from ``model.text``)
     text_conditioned: ClassVar[bool] = True
+    #: a family that brings its own pretrained tokenizer and text encoder (a diffusers pipeline's
+    #: CLIP): nothing is built from ``model.text`` (it has none) and ``build_nets`` sets
+    #: ``text_encoder``; the aigc ``tokenizer`` argument is kept for the constructor's format only
+    own_text_encoder: ClassVar[bool] = False
     #: family options accepted by generate() and their types (the registry's pyfunc signature and
     #: the server's request schema come from here); anything else is an error naming them.
     generate_options: ClassVar[dict[str, type]] = {}
@@ -170,7 +174,9 @@ class GenerativeModule(pl.LightningModule):
         # The order matters to seeded runs: text encoder, carried autoencoder, then the family's
         # nets draw their initial weights from the global RNG in turn; reordering changes them all.
         self.text_encoder = (
-            build_text_encoder(self.model_cfg.text, len(self.tokenizer)) if self.text_conditioned else None
+            build_text_encoder(self.model_cfg.text, len(self.tokenizer))
+            if self.text_conditioned and not self.own_text_encoder
+            else None
         )
         if not self.text_conditioned:
             # Earlier releases built (and froze) a text encoder here for every family. Building one
