@@ -7,6 +7,13 @@ that needs something else adds its overrides after these: the last ``--set`` of 
 
 from __future__ import annotations
 
+from aigc.config import FAMILIES
+
+#: The families that train from random weights on the test datasets with ``models/<family>.yaml``:
+#: all but ``sd``, which fine-tunes a pretrained diffusers pipeline folder that a test has to build
+#: first (tests/sd_pipeline.py; its tests are tests/unit/test_sd.py).
+SCRATCH_FAMILIES = tuple(f for f in FAMILIES if f != "sd")
+
 TINY: dict[str, list[str]] = {
     "diffusion": [
         "model.base_channels=16",

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 
-from aigc.config import FAMILIES
+from tiny import SCRATCH_FAMILIES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -66,7 +66,7 @@ class _Record:
                 sub.register_forward_hook(record_dtype)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SCRATCH_FAMILIES)
 @pytest.mark.timeout(300)
 def test_bf16_mixed_trains_and_generates_on_gpu(family: str, digits_dataset: Path) -> None:
     import pytorch_lightning as pl

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from aigc.config import FAMILIES, load_config
-from tiny import TINY
+from aigc.config import load_config
+from tiny import SCRATCH_FAMILIES, TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 AIGC = str(Path(sys.executable).parent / "aigc")
@@ -144,7 +144,7 @@ def losses(uri: str, run_id: str, key: str = "train/loss") -> dict[int, float]:
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SCRATCH_FAMILIES)
 def test_every_family_trains_on_two_workers(family, ray_local, digits_dataset, tmp_path, monkeypatch, capsys):
     from aigc.workflows.train import train_and_register
 
@@ -690,7 +690,7 @@ def test_a_ray_address_where_nothing_listens_fails_fast_and_ends_the_run_failed(
 
 
 def test_config_files_resolve_for_every_family():
-    assert set(TINY) == set(FAMILIES)  # a new family needs its tiny test config here
+    assert set(TINY) == set(SCRATCH_FAMILIES)  # a new family needs its tiny test config here
     for family in TINY:
         cfg = load_config(ROOT / "models" / f"{family}.yaml", TINY[family])
         assert cfg.model.family == family
