@@ -189,7 +189,9 @@ def test_full_fine_tuning_lowers_the_loss_and_checkpoints_leave_the_frozen_parts
 
 
 def test_lora_trains_only_adapters_and_its_checkpoint_is_small(pipes, tmp_path):
-    from aigc.models.export import load_checkpoint
+    from safetensors.torch import load_file
+
+    from aigc.models.export import export_model, load_checkpoint, load_export
 
     module = make_module(pipes["v"], lora={"rank": 4, "alpha": 8.0}, snr_gamma=5.0)
     base = {k: v.clone() for k, v in module.state_dict().items() if k in module.base_weight_keys()}
@@ -211,8 +213,13 @@ def test_lora_trains_only_adapters_and_its_checkpoint_is_small(pipes, tmp_path):
     ratio = ckpt.stat().st_size / folder_bytes(pipes["v"])
     assert ratio < 0.10, ratio
 
+    expected = module.generate(PROMPTS, seed=0, steps=2)
     loaded = load_checkpoint(ckpt)  # base rebuilt from model.pipeline, adapters from the file
-    assert torch.equal(loaded.generate(PROMPTS, seed=0, steps=2), module.generate(PROMPTS, seed=0, steps=2))
+    assert torch.equal(loaded.generate(PROMPTS, seed=0, steps=2), expected)
+    # The aigc export (registry, serving) holds the adapters too, not the base.
+    export = export_model(module, tmp_path / "export")
+    assert set(load_file(export / "weights.safetensors")) == set(saved)
+    assert torch.equal(load_export(export).generate(PROMPTS, seed=0, steps=2), expected)
     # Only the base keys may be missing: a missing adapter weight is still an error.
     del saved[next(k for k in saved if "lora_A" in k)]
     with pytest.raises(RuntimeError, match="Missing key"):

@@ -35,8 +35,13 @@ def export_model(module: GenerativeModule, out_dir: str | Path) -> Path:
     """Write ``module`` as an export folder; returns the folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # A module built on a pretrained base its config names (the sd family's pipeline folder) leaves
+    # the frozen base weights out: its constructor rebuilds them, and its loading accepts them missing.
+    base = module.base_weight_keys() if hasattr(module, "base_weight_keys") else set()
     # clone(): safetensors refuses tensors that share storage (tied weights, views).
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    state = {
+        k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items() if k not in base
+    }
     save_file(state, str(out / "weights.safetensors"), metadata={"format": EXPORT_FORMAT})
     config = {
         "format": EXPORT_FORMAT,
