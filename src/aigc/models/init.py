@@ -134,12 +134,14 @@ def init_state(
             problems.append(f"{key}: only in the source {tuple(source[key].shape)}")
     if problems:
         keys = differing_keys(config, module)
+        # The keys first: with a wider net, hundreds of tensors differ for one key.
         raise InitError(
-            f"--init-from {label}: {len(problems)} tensor(s) of the source do not fit this model:\n  "
-            + "\n  ".join(problems)
-            + "\nconfig keys that differ from the source's: "
+            f"--init-from {label}: {len(problems)} tensor(s) of the source do not fit this model; "
+            "config keys that differ from the source's: "
             + (", ".join(f"{k}: {a!r} (source) vs {b!r}" for k, a, b in keys) or "none")
-            + ("\nset them to the source's values (--set KEY=VALUE)" if keys else "")
+            + (" (set them to the source's values: --set KEY=VALUE)" if keys else "")
+            + "\n  "
+            + "\n  ".join(problems)
         )
     return state
 
