@@ -170,6 +170,13 @@ def test_full_fine_tuning_lowers_the_loss_and_checkpoints_leave_the_frozen_parts
 
     module = make_module(pipes["eps"], cond_drop_prob=0.0)
     images, captions = toy_batches()
+    # Images are encoded by the VAE; a batch already of the latent shape is taken as unscaled latents.
+    scaled = module.latents({"image": images}, torch.Generator().manual_seed(0))
+    assert scaled.shape == (4, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
+    sf = module.vae.config.scaling_factor
+    torch.testing.assert_close(module.latents({"image": scaled / sf}), scaled)
+    with pytest.raises(ValueError, match=r"expects images \(B, 3, 16, 16\) or latents"):
+        module.latents({"image": torch.zeros(2, 3, 8, 8)})
     before = fixed_loss(module, images, captions)
     vae_before = {k: v.clone() for k, v in module.vae.state_dict().items()}
     trainer = fit(module, 30, tmp_path)
