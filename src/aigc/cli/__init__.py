@@ -9,6 +9,7 @@ import typer
 
 from aigc.cli import data as data_cmds
 from aigc.cli import evaluate as evaluate_cmds
+from aigc.cli import export as export_cmds
 from aigc.cli import quickstart as quickstart_cmds
 from aigc.cli import registry as registry_cmds
 from aigc.cli import runs as runs_cmds
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 app.add_typer(data_cmds.app, name="data")
 evaluate_cmds.register(app)
+export_cmds.register(app)
 quickstart_cmds.register(app)
 registry_cmds.register(app)
 runs_cmds.register(app)

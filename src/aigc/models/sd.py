@@ -430,3 +430,26 @@ def export_diffusers(module: SDModule, out_dir: str | Path, merge: bool = False)
     )
     pipe.save_pretrained(out)
     return out
+
+
+def merged_module(module: SDModule) -> SDModule:
+    """A LoRA model as a fully fine-tuned one: a copy of the UNet with the adapters merged into its
+    weights (``W + alpha / r B A``, diffusers' ``fuse_lora``), in a new module whose ``model.lora`` is
+    unset. The new module's frozen parts come from ``model.pipeline`` again (its constructor)."""
+    if module.model_cfg.lora is None:
+        raise ValueError("the model has no LoRA adapters (model.lora is not set): nothing to merge")
+    unet = copy.deepcopy(module.unet)
+    unet.fuse_lora()
+    unet.unload_lora()
+    model = module.model_cfg.model_dump(mode="json")
+    model["lora"] = None
+    merged = type(module)(
+        model=model,
+        tokenizer=module.tokenizer.to_dict(),
+        image_size=module.image_size,
+        channels=module.channels,
+        trainer=module.hparams.get("trainer"),
+        latent=module.latent,
+    )
+    merged.unet.load_state_dict(unet.state_dict())
+    return merged.to(module.device).eval()
