@@ -10,7 +10,11 @@ same train/val split and sample keys as its image dataset, ``aigc data verify`` 
 samples carry ``<key>.npy`` in place of the image, next to the same ``.txt`` caption and ``.json``:
 
 - a KL autoencoder: the posterior mean, float32 ``(c, h, w)``, unscaled;
-- a VQ autoencoder: the code indices, int16 ``(h, w)`` (the tokens of latent autoregression).
+- a VQ autoencoder: the code indices, int16 ``(h, w)`` (the tokens of latent autoregression);
+- a diffusers pipeline's VAE (kind ``sd``, the ``sd`` family): the posterior mean, float32
+  ``(c, h, w)``, unscaled (the family multiplies by the VAE's ``scaling_factor`` itself). Its
+  ``autoencoder/`` is that VAE in diffusers' layout (``config.json``,
+  ``diffusion_pytorch_model.safetensors``), ``autoencoder_model`` its config, ``scale`` null.
 
 The folder also holds ``autoencoder/``, the export (``weights.safetensors``, ``config.json``,
 ``tokenizer.json``) of the autoencoder that made the latents, so the dataset alone is enough to
@@ -64,7 +68,7 @@ LATENT_EXT = "npy"
 #: the folder inside a latent dataset that holds the autoencoder's export
 AUTOENCODER_DIR = "autoencoder"
 #: the dtype of the stored arrays, per autoencoder kind
-LATENT_DTYPES = {"kl": "float32", "vq": "int16"}
+LATENT_DTYPES = {"kl": "float32", "vq": "int16", "sd": "float32"}
 
 
 def encode_npy(array: np.ndarray) -> bytes:

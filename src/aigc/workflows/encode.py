@@ -41,21 +41,46 @@ __all__ = ["encode_dataset", "resolve_autoencoder"]
 Progress = Callable[[str], None]
 
 
+class PipelineVAE:
+    """The VAE of a diffusers pipeline folder, as ``--autoencoder`` names it (kind ``sd`` latents)."""
+
+    family = "sd"
+
+    def __init__(self, folder: str):
+        from diffusers import AutoencoderKL
+
+        from aigc.models.sd import local_pipeline
+
+        self.vae = AutoencoderKL.from_pretrained(str(local_pipeline(folder)), subfolder="vae").eval()
+
+
+def _is_pipeline_folder(ref: str) -> bool:
+    p = Path(ref).expanduser()
+    return p.is_dir() and (p / "vae").is_dir() and (p / "unet").is_dir()
+
+
 def resolve_autoencoder(
     ref: str, tracking_uri: str | None = None, progress: Progress | None = None
 ) -> tuple[Any, dict[str, Any]]:
     """The autoencoder module ``ref`` names and its lineage (what the manifest records): see
-    :func:`aigc.workflows.model_ref.resolve_model` for what ``ref`` may be."""
+    :func:`aigc.workflows.model_ref.resolve_model` for what ``ref`` may be. A model of the ``sd``
+    family, or a diffusers pipeline folder itself, gives its VAE (``sd`` latents)."""
     from aigc.workflows.model_ref import ModelRefError, resolve_model
 
+    if _is_pipeline_folder(ref):
+        (progress or (lambda _m: None))(f"--autoencoder: the VAE of the diffusers pipeline {ref}")
+        return PipelineVAE(ref), {"ref": ref, "pipeline": str(Path(ref).expanduser().resolve())}
     try:
         module, lineage = resolve_model(ref, tracking_uri, progress, option="--autoencoder")
     except ModelRefError as err:
         raise DatasetError(str(err)) from None
-    if getattr(module, "family", None) != "autoencoder":
+    if getattr(module, "family", None) == "sd":
+        lineage["pipeline"] = module.model_cfg.pipeline
+    elif getattr(module, "family", None) != "autoencoder":
         raise DatasetError(
             f"--autoencoder {ref}: a {getattr(module, 'family', type(module).__name__)} model, "
-            "not an autoencoder (train one with models/autoencoder-kl*.yaml or autoencoder-vq*.yaml)"
+            "not an autoencoder (train one with models/autoencoder-kl*.yaml or autoencoder-vq*.yaml, "
+            "or give an sd model or a diffusers pipeline folder for its VAE)"
         )
     return module, lineage
 
@@ -68,6 +93,10 @@ def _encode_batch(module: Any, images: list[np.ndarray]) -> list[np.ndarray]:
     if x.dim() == 3:
         x = x.unsqueeze(-1)
     x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, C, H, W) in [-1, 1]
+    if module.family == "sd":  # the pipeline's VAE: RGB in, the posterior mean out (unscaled)
+        with torch.no_grad():
+            z = module.vae.encode(x.expand(-1, 3, -1, -1)).latent_dist.mean
+        return list(z.float().numpy())
     net = module.autoencoder
     with torch.no_grad():
         if net.kind == "vq":
@@ -111,15 +140,25 @@ def encode_dataset(
     staging = StagedFolder(out, overwrite=overwrite, action="re-encode")
     target = staging.target
     module, lineage = resolve_autoencoder(autoencoder, tracking_uri, say)
-    net = module.autoencoder
     size, channels = int(manifest["image_size"]), int(manifest["channels"])
-    if (module.image_size, module.channels) != (size, channels):
-        raise DatasetError(
-            f"the autoencoder takes {module.channels}x{module.image_size}x{module.image_size} images; "
-            f"{src} holds {channels}x{size}x{size}"
-        )
-    kind = net.kind
-    shape = list(net.latent_shape) if kind == "kl" else list(net.latent_shape[1:])
+    if module.family == "sd":
+        net, vae = None, module.vae
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if size % factor or channels not in (1, 3):
+            raise DatasetError(
+                f"the pipeline's VAE takes RGB (or grey) images whose size is a multiple of {factor}; "
+                f"{src} holds {channels}x{size}x{size}"
+            )
+        kind, shape = "sd", [int(vae.config.latent_channels), size // factor, size // factor]
+    else:
+        net = module.autoencoder
+        if (module.image_size, module.channels) != (size, channels):
+            raise DatasetError(
+                f"the autoencoder takes {module.channels}x{module.image_size}x{module.image_size} "
+                f"images; {src} holds {channels}x{size}x{size}"
+            )
+        kind = net.kind
+        shape = list(net.latent_shape) if kind == "kl" else list(net.latent_shape[1:])
     name = name or target.name
     per_shard = int(manifest.get("samples_per_shard") or 100)
     max_bytes = int(manifest.get("max_shard_bytes") or 64 * 2**20)
@@ -169,7 +208,14 @@ def encode_dataset(
                     done += int(shard["num_samples"])
                     say(f"  {split}: encoded {done}/{n_split} ({shard['name']})")
             infos: dict[str, list[ShardInfo]] = {s: w.close() for s, w in writers.items()}
-            export_model(module, tmp / AUTOENCODER_DIR)
+            if kind == "sd":  # the VAE alone, in diffusers' layout
+                module.vae.save_pretrained(tmp / AUTOENCODER_DIR)
+                weights = tmp / AUTOENCODER_DIR / "diffusion_pytorch_model.safetensors"
+                autoencoder_model = json.loads(module.vae.to_json_string())
+            else:
+                export_model(module, tmp / AUTOENCODER_DIR)
+                weights = tmp / AUTOENCODER_DIR / "weights.safetensors"
+                autoencoder_model = module.model_cfg.model_dump(mode="json")
             scale = None
             if kind == "kl":
                 mean = total / max(1, count)
@@ -193,8 +239,8 @@ def encode_dataset(
                 "codebook_size": getattr(net, "codebook_size", None) if kind == "vq" else None,
                 "autoencoder": lineage,
                 # what a latent model needs to rebuild the decoder's architecture (weights: autoencoder/)
-                "autoencoder_model": module.model_cfg.model_dump(mode="json"),
-                "autoencoder_sha256": sha256_file(tmp / AUTOENCODER_DIR / "weights.safetensors"),
+                "autoencoder_model": autoencoder_model,
+                "autoencoder_sha256": sha256_file(weights),
                 "images": images,
             }
             new_manifest = {
