@@ -157,6 +157,10 @@ class DiffusionConfig(StrictModel):
         description="default sampler: ddim (deterministic) or ddpm (ancestral); each name is a scheduler "
         "class in aigc.models.schedulers.SCHEDULERS",
     )
+    lora: LoraConfig | None = Field(
+        None,
+        description="LoRA adapters on a base model (aigc train --init-from): rank, alpha, targets, dropout",
+    )
 
 
 class GANConfig(StrictModel):
@@ -205,6 +209,10 @@ class AutoregressiveConfig(StrictModel):
     temperature: float = Field(1.0, gt=0.0)
     top_k: int | None = Field(None, ge=1)
     guidance: float = Field(1.5, ge=0.0, description="classifier-free guidance on logits; 1 = none")
+    lora: LoraConfig | None = Field(
+        None,
+        description="LoRA adapters on a base model (aigc train --init-from): rank, alpha, targets, dropout",
+    )
 
 
 class AutoencoderConfig(StrictModel):

@@ -43,6 +43,9 @@ def checkpoint_dir_name(step: int) -> str:
 #: --init-from``): copied there once, so every worker reads it from the run's storage and a resume
 #: before the first checkpoint starts from the same weights.
 INIT_DIR = "init-from"
+#: beside the export in ``INIT_DIR``: what it is (``{"ref", "model", "version", "run_id"}``), so a LoRA
+#: model trained on it names its base in its own exports
+INIT_SOURCE_FILE = "aigc-source.json"
 
 #: The sample grid rank 0 writes into the run folder at the end of training (and logs to MLflow).
 FINAL_GRID = "samples-final.png"

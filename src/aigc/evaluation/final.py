@@ -29,6 +29,7 @@ from aigc.contract import (
     DEFAULT_EVAL_SAMPLES,
     EVAL_TAG_PREFIX,
     GUARDS,
+    INIT_DIR,
     PROVENANCE,
     eval_figures,
 )
@@ -120,7 +121,9 @@ def load_model_from(location: str | Path) -> Any:
             raise
         except Exception as err:  # noqa: BLE001 - botocore & co. raise their own types: name the URL
             raise OSError(f"{url}: cannot read the model: {unreachable(url, err)}") from err
-        return load_model(local)
+        # A LoRA checkpoint loads onto its run folder's init-from/ (read where it is, local or URL).
+        base = None if local.is_dir() else url.rstrip("/").rsplit("/", 2)[0] + f"/{INIT_DIR}"
+        return load_model(local, base=base)
 
 
 def log_evaluation(

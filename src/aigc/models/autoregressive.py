@@ -59,6 +59,14 @@ class AutoregressiveModule(GenerativeModule):
     latent_kinds: ClassVar[tuple[str, ...]] = ("vq",)
     generate_options: ClassVar[dict[str, type]] = {"temperature": float, "top_k": int, "guidance": float}
 
+    # LoRA: the transformer's attention and MLP projections and its caption-prefix projection, and the
+    # text encoder's token embedding (a new word's row can move; its blocks are PyTorch's fused
+    # TransformerEncoderLayer, whose inference path would skip adapters: see models/lora.py).
+    lora_targets = {
+        "gpt": ("qkv", "proj", "fc", "prefix_proj"),
+        "text_encoder": ("token",),
+    }
+
     def build_nets(self, spec: ModuleSpec) -> None:
         if spec.latent is None and not 1 <= spec.image_size <= MAX_IMAGE_SIZE:
             raise ValueError(

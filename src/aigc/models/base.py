@@ -77,13 +77,17 @@ def ema_update(
 
     The decay is warmed up as ``min(max_decay, (1 + n) / (10 + n))`` with ``n = updates`` (the
     ``num_updates`` rule of TensorFlow's ``ExponentialMovingAverage``), so early EMA weights are not
-    mostly the random initialisation. Parameters move as ``ema.lerp_(live, 1 - decay)``; buffers
+    mostly the random initialisation. Trained parameters move as ``ema.lerp_(live, 1 - decay)``; buffers
     (e.g. norm statistics) are copied. ``updates`` (a 0-dim long tensor buffer) is incremented in place.
     """
     n = int(updates)
     decay = min(max_decay, (1 + n) / (10 + n))
     for ema, live in pairs:
         for pe, pv in zip(ema.parameters(), live.parameters(), strict=True):
+            if not pv.requires_grad:
+                # A frozen weight does not train: the EMA keeps its own. (For a LoRA model, the base's
+                # EMA weights, which it generates with, stay bit-identical; only adapters average.)
+                continue
             pe.lerp_(pv.detach().to(pe.dtype), 1.0 - decay)
         for be, bl in zip(ema.buffers(), live.buffers(), strict=True):
             be.copy_(bl)
@@ -151,6 +155,11 @@ class GenerativeModule(pl.LightningModule):
     #: CLIP): nothing is built from ``model.text`` (it has none) and ``build_nets`` sets
     #: ``text_encoder``; the aigc ``tokenizer`` argument is kept for the constructor's format only
     own_text_encoder: ClassVar[bool] = False
+    #: LoRA (``model.lora``, :mod:`aigc.models.lora`): the nets that take adapters and their default
+    #: target layers (PEFT's ``target_modules``: layer names or name suffixes); empty: no LoRA
+    lora_targets: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: EMA copies by attribute, and the net each follows: rebuilt from the adapted nets under LoRA
+    ema_nets: ClassVar[dict[str, str]] = {}
     #: family options accepted by generate() and their types (the registry's pyfunc signature and
     #: the server's request schema come from here); anything else is an error naming them.
     generate_options: ClassVar[dict[str, type]] = {}
@@ -194,7 +203,17 @@ class GenerativeModule(pl.LightningModule):
 
             ae = autoencoder_net(self.latent["autoencoder_model"], self.image_size, self.channels)
             self.autoencoder = ae.requires_grad_(False).eval()
+        # Frozen weights of a base model that checkpoints and exports leave out (base_weight_keys).
+        self._base_keys: frozenset[str] = frozenset()
+        self.register_load_state_dict_post_hook(_tolerate_missing_base)
         self.build_nets(self.spec)
+        lora = getattr(self.model_cfg, "lora", None)
+        if lora is not None and self.lora_targets:
+            from aigc.models.lora import apply_lora, is_adapter_key
+
+            apply_lora(self, lora)
+            # Everything but the adapters (and their EMA) is the base model's: --init-from loads it.
+            self._base_keys = frozenset(n for n, _ in self.named_parameters() if not is_adapter_key(n))
 
     @classmethod
     def validate_spec(
@@ -295,9 +314,29 @@ class GenerativeModule(pl.LightningModule):
         tc = self.trainer_cfg
         return warmup_cosine(step, tc.warmup_steps, tc.max_steps, tc.lr_schedule)
 
+    # ------------------------------------------------------------------------------- base weights
+    def base_weight_keys(self) -> set[str]:
+        """state_dict keys of the frozen weights of a base model (empty unless a family or
+        ``model.lora`` freezes one): Lightning checkpoints and exports leave them out, and a load
+        may miss exactly these; whoever loads such a module loads its base first."""
+        return set(self._base_keys)
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether this module's base weights come from another model (a LoRA model on aigc's own
+        families: its ``--init-from`` source), so a checkpoint or export of it loads onto that base.
+        (The sd family's base is its pipeline folder, which its constructor loads itself.)"""
+        return bool(self._base_keys) and bool(self.lora_targets)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in self._base_keys:
+            state.pop(key, None)
+
     def configure_optimizers(self):
         tc = self.trainer_cfg
-        opt = torch.optim.AdamW(self.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        params = [p for p in self.parameters() if p.requires_grad]  # a LoRA model: its adapters
+        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -336,6 +375,15 @@ class GenerativeModule(pl.LightningModule):
     def _generate(self, captions: list[str], generator: torch.Generator, **options: Any) -> torch.Tensor:
         """One image per caption, float in [-1, 1] ``(N, C, H, W)``; subclasses implement."""
         raise NotImplementedError
+
+
+def _tolerate_missing_base(module: nn.Module, incompatible: Any) -> None:
+    """load_state_dict post-hook: a base model's frozen weights (``base_weight_keys``) may be missing,
+    as they are from the module's own checkpoints and exports; any other missing or unexpected key
+    still fails a strict load."""
+    base = getattr(module, "_base_keys", frozenset())
+    if base:
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in base]
 
 
 def _drop_text_encoder_keys(

@@ -50,6 +50,15 @@ class DiffusionModule(GenerativeModule):
     generate_options = {"steps": int, "guidance": float, "sampler": str}
     option_config_fields = {"steps": "sample_steps"}
 
+    # LoRA: the UNet's attention projections (q, kv, out), its time and text embedding projections,
+    # and the text encoder's token embedding (a new word's row can move; its blocks are PyTorch's fused
+    # TransformerEncoderLayer, whose inference path would skip adapters: see models/lora.py).
+    lora_targets = {
+        "unet": ("q", "kv", "out", "emb", "text_proj.0", "text_proj.2"),
+        "text_encoder": ("token",),
+    }
+    ema_nets = {"ema_unet": "unet", "ema_text_encoder": "text_encoder"}
+
     def build_nets(self, spec: ModuleSpec) -> None:
         c = spec.model
         channels, size = spec.sample_shape[0], spec.sample_shape[-1]  # pixels, or KL latents (c, h, w)

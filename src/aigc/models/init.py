@@ -1,7 +1,7 @@
 """Starting a model from another's weights: ``aigc train --init-from`` (fine-tuning).
 
 The source is always an export folder (:mod:`aigc.models.export`: safetensors + JSON, no pickle);
-a registered version or a run is first exported to one (:mod:`aigc.registry.init_source`). The job
+a registered version or a run is first exported to one (``aigc.workflows.train.resolve_init``). The job
 copies it into its run folder (:data:`aigc.contract.INIT_DIR`), and every worker loads it before
 step 0 (:func:`load_init`), so a resume before the first checkpoint starts from the same weights.
 
@@ -10,7 +10,10 @@ initial ones, tensor by tensor. Two things may differ:
 
 - the tokenizer: the new run's is the source's, extended by the new captions' words
   (:meth:`Tokenizer.extend`): existing ids keep their rows of the text embedding, new words get the
-  new model's fresh rows, so a word seen before keeps its embedding;
+  new model's fresh rows (zeros in a LoRA model's frozen embedding), so a word seen before keeps its
+  embedding;
+- a LoRA model's adapters (``*lora_*``): they start fresh, and the base weights they wrap
+  (``<layer>.base_layer.*``) are the source's ``<layer>.*`` (:mod:`aigc.models.lora`);
 - a latent model's ``autoencoder.*``: that comes from the dataset (it must be the autoencoder the
   source learned on, checked by its sha256).
 
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 
 from aigc.contract import TAG_INIT_FROM
+from aigc.models.lora import base_key, is_adapter_key
 from aigc.models.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # torch is imported by the functions that load weights: the driver resolves first
@@ -110,26 +114,36 @@ def init_state(
     check_family(config, module.family, label)
     _check_latent(module, config, label)
     own = module.state_dict()
+    frozen = module.base_weight_keys()
     state: dict[str, torch.Tensor] = {}
     problems: list[str] = []
     for key, target in own.items():
         if key.startswith(_AUTOENCODER) and module.latent is not None:
             state[key] = target  # the dataset's autoencoder, loaded by the worker after this
             continue
-        if key not in source:
+        if is_adapter_key(key):
+            state[key] = target  # a LoRA adapter of this model: fresh (B = 0, so the model is its base)
+            continue
+        name = base_key(key)  # a layer PEFT wrapped keeps its base weights under .base_layer
+        if name not in source:
             problems.append(f"{key}: not in the source (this model {tuple(target.shape)})")
             continue
-        src = source[key]
+        src = source[name]
         if src.shape == target.shape:
             state[key] = src.to(target.dtype)
-        elif key.endswith(_VOCAB_TABLE) and src.shape[1:] == target.shape[1:] and len(src) < len(target):
+        elif name.endswith(_VOCAB_TABLE) and src.shape[1:] == target.shape[1:] and len(src) < len(target):
             # The tokenizer grew: ids < len(source vocab) are the source's words (Tokenizer.extend).
             grown = target.detach().clone()
             grown[: src.shape[0]] = src.to(target.dtype)
+            if key in frozen:
+                # A LoRA model's base embedding: frozen and left out of its checkpoints and exports,
+                # so its new words' rows must be the same wherever it is loaded: zeros (the
+                # embedding's adapter learns them).
+                grown[src.shape[0] :] = 0
             state[key] = grown
         else:
             problems.append(f"{key}: source {tuple(src.shape)}, this model {tuple(target.shape)}")
-    for key in sorted(set(source) - set(own)):
+    for key in sorted(set(source) - {base_key(k) for k in own}):
         if not key.startswith(_AUTOENCODER):
             problems.append(f"{key}: only in the source {tuple(source[key].shape)}")
     if problems:

@@ -22,9 +22,9 @@ from typing import Any
 
 import mlflow.pyfunc
 
-log = logging.getLogger("aigc.registry")
+from aigc.registry.versions import EXPORT_ARTIFACT  # the key of the export folder in its artifacts
 
-EXPORT_ARTIFACT = "export"  # the key of the export folder in the model's artifacts
+log = logging.getLogger("aigc.registry")
 
 
 def png_base64(image: Any) -> str:
@@ -79,7 +79,13 @@ class GenModel(mlflow.pyfunc.PythonModel):
         written_by = json.loads((path / "config.json").read_text(encoding="utf-8")).get("aigc_version")
         if written_by != __version__:
             log.warning("export written by aigc %s, loaded by aigc %s", written_by, __version__)
-        self.module = load_export(path)
+        if json.loads((path / "config.json").read_text(encoding="utf-8")).get("base"):
+            # A LoRA adapter: its base version comes from the registry MLFLOW_TRACKING_URI names.
+            from aigc.registry.versions import client_for, load_export_folder
+
+            self.module = load_export_folder(client_for(None), path)
+        else:
+            self.module = load_export(path)
 
     # No type hints on predict: MLflow would read them as a schema; the signature is logged explicitly.
     def predict(self, context, model_input, params=None):

@@ -39,6 +39,10 @@ from aigc.contract import (
     TAG_DATA_VERSION,
     TAG_FAMILY,
     TAG_GIT_SHA,
+    TAG_INIT_FROM,
+    TAG_INIT_MODEL,
+    TAG_INIT_RUN_ID,
+    TAG_INIT_VERSION,
     TAG_RUN_NAME,
     TAG_STORAGE,
     eval_tags,
@@ -213,7 +217,7 @@ def register_run(ref: str, tracking_uri: str | None = None, progress=None) -> Re
     say(f"exporting {checkpoint}")
     with tempfile.TemporaryDirectory(prefix="aigc-register-") as tmp:
         module = load_model_from(checkpoint)  # a local path or a URL (s3://...)
-        export = export_model(module, Path(tmp) / "export")
+        export = export_model(module, Path(tmp) / "export", base=_lora_base(module, run_id, tags))
         example = (pd.DataFrame({"prompt": [_example_prompt(run_dir)]}), {"num_samples": 1, "seed": 0})
         say(f"logging the pyfunc model into run {run_id}")
         version_tags = {
@@ -280,6 +284,25 @@ def _process_tracking_uri(uri: str) -> Iterator[None]:
             os.environ.pop(ENV_TRACKING_URI, None)
         else:
             os.environ[ENV_TRACKING_URI] = saved
+
+
+def _lora_base(module: Any, run_id: str, tags: dict[str, str]) -> dict[str, str] | None:
+    """The registered base version a LoRA adapter's export names (its run's ``--init-from``); a
+    ``RegistryError`` when the run started from something else, which the registry could not load."""
+    if not module.needs_base:
+        return None
+    if not tags.get(TAG_INIT_MODEL) or not tags.get(TAG_INIT_VERSION):
+        raise RegistryError(
+            f"run {run_id} trained LoRA adapters on {tags.get(TAG_INIT_FROM, 'an unknown base')}, which "
+            "is not a registered version: the registry keeps an adapter on a registered base; train "
+            "it with --init-from NAME@ALIAS or NAME/VERSION"
+        )
+    return {
+        "model": tags[TAG_INIT_MODEL],
+        "version": tags[TAG_INIT_VERSION],
+        "run_id": tags.get(TAG_INIT_RUN_ID, ""),
+        "ref": tags.get(TAG_INIT_FROM, ""),
+    }
 
 
 def _example_prompt(run_dir: str) -> str:

@@ -24,6 +24,9 @@ from aigc.contract import (  # noqa: F401 - re-exported for aigc.registry
 )
 from aigc.tracking.backend import client_for  # noqa: F401 - the one client factory, used with the registry
 
+#: the key of the export folder in a registered model's artifacts (the pyfunc's ``artifacts``)
+EXPORT_ARTIFACT = "export"
+
 
 class RegistryError(RuntimeError):
     """A registry operation that cannot be done; the message says why and what to do."""
@@ -91,8 +94,6 @@ def download_export(client: Any, version: Any, dst: str | Path) -> Path:
     ``tokenizer.json``) into the folder ``dst``; returns the export folder."""
     import mlflow.artifacts
 
-    from aigc.registry.pyfunc import EXPORT_ARTIFACT
-
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=f"{model_location(client, version)}/artifacts/{EXPORT_ARTIFACT}",
         dst_path=str(dst),
@@ -113,8 +114,24 @@ def model_location(client: Any, version: Any) -> str:
 
 
 def load_version(client: Any, version: Any, map_location: str = "cpu"):
-    """The family module of a registered version, from its export (safetensors + JSON only)."""
+    """The family module of a registered version, from its export (safetensors + JSON only); a LoRA
+    adapter's version loads onto the base version its export names."""
+    with tempfile.TemporaryDirectory(prefix="aigc-export-") as tmp:
+        return load_export_folder(client, download_export(client, version, Path(tmp) / "model"), map_location)
+
+
+def load_export_folder(client: Any, path: Path, map_location: str = "cpu"):
+    """:func:`aigc.models.export.load_export` of a registered model's export folder, with the base
+    version a LoRA adapter's ``config.json`` names downloaded from this registry and loaded first."""
+    import json
+
     from aigc.models.export import load_export
 
-    with tempfile.TemporaryDirectory(prefix="aigc-export-") as tmp:
-        return load_export(download_export(client, version, tmp), map_location)
+    base = json.loads((path / "config.json").read_text(encoding="utf-8")).get("base")
+    if not base:
+        return load_export(path, map_location)
+    if not base.get("model") or not base.get("version"):
+        raise RegistryError(f"{path}: a LoRA adapter whose base is not a registered version ({base})")
+    base_version = resolve_version(client, ModelRef(base["model"], version=str(base["version"])))
+    with tempfile.TemporaryDirectory(prefix="aigc-base-") as tmp:
+        return load_export(path, map_location, base=download_export(client, base_version, tmp))

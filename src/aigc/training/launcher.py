@@ -37,9 +37,14 @@ from aigc.contract import (
     FINAL_GRID,
     GUARDS,
     INIT_DIR,
+    INIT_SOURCE_FILE,
     STEP_FILE,
     TAG_CHECKPOINT_STEP,
     TAG_DATA_MODIFIED,
+    TAG_INIT_FROM,
+    TAG_INIT_MODEL,
+    TAG_INIT_RUN_ID,
+    TAG_INIT_VERSION,
     TAG_RUN_NAME,
     TAG_STORAGE,
     eval_figures,
@@ -223,6 +228,11 @@ def _prepare(
     data_version = version(location)
     clock.mark("data_version")
     init = tokenizer = None
+    if getattr(cfg.model, "lora", None) is not None and not request.init_from and _lora_needs_base(cfg):
+        raise TrainError(
+            "model.lora trains LoRA adapters on a base model: give it with --init-from REF (a registered "
+            "version such as aigc-diffusion@production, a run, or an export folder)"
+        )
     if request.init_from:
         init, tokenizer = _prepare_init(
             request.init_from,
@@ -250,6 +260,14 @@ def _prepare(
         init=init,
         tokenizer=tokenizer,
     )
+
+
+def _lora_needs_base(cfg: RunConfig) -> bool:
+    """Whether this config's family takes its LoRA base from ``--init-from`` (aigc's own families; the
+    sd family's base is the pipeline folder its config names)."""
+    from aigc.models import module_class
+
+    return bool(module_class(cfg.model.family).lora_targets)
 
 
 def _prepare_init(
@@ -280,6 +298,8 @@ def _prepare_init(
     try:
         source = resolve_init(ref, tracking_uri, tmp, say) if resolve_init else export_source(ref)
         config = read_config(source.path)
+        if config.get("base"):
+            raise InitError(f"--init-from {source.label}: a LoRA adapter; start from its base model instead")
         known = read_tokenizer(source.path)
         tokenizer = known.extend(read_captions(location, "train"))
         module = build_module(
@@ -527,6 +547,14 @@ def _store_init(init: InitSource, run_dir: str) -> str:
     fs.makedirs(path, exist_ok=True)
     for name in SOURCE_FILES:
         fs.put_file(str(init.path / name), f"{path}/{name}")
+    keys = {
+        TAG_INIT_FROM: "ref",
+        TAG_INIT_MODEL: "model",
+        TAG_INIT_VERSION: "version",
+        TAG_INIT_RUN_ID: "run_id",
+    }
+    with fs.open(f"{path}/{INIT_SOURCE_FILE}", "w") as f:
+        f.write(json.dumps({keys[k]: v for k, v in init.tags.items() if k in keys}, indent=2))
     return where
 
 

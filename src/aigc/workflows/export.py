@@ -120,6 +120,10 @@ def _merged(module: Any, ref: str) -> Any:
         from aigc.models.sd import merged_module
 
         return merged_module(module)
+    if module.needs_base:  # LoRA on aigc's own families
+        from aigc.models.lora import merged_module as merged_lora
+
+        return merged_lora(module)
     raise ExportError(
         f"{ref}: merging the LoRA adapters of a {module.family} model into an aigc export is not "
         "supported; export it without --merge (the adapter and its base reference)"

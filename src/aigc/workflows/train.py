@@ -67,6 +67,11 @@ def resolve_init(ref: str, tracking_uri: str, dst: Path, say: Messages) -> InitS
         module, lineage = resolve_model(ref, tracking_uri, say, option="--init-from")
     except (ModelRefError, OSError) as err:
         raise TrainError(str(err)) from None
+    if module.needs_base:
+        raise TrainError(
+            f"--init-from {ref}: a LoRA adapter; start from its base model ({module.family}), or from a "
+            "model fine-tuned fully (starting from an adapter merged into its base is not supported yet)"
+        )
     path = export_model(module, Path(dst) / "export")
     tags = {TAG_INIT_FROM: ref}
     for tag, key in ((TAG_INIT_MODEL, "model"), (TAG_INIT_VERSION, "version"), (TAG_INIT_RUN_ID, "run_id")):
