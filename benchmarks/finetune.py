@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-steps", type=int, default=400, help="steps of the base on the digits")
     parser.add_argument("--steps", type=int, default=100, help="steps of each run on the mirrored digits")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    parser.add_argument("--lora-lr", type=float, default=2e-3, help="LoRA's learning rate")
+    parser.add_argument("--lora-lr", type=float, default=1e-2, help="LoRA's learning rate")
     parser.add_argument("--samples", type=int, default=500, help="samples per evaluation")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)

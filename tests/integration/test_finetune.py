@@ -111,7 +111,7 @@ def test_a_model_fine_tuned_from_a_registered_version_beats_scratch_and_names_it
     )
 
     # The same config, data and steps: the model that starts from the digits learns the mirrored
-    # digits faster. (Measured: 0.38 against 0.53, 0.71x; README, Fine-tune a model.)
+    # digits faster. (Measured: 0.39 against 0.53, 0.72x; LoRA 0.41; README, Fine-tune a model.)
     fine_loss = last(client, fine.run_id, "val/loss")
     scratch_loss = last(client, scratch.run_id, "val/loss")
     print(f"val/loss after {FINE_STEPS} steps: fine-tuned {fine_loss:.4f}, from scratch {scratch_loss:.4f}")
@@ -173,9 +173,11 @@ def test_a_model_fine_tuned_from_a_registered_version_beats_scratch_and_names_it
         )
 
     # Folding B A into W may change the float rounding, which sampling steps could carry to a level
-    # (measured: identical images); the base model (the adapter's whole effect) is ~7 levels away.
+    # (measured: identical images); the base model (the adapter's whole effect) is ~13 levels away.
     base_model = load_version(client, client.get_model_version("aigc-diffusion", "1"))
-    print(f"merged vs adapter: {gap(alone, served):.3f} levels; base vs adapter: {gap(base_model, served):.3f}")
+    print(
+        f"merged vs adapter: {gap(alone, served):.3f} levels; base vs adapter: {gap(base_model, served):.3f}"
+    )
     assert gap(alone, served) < 0.2 * gap(base_model, served), (gap(alone, served), gap(base_model, served))
 
     # A source that does not fit is refused before a run exists: every tensor, and the key.

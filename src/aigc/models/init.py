@@ -6,12 +6,13 @@ copies it into its run folder (:data:`aigc.contract.INIT_DIR`), and every worker
 step 0 (:func:`load_init`), so a resume before the first checkpoint starts from the same weights.
 
 The new model is built from the run's config as usual; the source's weights then replace its
-initial ones, tensor by tensor. Two things may differ:
+initial ones, tensor by tensor, except:
 
 - the tokenizer: the new run's is the source's, extended by the new captions' words
   (:meth:`Tokenizer.extend`): existing ids keep their rows of the text embedding, new words get the
   new model's fresh rows (zeros in a LoRA model's frozen embedding), so a word seen before keeps its
   embedding;
+- the EMA's update counter: it starts at 0, so the EMA warms up again from the source's EMA weights;
 - a LoRA model's adapters (``*lora_*``): they start fresh, and the base weights they wrap
   (``<layer>.base_layer.*``) are the source's ``<layer>.*`` (:mod:`aigc.models.lora`);
 - a latent model's ``autoencoder.*``: that comes from the dataset (it must be the autoencoder the
@@ -46,6 +47,8 @@ SOURCE_FILES = ("weights.safetensors", "config.json", "tokenizer.json")
 #: in the module and in the diffusion family's EMA copy
 _VOCAB_TABLE = "text_encoder.token.weight"
 _AUTOENCODER = "autoencoder."
+#: the EMA's update counter (``ema_update``'s warm-up), a buffer of the families that keep an EMA
+_EMA_COUNTER = "ema_updates"
 
 
 class InitError(ValueError):
@@ -120,6 +123,12 @@ def init_state(
     for key, target in own.items():
         if key.startswith(_AUTOENCODER) and module.latent is not None:
             state[key] = target  # the dataset's autoencoder, loaded by the worker after this
+            continue
+        if key.endswith(_EMA_COUNTER):
+            # The EMA's warm-up starts again: the source's EMA weights are where it starts, and with
+            # the source's count (decay near its maximum) the first fine-tuning steps would barely
+            # move the weights the model samples with (measured: FD 6.1 against 1.8 for LoRA).
+            state[key] = target
             continue
         if is_adapter_key(key):
             state[key] = target  # a LoRA adapter of this model: fresh (B = 0, so the model is its base)
