@@ -37,44 +37,6 @@ def shared_evaluator_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ["AIGC_EVALUATOR_CACHE"] = old
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The quality tests (``@pytest.mark.quality_runs``) run last: their runs go on in the background
-    while every other test runs (``quality_pool``), so they find them done, or nearly."""
-    items.sort(key=lambda item: item.get_closest_marker("quality_runs") is not None)  # stable
-
-
-@pytest.fixture(scope="session", autouse=True)
-def quality_pool(request: pytest.FixtureRequest, shared_evaluator_cache, tmp_path_factory):
-    """The quality runs the session's selected tests ask for (``@pytest.mark.quality_runs``), started
-    with the session, before any other fixture starts a process: tests/quality/pool.py's
-    ``BackgroundPool`` runs them at the idle CPU priority beside the other tests, and
-    tests/quality/conftest.py's ``quality_runs`` waits for their results. None when no test asks."""
-    keys = {k for item in request.session.items for m in item.iter_markers("quality_runs") for k in m.args}
-    if not keys:
-        yield None
-        return
-    # tests/quality is on sys.path: its conftest, which registered the marker, is loaded.
-    from pool import BackgroundPool, plan_jobs
-
-    digits = request.getfixturevalue("digits_dataset") if any(k.startswith("digits/") for k in keys) else None
-    emoji = request.getfixturevalue("emoji32") if any(k.startswith("emoji/") for k in keys) else None
-    jobs = plan_jobs(keys, digits, emoji, tmp_path_factory.mktemp("emoji-work"))
-    pool = BackgroundPool(jobs, tmp_path_factory.mktemp("quality-runs"))
-    yield pool
-    pool.stop()
-
-
-@pytest.fixture(scope="session")
-def emoji32(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The OpenMoji emoji at 32 px RGB, built into the session's temp folder (seconds); read-only."""
-    from aigc.config import DataConfig
-    from aigc.data import build_dataset
-
-    out = tmp_path_factory.mktemp("datasets") / "emoji32"
-    build_dataset(DataConfig(name="emoji32", source="openmoji", image_size=32, channels=3), out)
-    return out
-
-
 @pytest.fixture
 def bar_batch():
     """Factory of a fixed, easy batch: ``n`` 8x8 grey images, a bright column per class on -1
