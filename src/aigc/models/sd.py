@@ -202,19 +202,8 @@ class SDModule(GenerativeModule):
             if k.startswith(FROZEN_PREFIXES)
             or (k.startswith("unet.") and c.lora is not None and k not in trained)
         )
-        self.register_load_state_dict_post_hook(_tolerate_missing_base)
-
-    # ----------------------------------------------------------------------------- base weights
-    def base_weight_keys(self) -> set[str]:
-        """state_dict keys of the frozen weights that come from the pipeline folder: the VAE's, the
-        text encoder's and, with LoRA, the UNet's own (its adapters are not among them). Lightning
-        checkpoints leave them out; the constructor rebuilds them from ``model.pipeline``."""
-        return set(self._base_keys)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        for key in self._base_keys:
-            state.pop(key, None)
+        # GenerativeModule's base-weight mechanism (base_weight_keys, on_save_checkpoint and the load
+        # hook) leaves these out of checkpoints and exports; the constructor rebuilds them.
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -368,14 +357,6 @@ class SDModule(GenerativeModule):
         if self.channels == 1:
             images = images.mean(1, keepdim=True)
         return images.clamp(-1, 1)
-
-
-def _tolerate_missing_base(module: SDModule, incompatible: Any) -> None:
-    """load_state_dict post-hook: the frozen base weights (:meth:`SDModule.base_weight_keys`) may be
-    missing, as in the module's own checkpoints; any other missing or unexpected key still fails
-    a strict load."""
-    base = module._base_keys
-    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in base]
 
 
 # ------------------------------------------------------------------------------------- export
