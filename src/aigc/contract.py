@@ -79,6 +79,14 @@ TAG_INIT_MODEL = "aigc.init.model"
 TAG_INIT_VERSION = "aigc.init.version"
 TAG_INIT_RUN_ID = "aigc.init.run_id"
 INIT_TAGS = (TAG_INIT_FROM, TAG_INIT_MODEL, TAG_INIT_VERSION, TAG_INIT_RUN_ID)
+#: each init tag's field in the records that name a source outside MLflow (``INIT_SOURCE_FILE``, a
+#: LoRA export's ``base``)
+INIT_TAG_FIELDS = {
+    TAG_INIT_FROM: "ref",
+    TAG_INIT_MODEL: "model",
+    TAG_INIT_VERSION: "version",
+    TAG_INIT_RUN_ID: "run_id",
+}
 # What of the data the run did not see as its version describes it. Shards that differed from the
 # manifest when the job started (allowed by --allow-modified-data): "true", and which ones, how.
 TAG_DATA_MODIFIED = "aigc.data.modified"

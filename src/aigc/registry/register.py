@@ -33,6 +33,7 @@ from aigc.contract import (
     EVAL_TAG_PREFIX,
     FINAL_GRID,
     GUARDS,
+    INIT_TAG_FIELDS,
     INIT_TAGS,
     TAG_CHECKPOINT_STEP,
     TAG_DATA_NAME,
@@ -41,7 +42,6 @@ from aigc.contract import (
     TAG_GIT_SHA,
     TAG_INIT_FROM,
     TAG_INIT_MODEL,
-    TAG_INIT_RUN_ID,
     TAG_INIT_VERSION,
     TAG_RUN_NAME,
     TAG_STORAGE,
@@ -297,12 +297,7 @@ def _lora_base(module: Any, run_id: str, tags: dict[str, str]) -> dict[str, str]
             "is not a registered version: the registry keeps an adapter on a registered base; train "
             "it with --init-from NAME@ALIAS or NAME/VERSION"
         )
-    return {
-        "model": tags[TAG_INIT_MODEL],
-        "version": tags[TAG_INIT_VERSION],
-        "run_id": tags.get(TAG_INIT_RUN_ID, ""),
-        "ref": tags.get(TAG_INIT_FROM, ""),
-    }
+    return {field: tags.get(tag, "") for tag, field in INIT_TAG_FIELDS.items()}
 
 
 def _example_prompt(run_dir: str) -> str:

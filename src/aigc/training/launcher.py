@@ -38,13 +38,10 @@ from aigc.contract import (
     GUARDS,
     INIT_DIR,
     INIT_SOURCE_FILE,
+    INIT_TAG_FIELDS,
     STEP_FILE,
     TAG_CHECKPOINT_STEP,
     TAG_DATA_MODIFIED,
-    TAG_INIT_FROM,
-    TAG_INIT_MODEL,
-    TAG_INIT_RUN_ID,
-    TAG_INIT_VERSION,
     TAG_RUN_NAME,
     TAG_STORAGE,
     eval_figures,
@@ -547,14 +544,9 @@ def _store_init(init: InitSource, run_dir: str) -> str:
     fs.makedirs(path, exist_ok=True)
     for name in SOURCE_FILES:
         fs.put_file(str(init.path / name), f"{path}/{name}")
-    keys = {
-        TAG_INIT_FROM: "ref",
-        TAG_INIT_MODEL: "model",
-        TAG_INIT_VERSION: "version",
-        TAG_INIT_RUN_ID: "run_id",
-    }
+    source = {INIT_TAG_FIELDS[k]: v for k, v in init.tags.items() if k in INIT_TAG_FIELDS}
     with fs.open(f"{path}/{INIT_SOURCE_FILE}", "w") as f:
-        f.write(json.dumps({keys[k]: v for k, v in init.tags.items() if k in keys}, indent=2))
+        f.write(json.dumps(source, indent=2))
     return where
 
 
