@@ -39,6 +39,9 @@ def checkpoint_dir_name(step: int) -> str:
     return f"{CHECKPOINT_DIR_PREFIX}{int(step):08d}"
 
 
+#: The files of an export folder (``aigc.models.export``), all required: here so that code which must
+#: not import torch (``aigc train``'s driver, ``aigc.models.init``) names them too.
+EXPORT_FILES = ("weights.safetensors", "config.json", "tokenizer.json")
 #: The folder of the run folder holding the export a fine-tuned job started from (``aigc train
 #: --init-from``): copied there once, so every worker reads it from the run's storage and a resume
 #: before the first checkpoint starts from the same weights.

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aigc import __version__
-from aigc.contract import INIT_DIR, INIT_SOURCE_FILE
+from aigc.contract import EXPORT_FILES, INIT_DIR, INIT_SOURCE_FILE
 from aigc.data.latents import autoencoder_location, latent_spec
 from aigc.data.manifest import DatasetError, manifest_location, read_manifest, sha256_file
 from aigc.models import module_class
@@ -28,8 +28,6 @@ from aigc.models.base import GenerativeModule
 from aigc.models.text import Tokenizer
 
 EXPORT_FORMAT = "aigc-export/1"
-#: the files of an export folder, all required
-EXPORT_FILES = ("weights.safetensors", "config.json", "tokenizer.json")
 
 
 def export_model(module: GenerativeModule, out_dir: str | Path, base: dict[str, Any] | None = None) -> Path:

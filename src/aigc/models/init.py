@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec
 
-from aigc.contract import TAG_INIT_FROM
+from aigc.contract import EXPORT_FILES, TAG_INIT_FROM
 from aigc.models.lora import base_key, is_adapter_key
 from aigc.models.tokenizer import Tokenizer
 
@@ -41,8 +41,6 @@ if TYPE_CHECKING:  # torch is imported by the functions that load weights: the d
 
     from aigc.models.base import GenerativeModule
 
-#: the files of an export folder a model starts from (``aigc.models.export.EXPORT_FILES``)
-SOURCE_FILES = ("weights.safetensors", "config.json", "tokenizer.json")
 #: the text-embedding tables whose rows are tokenizer ids (``aigc.models.text.TextEncoder.token``),
 #: in the module and in the diffusion family's EMA copy
 _VOCAB_TABLE = "text_encoder.token.weight"
@@ -74,7 +72,7 @@ def export_source(ref: str) -> InitSource:
             "aigc-vae@production, or a run, is looked up by `aigc train`: "
             "aigc.workflows.train.train_and_register)"
         )
-    missing = [f for f in SOURCE_FILES if not (path / f).is_file()]
+    missing = [f for f in EXPORT_FILES if not (path / f).is_file()]
     if missing:
         raise InitError(f"--init-from {ref!r}: not an aigc export folder ({', '.join(missing)} missing)")
     path = path.resolve()

@@ -34,6 +34,7 @@ from aigc import project_root
 from aigc.cluster import ClusterError, RayStart, worker_runtime_env
 from aigc.config import RunConfig
 from aigc.contract import (
+    EXPORT_FILES,
     FINAL_GRID,
     GUARDS,
     INIT_DIR,
@@ -537,12 +538,10 @@ def _store_init(init: InitSource, run_dir: str) -> str:
     node, reads it from there, and a resume before the first checkpoint starts from it again."""
     import fsspec
 
-    from aigc.models.init import SOURCE_FILES
-
     where = f"{run_dir}/{INIT_DIR}"
     fs, path = fsspec.core.url_to_fs(where)
     fs.makedirs(path, exist_ok=True)
-    for name in SOURCE_FILES:
+    for name in EXPORT_FILES:
         fs.put_file(str(init.path / name), f"{path}/{name}")
     source = {INIT_TAG_FIELDS[k]: v for k, v in init.tags.items() if k in INIT_TAG_FIELDS}
     with fs.open(f"{path}/{INIT_SOURCE_FILE}", "w") as f:

@@ -56,8 +56,8 @@ def resolve_init(ref: str, tracking_uri: str, dst: Path, say: Messages) -> InitS
     ``resolve_init``): REF is anything :func:`aigc.workflows.model_ref.resolve_model` takes (a
     registered version, a run's id or name or ``--metrics-out`` record, an export folder or ``.ckpt``);
     what is not an export folder already is exported into ``dst``."""
-    from aigc.contract import TAG_INIT_FROM, TAG_INIT_MODEL, TAG_INIT_RUN_ID, TAG_INIT_VERSION
-    from aigc.models.export import EXPORT_FILES, export_model
+    from aigc.contract import EXPORT_FILES, TAG_INIT_FROM, TAG_INIT_MODEL, TAG_INIT_RUN_ID, TAG_INIT_VERSION
+    from aigc.models.export import export_model
     from aigc.workflows.model_ref import ModelRefError, resolve_model
 
     local = Path(ref).expanduser()
