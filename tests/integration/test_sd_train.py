@@ -1,7 +1,8 @@
 """``aigc train`` of the sd family (a diffusers pipeline, LoRA) on the embedded Ray, registered, loaded back.
 
 A tiny random-weight pipeline (tests/sd_pipeline.py) gets LoRA adapters trained for a few steps on one
-Ray Train worker on the digits (8x8 grey, repeated to RGB: 4x4 latents), without the final evaluation;
+Ray Train worker on the digits (8x8 grey, repeated to RGB), encoded once by the pipeline's VAE with
+``aigc data encode`` (4x4x4 latents; the image path is tests/unit/test_sd.py's), without the final evaluation;
 ``train_and_register`` registers the run as ``aigc-sd/1``. The registered version, loaded through the
 registry (no pickle), draws the same images for a seed as the run's checkpoint; the checkpoint holds
 the adapter only; ``aigc export aigc-sd/1 --diffusers`` writes an adapter diffusers loads onto the base.
@@ -63,8 +64,13 @@ def test_a_lora_sd_run_registers_and_the_version_draws_what_its_checkpoint_draws
 
     pipeline = build_tiny_pipeline(tmp_path / "pipe", scheduler="DDIMScheduler")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    latents = tmp_path / "digits-sd"
+    r = CliRunner().invoke(
+        app, ["data", "encode", str(digits_dataset), "--autoencoder", str(pipeline), "--out", str(latents)]
+    )
+    assert r.exit_code == 0, r.output
     t0 = time.perf_counter()
-    args = overrides(tmp_path, digits_dataset, pipeline)
+    args = overrides(tmp_path, latents, pipeline)
     out = train_and_register(None, args, name="sd-lora", evaluate=False)
     print(f"train + register: {time.perf_counter() - t0:.1f} s")
     assert out.status == "FINISHED" and out.global_step == STEPS
@@ -82,6 +88,7 @@ def test_a_lora_sd_run_registers_and_the_version_draws_what_its_checkpoint_draws
     version = resolve_version(client, "aigc-sd/1")
     registered = load_version(client, version)
     assert registered.family == "sd" and registered.model_cfg.lora.rank == 4
+    assert registered.latent["kind"] == "sd"  # trained on the encoded latents, decodes with its VAE
     expected = from_ckpt.generate(PROMPTS, num_samples=2, seed=3, steps=3, guidance=3.0)
     assert expected.shape == (4, 1, 8, 8)
     assert torch.equal(registered.generate(PROMPTS, num_samples=2, seed=3, steps=3, guidance=3.0), expected)

@@ -70,3 +70,45 @@ def test_a_pipeline_folder_encodes_a_dataset_with_its_vae(digits_dataset, tmp_pa
         expected = vae.encode(x.view(1, 1, 8, 8).expand(-1, 3, -1, -1)).latent_dist.mean[0].numpy()
     np.testing.assert_allclose(z, expected, rtol=1e-5, atol=1e-6)
     assert json.loads(parts["json"])["image_key"] == key
+
+
+def test_an_sd_model_learns_on_its_pipelines_latents_and_refuses_another_vaes(digits_dataset, tmp_path):
+    """The encoded dataset trains the sd family: batches of stored latents are scaled, not encoded
+    again, and the model carries no autoencoder of the dataset's (it decodes with its pipeline's
+    VAE). Latents that another pipeline's VAE made are refused, by ``aigc train`` before any run."""
+    from aigc.config import load_config
+    from aigc.data.latents import LATENT_EXT, decode_npy, latent_spec
+    from aigc.data.loader_read import ReadStats, iter_piece
+    from aigc.data.manifest import read_manifest, shard_location
+    from aigc.models import build_module_for_dataset
+    from aigc.training.job import TrainError, check_latent_data
+
+    pipe = build_tiny_pipeline(tmp_path / "pipe")
+    other = build_tiny_pipeline(tmp_path / "other", seed=1)  # same architecture, other weights
+    out = tmp_path / "digits-sd"
+    r = CliRunner().invoke(
+        app, ["data", "encode", str(digits_dataset), "--autoencoder", str(pipe), "--out", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    m = read_manifest(out)
+
+    cfg = load_config(None, ["model.family=sd", f"model.pipeline={pipe}", f"data.location={out}"])
+    check_latent_data(cfg, str(out), m)  # the same VAE: accepted
+    module = build_module_for_dataset(cfg, str(out))
+    assert module.latent["kind"] == "sd" and not module.carries_autoencoder
+    assert not hasattr(module, "autoencoder")
+    assert not any(k.startswith("autoencoder.") for k in module.state_dict())
+    first = m["splits"]["train"]["shards"][0]
+    rows = list(iter_piece(shard_location(out, first["name"]), 0, 1, ReadStats(assigned=1)))[:4]
+    z = torch.stack([torch.from_numpy(decode_npy(p[LATENT_EXT], latent_spec(m))) for _, p in rows])
+    sf = module.vae.config.scaling_factor
+    assert torch.equal(module.latents({"image": z}), z * sf)
+
+    cfg_other = load_config(None, ["model.family=sd", f"model.pipeline={other}", f"data.location={out}"])
+    with pytest.raises(TrainError, match=r"latents of another VAE than model.pipeline=.*re-encode"):
+        check_latent_data(cfg_other, str(out), m)
+    with pytest.raises(ValueError, match="latents of another VAE"):
+        build_module_for_dataset(cfg_other, str(out))
+    # The families that cannot learn sd latents are told which one can.
+    with pytest.raises(TrainError, match="holds sd latents .* 'diffusion' learns on kl: use sd on them"):
+        check_latent_data(load_config(None, ["model.family=diffusion"]), str(out), m)

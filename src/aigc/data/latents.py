@@ -54,6 +54,7 @@ from aigc.data.manifest import DatasetError, manifest_location, read_manifest, s
 __all__ = [
     "AUTOENCODER_DIR",
     "LATENT_DTYPES",
+    "CARRIED_KINDS",
     "LATENT_EXT",
     "encode_npy",
     "decode_npy",
@@ -69,6 +70,10 @@ LATENT_EXT = "npy"
 AUTOENCODER_DIR = "autoencoder"
 #: the dtype of the stored arrays, per autoencoder kind
 LATENT_DTYPES = {"kl": "float32", "vq": "int16", "sd": "float32"}
+#: the kinds whose latent model carries the dataset's autoencoder (its ``autoencoder/`` export, in
+#: checkpoints and exports too) to decode with; an ``sd`` model decodes with its pipeline's own VAE,
+#: which must be the one the dataset was encoded with (:func:`aigc.models.sd.check_dataset_vae`)
+CARRIED_KINDS = ("kl", "vq")
 
 
 def encode_npy(array: np.ndarray) -> bytes:

@@ -79,6 +79,10 @@ def build_module_for_dataset(
     module = build_module(
         cfg, tokenizer, manifest["image_size"], manifest["channels"], manifest.get("latent")
     )
-    if module.latent is not None:
+    if module.carries_autoencoder:
         module.load_autoencoder(load_dataset_autoencoder(location, manifest))
+    elif module.latent is not None:  # sd latents: the pipeline's VAE must be the one that encoded them
+        from aigc.models.sd import check_dataset_vae
+
+        check_dataset_vae(cfg.model.pipeline, location, manifest)
     return module

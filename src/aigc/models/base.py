@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from aigc.config import MODEL_CONFIGS, StrictModel, TrainerConfig, validate
+from aigc.data.latents import CARRIED_KINDS
 from aigc.models.text import Tokenizer, build_text_encoder
 
 
@@ -197,8 +198,8 @@ class GenerativeModule(pl.LightningModule):
             self.register_load_state_dict_pre_hook(_drop_text_encoder_keys)
         # A latent model: the net learns on latents of ``sample_shape`` and ``generate`` decodes them
         # with the frozen autoencoder carried here, so checkpoints and exports hold both and still
-        # return pixels.
-        if self.latent is not None:
+        # return pixels (the sd family decodes with its pipeline's own VAE instead).
+        if self.carries_autoencoder:
             from aigc.models.nets.autoencoder import autoencoder_net
 
             ae = autoencoder_net(self.latent["autoencoder_model"], self.image_size, self.channels)
@@ -233,7 +234,7 @@ class GenerativeModule(pl.LightningModule):
             allowed = ", ".join(cls.latent_kinds) or "none"
             raise ValueError(
                 f"family {cls.family!r} cannot learn on {latent.get('kind')!r} latents (allowed: {allowed}); "
-                "train it on the image dataset, or use diffusion (kl) / autoregressive (vq)"
+                "train it on the image dataset, or use diffusion (kl), autoregressive (vq) or sd (sd)"
             )
         return ModuleSpec(
             model=model_cfg,
@@ -283,6 +284,11 @@ class GenerativeModule(pl.LightningModule):
         """What the family's net models for one image: ``(C, H, W)`` pixels, or the latent's shape."""
         return self.spec.sample_shape
 
+    @property
+    def carries_autoencoder(self) -> bool:
+        """Whether this latent model holds the frozen ``autoencoder`` of its dataset (KL, VQ latents)."""
+        return self.latent is not None and self.latent["kind"] in CARRIED_KINDS
+
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Latents ``sample_shape`` (KL: scaled as trained, VQ: codes) -> images (N, C, H, W) in [-1, 1]."""
         assert self.latent is not None
@@ -292,13 +298,13 @@ class GenerativeModule(pl.LightningModule):
 
     def load_autoencoder(self, source: GenerativeModule) -> None:
         """Copy an autoencoder module's weights into this latent model's frozen ``autoencoder``."""
-        if self.latent is None:
-            raise ValueError(f"this {self.family} model is not a latent model: it has no autoencoder")
+        if not self.carries_autoencoder:
+            raise ValueError(f"this {self.family} model carries no autoencoder to load")
         self.autoencoder.load_state_dict(source.autoencoder.state_dict())
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.latent is not None:  # the carried autoencoder is frozen: always in eval mode
+        if self.carries_autoencoder:  # the carried autoencoder is frozen: always in eval mode
             self.autoencoder.eval()
         return self
 

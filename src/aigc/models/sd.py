@@ -6,15 +6,18 @@
 the layout of Stable Diffusion 1.x/2.x. :class:`SDModule` wraps it as a :class:`GenerativeModule`.
 
 Training (as diffusers' ``train_text_to_image.py`` / ``train_text_to_image_lora.py``): images are
-encoded by the pipeline's own VAE (a sample of its posterior, times ``vae.config.scaling_factor``;
-a batch of such latents, unscaled, is taken as is), noised at uniform random timesteps by a DDPM
-over the scheduler config's schedule, and the UNet learns the scheduler's ``prediction_type``
-(``epsilon``: the noise, ``v_prediction``: the velocity). ``model.snr_gamma`` weights the loss by
-min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"):
-``min(SNR_t, gamma) / SNR_t`` for epsilon, ``/ (SNR_t + 1)`` for v. Each caption is replaced by
-``""`` with probability ``model.cond_drop_prob`` (classifier-free guidance). The VAE and text
-encoder are frozen; with ``model.lora`` the UNet is frozen too and only PEFT LoRA adapters on its
-attention projections train (``unet.add_adapter``, diffusers' way), otherwise the whole UNet trains.
+encoded by the pipeline's own VAE (a sample of its posterior, times ``vae.config.scaling_factor``),
+or, on a dataset ``aigc data encode --autoencoder PIPELINE`` wrote (``sd`` latents: the posterior
+means, unscaled, encoded once instead of every step), read as they are and scaled; ``aigc train``
+refuses latents another VAE made (:func:`check_dataset_vae`). The latents are noised at uniform
+random timesteps by a DDPM over the scheduler config's schedule, and the UNet learns the scheduler's
+``prediction_type`` (``epsilon``: the noise, ``v_prediction``: the velocity). ``model.snr_gamma``
+weights the loss by min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+Weighting Strategy"): ``min(SNR_t, gamma) / SNR_t`` for epsilon, ``/ (SNR_t + 1)`` for v. Each
+caption is replaced by ``""`` with probability ``model.cond_drop_prob`` (classifier-free guidance).
+The VAE and text encoder are frozen; with ``model.lora`` the UNet is frozen too and only PEFT LoRA
+adapters on its attention projections train (``unet.add_adapter``, diffusers' way), otherwise the
+whole UNet trains.
 
 Checkpoints hold only what trains: :meth:`SDModule.base_weight_keys` lists the frozen weights that
 come from the pipeline folder; they are left out of Lightning checkpoints and rebuilt from
@@ -146,11 +149,49 @@ def min_snr_weights(
     return clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr
 
 
+def check_dataset_vae(pipeline: str, location: str, manifest: dict[str, Any] | None = None) -> None:
+    """Refuse ``sd`` latents (``aigc data encode --autoencoder PIPELINE``) that another VAE than
+    ``pipeline``'s encoded: the UNet would learn latents its VAE decodes to something else. The VAE
+    the dataset carries (``autoencoder/``, checked against the manifest's sha256) is compared tensor
+    by tensor with the one ``pipeline`` loads. Raises ``ValueError`` saying how to re-encode."""
+    import fsspec
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load as load_safetensors
+
+    from aigc.data.latents import autoencoder_location, latent_spec
+    from aigc.data.manifest import read_manifest
+
+    spec = latent_spec(manifest or read_manifest(location)) or {}
+    where = f"{autoencoder_location(location)}/diffusion_pytorch_model.safetensors"
+    try:
+        with fsspec.open(where, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{where}: missing; re-encode the dataset (aigc data encode)") from None
+    if hashlib.sha256(data).hexdigest() != spec.get("autoencoder_sha256"):
+        raise ValueError(f"{where}: sha256 differs from the manifest's; re-encode it (aigc data encode)")
+    theirs = load_safetensors(data)
+    ours = AutoencoderKL.from_pretrained(str(local_pipeline(pipeline)), subfolder="vae").state_dict()
+    differ = sorted(
+        k
+        for k in theirs.keys() | ours.keys()
+        if k not in theirs or k not in ours or not torch.equal(theirs[k].float(), ours[k].float())
+    )
+    if differ:
+        raise ValueError(
+            f"{location} holds latents of another VAE than model.pipeline={pipeline!r}'s "
+            f"({len(differ)} of {len(ours)} tensors differ, e.g. {differ[0]}): re-encode its images "
+            f"with `aigc data encode IMAGES --autoencoder {pipeline}`"
+        )
+
+
 class SDModule(GenerativeModule):
     """A diffusers Stable-Diffusion-format pipeline; ``generate(..., steps, guidance)``."""
 
     family = "sd"
     own_text_encoder = True
+    #: a dataset ``aigc data encode`` wrote with this pipeline's VAE: its posterior means, unscaled
+    latent_kinds = ("sd",)
     generate_options = {"steps": int, "guidance": float}
     option_config_fields = {"steps": "sample_steps"}
 
@@ -182,6 +223,12 @@ class SDModule(GenerativeModule):
             )
         if spec.channels not in (1, 3):
             raise ValueError(f"the sd family reads RGB (or grey) images, got {spec.channels} channels")
+        if spec.latent is not None and tuple(spec.latent["shape"]) != self.latent_shape:
+            raise ValueError(
+                f"the dataset's sd latents are {tuple(spec.latent['shape'])}; this pipeline's VAE makes "
+                f"{self.latent_shape} at image size {spec.image_size}: re-encode the images with "
+                f"`aigc data encode --autoencoder {c.pipeline}`"
+            )
         if c.lora is not None:
             from peft import LoraConfig
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import Field
 
-from aigc.config import RunConfig, StrictModel
+from aigc.config import FAMILIES, RunConfig, StrictModel
 from aigc.contract import (
     CHECKPOINT_DIR_PREFIX,
     CHECKPOINT_FILES,
@@ -156,11 +156,19 @@ def check_latent_data(cfg: RunConfig, location: str, manifest: dict[str, Any]) -
         raise TrainError(str(err)) from None
     allowed = module_class(cfg.model.family).latent_kinds
     if kind not in allowed:
+        learners = [f for f in FAMILIES if kind in module_class(f).latent_kinds]
         raise TrainError(
             f"{location} holds {kind} latents (aigc data encode); model.family "
-            f"{cfg.model.family!r} learns on {', '.join(allowed) or 'images only'}: use diffusion on KL "
-            "latents or autoregressive on VQ codes, or train on the image dataset"
+            f"{cfg.model.family!r} learns on {', '.join(allowed) or 'images only'}: use "
+            f"{' or '.join(learners)} on them, or train on the image dataset"
         )
+    if kind == "sd":  # before any run: latents of another VAE would train a UNet its VAE cannot decode
+        from aigc.models.sd import check_dataset_vae
+
+        try:
+            check_dataset_vae(cfg.model.pipeline, location, manifest)
+        except (ValueError, FileNotFoundError) as err:
+            raise TrainError(str(err)) from None
 
 
 def new_run_name(cfg: RunConfig, name: str | None) -> str:

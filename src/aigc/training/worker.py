@@ -165,7 +165,7 @@ def train_loop(config: dict[str, Any]) -> None:
         from aigc.models.init import load_init
 
         load_init(module, job.init_from)
-    if job.latent is not None:  # the frozen autoencoder a latent model decodes with, from its dataset
+    if module.carries_autoencoder:  # the frozen autoencoder a latent model decodes with, from its dataset
         from aigc.models.export import load_dataset_autoencoder
 
         module.load_autoencoder(load_dataset_autoencoder(job.data_location))
