@@ -19,7 +19,8 @@ pickled config objects. Checkpoints are rebuilt with ``cls(**hyper_parameters)``
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -45,6 +46,40 @@ def warmup_cosine(step: int, warmup: int, total: int, schedule: str) -> float:
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] ``(N, C, H, W)`` -> uint8 in [0, 255] on the CPU."""
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images in [0, 255] -> float32 in [-1, 1], the inverse of :func:`to_uint8` (exact after
+    its rounding: ``to_uint8(from_uint8(x)) == x``)."""
+    return images.float() / 127.5 - 1.0
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, weights: list[float]) -> torch.Tensor:
+    """Spherical interpolation of two noise tensors ``(1, *S)`` at each weight: ``(len(weights), *S)``.
+
+    ``sin((1-w) θ)/sin θ · a + sin(w θ)/sin θ · b`` with θ the angle between ``a`` and ``b``
+    (Shoemake 1985; White 2016, *Sampling Generative Networks*, for Gaussian latents; DDIM, Song et
+    al. 2021, sec. 5.4, interpolates its ``x_T`` so). High-dimensional Gaussian noise lies near a
+    sphere, which a linear blend leaves (its midpoint has ~0.7 of the norm). The coefficients are
+    computed in float64; weight 0 returns ``a`` and weight 1 returns ``b`` exactly. Parallel inputs
+    (θ ≈ 0, e.g. the same seed) fall back to the linear blend.
+    """
+    fa, fb = a.flatten().double(), b.flatten().double()
+    cos = float((fa @ fb) / (fa.norm() * fb.norm()).clamp(min=1e-300))
+    theta = math.acos(max(-1.0, min(1.0, cos)))
+    rows = []
+    for w in weights:
+        if w == 0:
+            rows.append(a)
+        elif w == 1:
+            rows.append(b)
+        elif theta < 1e-4:
+            rows.append(torch.lerp(a, b, float(w)))
+        else:
+            ca = math.sin((1 - w) * theta) / math.sin(theta)
+            cb = math.sin(w * theta) / math.sin(theta)
+            rows.append(ca * a + cb * b)
+    return torch.cat(rows)
 
 
 def expand_prompts(prompts: list[str] | str, num_samples: int) -> list[str]:
@@ -116,6 +151,31 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return g
 
 
+#: The editing operations of ``generate`` and ``interpolate``, which a family lists in its
+#: ``edit_modes``: image-to-image (``init_images``, ``strength``), inpainting (``masks``) and
+#: interpolation between two prompts and/or seeds (:meth:`GenerativeModule.interpolate`).
+EDIT_MODES = ("img2img", "inpaint", "interpolate")
+#: ``strength`` when ``init_images`` is given without one: image-to-image keeps the input's layout
+#: and colours and redraws its detail (SDEdit, Meng et al. 2022, found its balance of realism and
+#: faithfulness at t0 of about 0.3-0.6 of T). Inpainting (masks, no strength) defaults to 1.0: the
+#: masked region drawn from pure noise.
+DEFAULT_STRENGTH = 0.6
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """Image-to-image / inpainting as :meth:`GenerativeModule.generate` hands it to a family's
+    ``_generate(captions, generator, edit=..., **options)``: one row per caption, on the module's device.
+
+    ``images`` float32 ``(N, C, H, W)`` in [-1, 1] (the pixel images, also for a latent model);
+    ``strength`` in [0, 1]; ``masks`` bool ``(N, 1, H, W)``, True = regenerate, or None (img2img).
+    """
+
+    images: torch.Tensor
+    strength: float
+    masks: torch.Tensor | None = None
+
+
 #: state_dict prefix of the text encoder (and of nothing else), see GenerativeModule.text_conditioned
 TEXT_ENCODER_PREFIX = "text_encoder."
 
@@ -166,6 +226,10 @@ class GenerativeModule(pl.LightningModule):
     generate_options: ClassVar[dict[str, type]] = {}
     #: the model-config field holding an option's default, where its name differs from the option's
     option_config_fields: ClassVar[dict[str, str]] = {}
+    #: the editing operations (a subset of EDIT_MODES) the family implements: ``img2img`` and
+    #: ``inpaint`` reach its ``_generate`` as an ``edit=`` :class:`EditRequest`, ``interpolate`` its
+    #: ``_interpolate``; anything else is refused by generate()/interpolate() naming what it supports
+    edit_modes: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -355,32 +419,192 @@ class GenerativeModule(pl.LightningModule):
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[str] | str, num_samples: int = 1, seed: int | None = None, **options: Any
+        self,
+        prompts: list[str] | str,
+        num_samples: int = 1,
+        seed: int | None = None,
+        *,
+        init_images: torch.Tensor | None = None,
+        strength: float | None = None,
+        masks: torch.Tensor | None = None,
+        **options: Any,
     ) -> torch.Tensor:
         """``num_samples`` images per prompt as uint8 ``(N, C, H, W)``, N = len(prompts) * num_samples.
 
         Deterministic for a given ``seed`` on CPU. Family options (see ``generate_options``) override
         the config's defaults; an unknown option is an error.
+
+        Editing, where the family lists the operation in ``edit_modes`` (else a ValueError
+        naming the family and what it supports):
+
+        - **image-to-image** (``"img2img"``): ``init_images`` uint8 in [0, 255] (the format generate
+          returns), ``(N, C, H, W)`` or one image ``(C, H, W)`` / ``(1, C, H, W)`` for all N rows, of
+          the model's ``(channels, image_size, image_size)``. ``strength`` in [0, 1] (default
+          :data:`DEFAULT_STRENGTH`) is how much of the sampling chain is run from the noised input:
+          for diffusion SDEdit (Meng et al. 2022, *SDEdit: Guided Image Synthesis and Editing with
+          Stochastic Differential Equations*): the input is noised to the schedule's timestep at
+          ``strength · T`` and denoised from there with the prompt. Strength 0 returns the input
+          (a latent model: its autoencoder reconstruction); strength 1 ignores it and equals
+          text-to-image with the same seed, bit for bit.
+        - **inpainting** (``"inpaint"``): ``masks`` ``(N, 1, H, W)`` or one ``(1, H, W)`` /
+          ``(1, 1, H, W)`` for all rows, bool or numbers that are all 0 or 1; 1 = regenerate, 0 =
+          keep. Needs ``init_images``; ``strength`` defaults to 1 (the region drawn from pure noise).
+          The kept pixels of the result are the input's exactly: a family may change them while
+          sampling (a latent model's regenerated latent cells reach a little beyond the mask), and
+          they are pasted back here, after the conversion to uint8.
+
+        Interpolation is :meth:`interpolate`.
         """
+        self._check_options(options)
+        captions = expand_prompts(prompts, num_samples)
+        edit = self._edit_request(len(captions), init_images, strength, masks)
+        with self._evaluating():
+            g = make_generator(seed, self.device)
+            if edit is None:
+                images = self._generate(captions, g, **options)  # (N, C, H, W) in [-1, 1]
+            else:
+                images = self._generate(captions, g, edit=edit, **options)
+        out = to_uint8(images)
+        if edit is not None and edit.masks is not None:  # the kept pixels are the input's, exactly
+            out = torch.where(edit.masks.cpu(), out, to_uint8(edit.images))
+        return out
+
+    @torch.no_grad()
+    def interpolate(
+        self,
+        prompt_a: str,
+        prompt_b: str | None = None,
+        frames: int = 8,
+        seed: int = 0,
+        seed_b: int | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """``frames`` images from ``(prompt_a, seed)`` to ``(prompt_b, seed_b)``, uint8
+        ``(frames, C, H, W)``: a walk through the model's latent space.
+
+        ``prompt_b`` defaults to ``prompt_a`` and ``seed_b`` to ``seed``; at least one must differ.
+        Frame ``i`` sits at weight ``w = i / (frames - 1)``: the starting noise is interpolated
+        spherically (:func:`slerp`) between the seeds' and the text features linearly between the
+        prompts', and sampling is deterministic, so neighbouring frames are neighbours. The first
+        frame equals ``generate([prompt_a], seed=seed, **options)`` and the last
+        ``generate([prompt_b], seed=seed_b, **options)`` with the family's deterministic sampler
+        (diffusion: ``sampler="ddim"``, forced; ``sampler="ddpm"`` is an error). Options as in
+        :meth:`generate`; a family without ``"interpolate"`` in ``edit_modes`` raises a ValueError.
+        """
+        self._require_edit_mode("interpolate", "interpolate()")
+        self._check_options(options)
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 2:
+            raise ValueError(f"frames must be an integer >= 2, got {frames!r}")
+        for name, value in (("seed", seed), ("seed_b", seed_b)):
+            if (value is not None or name == "seed") and (
+                isinstance(value, bool) or not isinstance(value, int)
+            ):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        prompt_b = prompt_a if prompt_b is None else prompt_b
+        seed_b = seed if seed_b is None else seed_b
+        if not isinstance(prompt_a, str) or not isinstance(prompt_b, str):
+            raise ValueError("prompt_a and prompt_b must be strings (use '' for unconditional frames)")
+        if prompt_a == prompt_b and seed == seed_b:
+            raise ValueError("interpolate needs two different end points: give prompt_b and/or seed_b")
+        with self._evaluating():
+            images = self._interpolate(prompt_a, prompt_b, frames, seed, seed_b, **options)
+        return to_uint8(images)
+
+    def _interpolate(
+        self, prompt_a: str, prompt_b: str, frames: int, seed: int, seed_b: int, **options: Any
+    ) -> torch.Tensor:
+        """``frames`` images ``(frames, C, H, W)`` in [-1, 1] from a to b; families with
+        ``"interpolate"`` in ``edit_modes`` implement (see :meth:`interpolate`)."""
+        raise NotImplementedError
+
+    @contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """Eval mode for the block, then the train/eval mode the module had."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    def _check_options(self, options: dict[str, Any]) -> None:
+        """An option the family does not declare in ``generate_options`` is an error naming them."""
         unknown = sorted(set(options) - set(self.generate_options))
         if unknown:
             raise ValueError(
                 f"unknown option(s) {unknown} for family {self.family!r}; "
                 f"allowed: {', '.join(self.generate_options) or 'none'}"
             )
-        was_training = self.training
-        self.eval()
-        try:
-            captions = expand_prompts(prompts, num_samples)
-            g = make_generator(seed, self.device)
-            images = self._generate(captions, g, **options)  # (N, C, H, W) in [-1, 1]
-        finally:
-            self.train(was_training)
-        return to_uint8(images)
+
+    def _require_edit_mode(self, mode: str, what: str) -> None:
+        """A ValueError naming the family and its editing operations unless it supports ``mode``."""
+        if mode not in self.edit_modes:
+            supported = ", ".join(m for m in EDIT_MODES if m in self.edit_modes) or "none"
+            raise ValueError(
+                f"family {self.family!r} does not support {mode} ({what}); "
+                f"its editing operations: {supported}"
+            )
+
+    def _edit_request(
+        self,
+        n: int,
+        init_images: torch.Tensor | None,
+        strength: float | None,
+        masks: torch.Tensor | None,
+    ) -> EditRequest | None:
+        """generate()'s editing arguments checked and shaped into one row per caption (or None)."""
+        if init_images is None:
+            if masks is not None:
+                raise ValueError("masks need init_images: the image whose masked region is regenerated")
+            if strength is not None:
+                raise ValueError("strength needs init_images: the image that image-to-image starts from")
+            return None
+        if masks is None:
+            self._require_edit_mode("img2img", "init_images")
+        else:
+            self._require_edit_mode("inpaint", "masks")
+        if strength is None:
+            strength = DEFAULT_STRENGTH if masks is None else 1.0
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+        size, c = self.image_size, self.channels
+        images = _rows(init_images, n, (c, size, size), "init_images")
+        if images.dtype != torch.uint8:
+            raise ValueError(
+                f"init_images must be uint8 in [0, 255] (as generate returns), got {images.dtype}"
+            )
+        mask_rows = None
+        if masks is not None:
+            mask_rows = _rows(masks, n, (1, size, size), "masks")
+            if mask_rows.dtype != torch.bool:
+                if not bool(((mask_rows == 0) | (mask_rows == 1)).all()):
+                    raise ValueError(
+                        "masks must be bool or hold only 0 and 1 (1 = regenerate); "
+                        "for a 0-255 mask image pass mask > 127"
+                    )
+                mask_rows = mask_rows == 1
+            mask_rows = mask_rows.to(self.device)
+        return EditRequest(from_uint8(images).to(self.device), float(strength), mask_rows)
 
     def _generate(self, captions: list[str], generator: torch.Generator, **options: Any) -> torch.Tensor:
         """One image per caption, float in [-1, 1] ``(N, C, H, W)``; subclasses implement."""
         raise NotImplementedError
+
+
+def _rows(x: torch.Tensor, n: int, shape: tuple[int, int, int], name: str) -> torch.Tensor:
+    """``x`` ``(C, H, W)``, ``(1, C, H, W)`` or ``(n, C, H, W)`` of ``shape = (C, H, W)`` -> ``(n, C, H, W)``
+    (a broadcast view where one row serves all); any other shape is a ValueError naming both."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (N, {', '.join(map(str, shape))})")
+    if x.dim() == 3:
+        x = x[None]
+    if x.dim() != 4 or tuple(x.shape[1:]) != shape or x.shape[0] not in (1, n):
+        want = ", ".join(map(str, shape))
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)}; expected ({n}, {want}) (one per image: "
+            f"len(prompts) * num_samples = {n}), or (1, {want}) / ({want}) for all of them"
+        )
+    return x.expand(n, *shape)
 
 
 def _tolerate_missing_base(module: nn.Module, incompatible: Any) -> None:
