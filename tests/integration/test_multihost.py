@@ -263,6 +263,12 @@ class ElasticJob:
             time.sleep(0.5)
         return time.time()
 
+    def release(self) -> None:
+        """The test has seen what it waited for: the workers stop sleeping after each step."""
+        from aigc.training.worker import STEP_SLEEP_RELEASE
+
+        (self.keys / STEP_SLEEP_RELEASE).touch()
+
     def tail(self) -> str:
         return self.out.read_text()[-4000:]
 
@@ -368,6 +374,7 @@ def test_an_elastic_job_loses_a_host_carries_on_and_grows_back(two_hosts, digits
     rejoined_at = time.time()
     _start_node(two_hosts, 1)
     grown_at = job.wait("a resume on two workers again", lambda: job.world_sizes()[-1:] == [2.0])
+    job.release()
     job.finish()
 
     assert job.world_sizes() == [1.0, 2.0]
@@ -408,6 +415,7 @@ def test_an_elastic_job_carries_on_when_a_host_is_cut_off_by_the_network(two_hos
     assert net.run(1, ["ip", "link", "set", "eth0", "down"], timeout=30).returncode == 0
     try:
         job.wait("a resume on one worker", lambda: 1.0 in job.world_sizes())
+        job.release()
         job.finish()
     finally:
         net.run(1, ["ip", "link", "set", "eth0", "up"], timeout=30)

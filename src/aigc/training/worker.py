@@ -32,8 +32,10 @@ FAULT_ENV = "AIGC_FAULT_EXIT_AT_STEP"  # "<rank>:<step>"
 # training (re)starts.
 RECORD_ENV = "AIGC_RECORD_KEYS_DIR"
 # Tests that must act while a job is still training (kill a node, let it rejoin): sleep this many
-# seconds after every step, so the job outlasts what the test does on a fast machine.
+# seconds after every step, so the job outlasts what the test does on a fast machine, until the test
+# writes STEP_SLEEP_RELEASE into the AIGC_RECORD_KEYS_DIR folder (it has seen what it waited for).
 STEP_SLEEP_ENV = "AIGC_STEP_SLEEP_S"
+STEP_SLEEP_RELEASE = "release"
 
 
 class _FaultInjection:
@@ -84,7 +86,7 @@ def _key_recorder(folder: str):
             keys = [k for k, v in zip(batch["key"], batch["valid"].tolist(), strict=True) if v]
             with open(Path(folder) / f"keys-rank{trainer.global_rank}.txt", "a") as f:
                 f.write("".join(f"{trainer.global_step} {k} {epoch} {self.start}\n" for k in keys))
-            if os.environ.get(STEP_SLEEP_ENV):
+            if os.environ.get(STEP_SLEEP_ENV) and not (Path(folder) / STEP_SLEEP_RELEASE).exists():
                 time.sleep(float(os.environ[STEP_SLEEP_ENV]))
 
     return _Record()
