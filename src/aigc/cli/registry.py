@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -142,29 +144,174 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def generate(
-        model: str = typer.Option(..., "--model", help="e.g. aigc-diffusion@production"),
-        prompt: list[str] = typer.Option(..., "--prompt", help="caption (repeatable: one grid row each)"),
-        num_samples: int = typer.Option(8, "-n", "--num-samples", help="images per prompt"),
-        seed: int | None = typer.Option(None, "--seed", help="sampling seed; default random"),
+        model: str = typer.Option(
+            ...,
+            "--model",
+            help="a registered version (aigc-diffusion@production, aigc-diffusion/3, models:/...), "
+            "an export folder, a .ckpt, or an aigc train run's id or name",
+        ),
+        prompt: list[str] = typer.Option(
+            ..., "--prompt", help="caption (repeatable: one grid row each; --interpolate: its 1 or 2 ends)"
+        ),
+        num_samples: int | None = typer.Option(
+            None, "-n", "--num-samples", help="images per prompt (default 8); not with --interpolate"
+        ),
+        seed: int | None = typer.Option(
+            None, "--seed", help="sampling seed; default random (--interpolate: the first end's, default 0)"
+        ),
         set_: list[str] = typer.Option([], "--set", help="family option OPTION=VALUE (repeatable)"),
-        out: Path = typer.Option(Path("grid.png"), "-o", "--out", help="grid PNG to write"),
+        init_image: Path | None = typer.Option(
+            None,
+            "--init-image",
+            help="image-to-image: start from this PNG/JPEG, converted to the model's channels; it must "
+            "be the model's size (it is not resized)",
+        ),
+        strength: float | None = typer.Option(
+            None,
+            "--strength",
+            help="with --init-image: how much of the sampling is redone, 0 (the input) .. 1 (text-to-image) "
+            "(default 0.6; 1 with --mask)",
+        ),
+        mask: Path | None = typer.Option(
+            None,
+            "--mask",
+            help="inpainting, with --init-image: a grey PNG/JPEG of the model's size, white (>= 128) "
+            "regenerated, black kept",
+        ),
+        interpolate: bool = typer.Option(
+            False,
+            "--interpolate",
+            help="frames from the first --prompt and --seed to the second --prompt (default the same) "
+            "and --seed-b, written as one strip",
+        ),
+        seed_b: int | None = typer.Option(
+            None, "--seed-b", help="with --interpolate: the last frame's seed (default --seed)"
+        ),
+        frames: int | None = typer.Option(
+            None, "--frames", help="with --interpolate: frames, the ends included (default 8)"
+        ),
+        out: Path = typer.Option(
+            Path("grid.png"), "-o", "--out", help="grid PNG to write (--interpolate: a strip of the frames)"
+        ),
         tracking_uri: str | None = tracking,
     ) -> None:
-        """Generate a grid with a registered model, in this process."""
+        """Generate a grid with a model, in this process; or edit an image (--init-image, --mask) or
+        interpolate between two prompts and/or seeds (--interpolate). Edits need a family that
+        supports them (the README's "Edit and explore" table)."""
         from aigc.cli.evaluate import parse_options
-        from aigc.registry.versions import RegistryError, client_for, load_version, resolve_version
+        from aigc.data.images import ImageInputError
+        from aigc.registry.versions import RegistryError
         from aigc.training.grid import image_grid
+        from aigc.workflows.model_ref import resolve_model
 
         try:
+            g = _generation(
+                prompt, num_samples, seed, init_image, strength, mask, interpolate, seed_b, frames
+            )
             options = parse_options(set_)
-            client = client_for(tracking_uri)
-            version = resolve_version(client, model)
-            module = load_version(client, version)
-            images = module.generate(prompt, num_samples=num_samples, seed=seed, **options)
-        except (RegistryError, ValueError) as err:
+            module, lineage = resolve_model(model, tracking_uri, option="--model")
+            images = _generate_images(module, g, options)
+        except (RegistryError, ImageInputError, ValueError) as err:
             fail(str(err))
         out.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(images, nrow=num_samples).save(out)
-        typer.echo(
-            f"wrote {out}: {len(prompt)} x {num_samples} images from {version.name} v{version.version}"
+        image_grid(images, nrow=len(images) if g.interpolate else g.num_samples).save(out)
+        if "version" in lineage:
+            source = f"{lineage['model']} v{lineage['version']}"
+        else:
+            source = lineage.get("checkpoint") or lineage.get("path") or model
+        if g.interpolate:
+            what = f"{len(images)} frames in a row"
+        else:
+            what = f"{len(prompt)} x {g.num_samples} images"
+            what += " (inpainted)" if mask else " (image-to-image)" if init_image else ""
+        typer.echo(f"wrote {out}: {what} from {source}")
+
+
+@dataclass(frozen=True)
+class _Generation:
+    """What one ``aigc generate`` asks for, its flags checked against each other."""
+
+    prompts: list[str]
+    num_samples: int
+    seed: int | None
+    init_image: Path | None = None
+    strength: float | None = None
+    mask: Path | None = None
+    interpolate: bool = False
+    seed_b: int | None = None
+    frames: int = 8
+
+
+def _generation(
+    prompts: list[str],
+    num_samples: int | None,
+    seed: int | None,
+    init_image: Path | None,
+    strength: float | None,
+    mask: Path | None,
+    interpolate: bool,
+    seed_b: int | None,
+    frames: int | None,
+) -> _Generation:
+    """The flags as a :class:`_Generation`; a flag that does not go with the others is a ValueError
+    naming both."""
+    if interpolate:
+        edits = (
+            ("--init-image", init_image),
+            ("--mask", mask),
+            ("--strength", strength),
+            ("-n", num_samples),
         )
+        given = [flag for flag, value in edits if value is not None]
+        if given:
+            raise ValueError(f"--interpolate takes no {', '.join(given)}")
+        if len(prompts) > 2:
+            raise ValueError(f"--interpolate takes one or two --prompt (its ends), got {len(prompts)}")
+        seed = 0 if seed is None else seed
+        if prompts[0] == prompts[-1] and seed_b in (None, seed):
+            raise ValueError("--interpolate needs two different ends: a second --prompt and/or --seed-b")
+        return _Generation(
+            prompts[:1] + prompts[-1:],
+            1,
+            seed,
+            interpolate=True,
+            seed_b=seed_b,
+            frames=8 if frames is None else frames,
+        )
+    for flag, value in (("--seed-b", seed_b), ("--frames", frames)):
+        if value is not None:
+            raise ValueError(f"{flag} needs --interpolate")
+    if init_image is None:
+        for flag, value in (("--mask", mask), ("--strength", strength)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --init-image: the image it edits")
+    n = 8 if num_samples is None else num_samples
+    return _Generation(prompts, n, seed, init_image, strength, mask)
+
+
+def _generate_images(module: Any, g: _Generation, options: dict[str, Any]) -> Any:
+    """The images of one ``aigc generate``: uint8 ``(N, C, H, W)`` (interpolation: the frames).
+    The init image and mask files are read at the model's size (:mod:`aigc.data.images`)."""
+    import torch
+
+    from aigc.data.images import read_image_file, read_mask_file
+
+    if g.interpolate:
+        return module.interpolate(g.prompts[0], g.prompts[-1], g.frames, g.seed, g.seed_b, **options)
+    size, channels = module.image_size, module.channels
+    init = mask = None
+    if g.init_image is not None:
+        init = torch.from_numpy(
+            read_image_file(g.init_image, what="--init-image", size=size, channels=channels)
+        )
+    if g.mask is not None:
+        mask = torch.from_numpy(read_mask_file(g.mask, what="--mask", size=size))
+    return module.generate(
+        g.prompts,
+        num_samples=g.num_samples,
+        seed=g.seed,
+        init_images=init,
+        strength=g.strength,
+        masks=mask,
+        **options,
+    )

@@ -62,7 +62,6 @@ from aigc.tracking.runs import model_figures
 from aigc.training.job import final_checkpoint, step_checkpoint
 
 MODEL_ARTIFACT = "model"  # the logged model's name inside the training run
-_PYTHON_TYPES = {int: "long", float: "double", str: "string", bool: "boolean"}
 
 
 @dataclass
@@ -111,19 +110,18 @@ def eligibility(run: Any, figures: dict[str, float]) -> tuple[bool, str | None]:
 
 
 def signature_for(module: Any):
-    """Column ``prompt`` (string) in, base64 PNG strings out; ``num_samples``, ``seed`` (-1: random)
-    and each family option as params, defaulting to the model's config."""
+    """Column ``prompt`` (string) in, base64 PNG strings out; ``num_samples``, ``seed`` (-1: random),
+    each family option (defaulting to the model's config) and the edit params as params
+    (:func:`aigc.registry.pyfunc.param_specs`)."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import ColSpec, ParamSchema, Schema
 
-    params = [ParamSpec("num_samples", "long", 1), ParamSpec("seed", "long", -1)]
-    defaults = module.option_defaults()
-    for option, kind in module.generate_options.items():
-        params.append(ParamSpec(option, _PYTHON_TYPES[kind], defaults.get(option)))
+    from aigc.registry.pyfunc import param_specs
+
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt")]),
         outputs=Schema([ColSpec("string")]),
-        params=ParamSchema(params),
+        params=ParamSchema(param_specs(module)),
     )
 
 
