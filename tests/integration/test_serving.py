@@ -30,7 +30,13 @@ from PIL import Image
 from aigc.registry.versions import ModelRef
 from aigc.serving.batching import ModelQueue, plan_calls
 from aigc.serving.follower import AliasFollower
-from aigc.serving.limits import GenerateRequest, RequestLimits, RequestRejected, parse_generate_request
+from aigc.serving.limits import (
+    GenerateRequest,
+    Interpolation,
+    RequestLimits,
+    RequestRejected,
+    parse_generate_request,
+)
 from tiny import TINY, save_run_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,6 +84,86 @@ def test_request_checks_name_the_limit_and_its_value():
     assert err.value.body()["allowed"]["sampler"] == "str"  # the 422 lists what is allowed
 
 
+def png_b64(arr, fmt: str = "PNG", text: str = "") -> str:
+    """A base64 image file of the uint8 (H, W) array; ``text``: a PNG text chunk to pad it."""
+    from PIL.PngImagePlugin import PngInfo
+
+    buf = io.BytesIO()
+    info = PngInfo()
+    if text:
+        info.add_text("padding", text)
+    Image.fromarray(arr).save(buf, format=fmt, **({"pnginfo": info} if fmt == "PNG" else {}))
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_edit_requests_are_checked_against_the_served_model():
+    """Image-to-image, inpainting and interpolation fields: each limit named with its value, and a
+    family without the mode answered with the modes it supports."""
+    import numpy as np
+
+    limits = RequestLimits(max_image_bytes=1024, max_frames=4)
+    modes = frozenset({"img2img", "inpaint", "interpolate"})
+    diffusion = SimpleNamespace(family="diffusion", edit_modes=modes, image_size=8, channels=1)
+    gan = SimpleNamespace(family="gan", edit_modes=frozenset(), image_size=8, channels=1)
+    picture = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    white = np.full((8, 8), 255, dtype=np.uint8)
+
+    def parse(body, model=diffusion):
+        return parse_generate_request({"prompt": "p", **body}, OPTIONS, limits, model=model)
+
+    edit = parse({"init_image": png_b64(picture), "strength": 0, "seed": 1})
+    assert edit.alone and edit.strength == 0.0 and edit.mask is None
+    assert (edit.init_image.array() == picture[None]).all()
+    rgb = png_b64(np.repeat(picture[..., None], 3, axis=-1))  # converted to the model's one channel
+    assert (parse({"init_image": f"data:image/png;base64,{rgb}"}).init_image.array() == picture[None]).all()
+    painted = parse({"init_image": png_b64(picture), "mask": png_b64(white)})
+    assert painted.mask.array().all() and painted.mask.array().shape == (1, 8, 8)
+    walk = parse({"seed": 2, "interpolate": {"prompt_b": "q", "frames": 3}})
+    assert walk.alone and walk.interpolate == Interpolation("q", 2, 3)
+    assert parse({"interpolate": {"seed_b": 5}}).interpolate == Interpolation("p", 5, 4)  # frames 8 > 4
+    assert parse({"interpolate": {"seed_b": 5}}).seed == 0  # an interpolation's seed defaults to 0
+
+    big = png_b64(np.zeros((16, 16), dtype=np.uint8))
+    cases = [
+        ({"init_image": big}, "image_size", [8, 8]),
+        ({"init_image": png_b64(picture), "mask": big}, "image_size", [8, 8]),
+        ({"init_image": png_b64(picture, "JPEG")}, "image_format", ["PNG"]),
+        ({"init_image": png_b64(picture, text="x" * 1200)}, "max_image_bytes", 1024),
+        ({"init_image": "not base64!"}, "init_image", None),
+        ({"init_image": 7}, "init_image", None),
+        ({"init_image": png_b64(picture), "strength": 1.5}, "strength", [0, 1]),
+        ({"init_image": png_b64(picture), "strength": True}, "strength", [0, 1]),
+        ({"mask": png_b64(white)}, "mask", None),
+        ({"strength": 0.5}, "strength", None),
+        ({"interpolate": {"seed_b": 1, "frames": 5}}, "max_frames", 4),
+        ({"interpolate": {"seed_b": 1, "frames": 1}}, "max_frames", 4),
+        ({"interpolate": {}}, "interpolate", ["prompt_b", "seed_b", "frames"]),
+        ({"interpolate": {"prompt_c": "x"}}, "interpolate", ["prompt_b", "seed_b", "frames"]),
+        ({"interpolate": {"seed_b": 1}, "num_samples": 2}, "interpolate", None),
+        ({"interpolate": {"seed_b": 1}, "init_image": png_b64(picture)}, "interpolate", None),
+        ({"interpolate": {"prompt_b": "q" * 300}}, "max_prompt_chars", 256),
+        ({"interpolate": {"seed_b": -1}}, "seed_b", None),
+    ]
+    for body, limit, value in cases:
+        with pytest.raises(RequestRejected) as err:
+            parse(body)
+        assert err.value.status == 422, body
+        assert (err.value.body()["limit"], err.value.body()["value"]) == (limit, value), err.value.body()
+    for body, mode in [
+        ({"init_image": png_b64(picture)}, "img2img"),
+        ({"init_image": png_b64(picture), "mask": png_b64(white)}, "inpaint"),
+        ({"interpolate": {"seed_b": 1}}, "interpolate"),
+    ]:
+        with pytest.raises(RequestRejected) as err:
+            parse(body, model=gan)
+        assert (err.value.status, err.value.limit, err.value.value) == (422, "edit_modes", []), body
+        assert f"family 'gan' does not support {mode}" in err.value.error, err.value.error
+        assert "its editing operations: none" in err.value.error
+    with pytest.raises(RequestRejected) as err:  # a gan lists no edit field as allowed
+        parse({"bogus": 1}, model=gan)
+    assert "init_image" not in err.value.body()["allowed"]
+
+
 def test_batches_never_mix_options_or_seeds():
     r = [
         GenerateRequest("a", 2),  # 0: merged with 1 and 4 (no seed, default options)
@@ -99,6 +185,20 @@ def test_batches_never_mix_options_or_seeds():
     assert calls[1].slices == [(2, 0, 1), (5, 0, 1)]
     served = sorted(i for c in calls for i, _, _ in c.slices)
     assert served == list(range(len(r)))
+
+    # Edits and interpolations run alone, even when identical to another request.
+    from aigc.serving.limits import Pixels
+
+    image = Pixels((1, 1, 1), "|u1", b"\x00")
+    walk = GenerateRequest("a", 1, 0, interpolate=Interpolation("b", 0, 5))
+    e = [GenerateRequest("a", 2), GenerateRequest("a", 2, init_image=image), walk, walk]
+    calls = plan_calls(e)
+    assert [(c.edit, c.slices, c.images) for c in calls] == [
+        (None, [(0, 0, 2)], 2),
+        (e[1], [(1, 0, 2)], 2),
+        (walk, [(2, 0, 5)], 5),
+        (walk, [(3, 0, 5)], 5),
+    ]
 
 
 def test_the_model_queue_merges_what_arrived_while_the_model_was_busy():
@@ -329,6 +429,8 @@ def server(registry):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # always the embedded Ray
     args = [AIGC, "serve", f"{NAME}@production", "--tracking-uri", registry.uri, "--port", str(port)]
     args += ["--poll-interval", "1", "--max-ongoing-requests", "8", "--max-queued-requests", "16"]
+    # A small body limit (the 413 tests stay cheap) and image limit (an oversize PNG stays small).
+    args += ["--max-body-bytes", "16384", "--max-image-bytes", "1024"]
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=registry.tmp, start_new_session=True
@@ -414,6 +516,10 @@ def test_each_limit_is_a_4xx_naming_it_and_valid_requests_are_still_answered(ser
         "prompt": "str",
         "num_samples": "int",
         "seed": "int | null",
+        "init_image": "str (base64 PNG) | null",
+        "mask": "str (base64 PNG) | null",
+        "strength": "float | null",
+        "interpolate": "{prompt_b: str, seed_b: int, frames: int} | null",
         "steps": "int",
         "guidance": "float",
         "sampler": "str",
@@ -462,6 +568,58 @@ def test_a_mixed_batch_is_split_by_options_and_seed(server):
             assert answer["images"] == alone
     stats = get(server.url, "/stats")
     assert stats["requests"] >= len(bodies) and max(int(k) for k in stats["batch_sizes"]) > 1, stats
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_edits_and_interpolation_over_http_and_their_limits(server):
+    """Image-to-image at strength 0 returns the input, inpainting keeps the unmasked pixels,
+    interpolation's ends are the end points generated alone; each bad edit is a 422 naming its
+    limit, and the next request is answered."""
+    import numpy as np
+
+    picture = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    version = get(server.url, "/healthz")["version"]
+    base = {"prompt": "the digit 1", "steps": 2}
+    status, answer = post(
+        server.url, {**base, "init_image": png_b64(picture), "strength": 0, "num_samples": 2}
+    )
+    assert status == 200, answer
+    assert (answer["model"], answer["version"]) == (NAME, version)
+    images = [np.asarray(im) for im in decode(answer["images"])]
+    assert len(images) == 2 and all(np.array_equal(im, picture) for im in images)
+
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[2:6, :] = 255
+    status, answer = post(
+        server.url, {**base, "init_image": png_b64(picture), "mask": png_b64(mask), "seed": 1}
+    )
+    assert status == 200, answer
+    (painted,) = [np.asarray(im) for im in decode(answer["images"])]
+    assert np.array_equal(painted[mask == 0], picture[mask == 0])
+
+    walk = {**base, "seed": 3, "interpolate": {"prompt_b": "the digit 7", "seed_b": 4, "frames": 4}}
+    status, answer = post(server.url, walk)
+    assert status == 200 and len(answer["images"]) == 4, answer
+    for prompt, seed, frame in (
+        ("the digit 1", 3, answer["images"][0]),
+        ("the digit 7", 4, answer["images"][-1]),
+    ):
+        alone = post(server.url, {"prompt": prompt, "seed": seed, "steps": 2, "sampler": "ddim"})[1]
+        assert np.array_equal(np.asarray(decode(alone["images"])[0]), np.asarray(decode([frame])[0]))
+
+    rejected = [
+        ({"init_image": png_b64(np.zeros((16, 16), dtype=np.uint8))}, "image_size", [8, 8]),
+        ({"init_image": png_b64(picture, "JPEG")}, "image_format", ["PNG"]),
+        ({"init_image": png_b64(picture, text="x" * 2000)}, "max_image_bytes", 1024),
+        ({"init_image": png_b64(picture), "strength": 2}, "strength", [0, 1]),
+        ({"interpolate": {"seed_b": 1, "frames": 17}}, "max_frames", 16),
+    ]
+    for body, limit, value in rejected:
+        status, answer = post(server.url, {**base, **body})
+        assert status == 422, (limit, answer)
+        assert (answer["limit"], answer["value"]) == (limit, value), answer
+        assert post(server.url, base)[0] == 200
 
 
 @pytest.mark.slow

@@ -29,6 +29,8 @@ def register(app: typer.Typer) -> None:
         max_prompt_chars: int = field_option(RequestLimits, "max_prompt_chars", "--max-prompt-chars"),
         max_steps: int = field_option(RequestLimits, "max_steps", "--max-steps"),
         max_body_bytes: int = field_option(RequestLimits, "max_body_bytes", "--max-body-bytes"),
+        max_image_bytes: int = field_option(RequestLimits, "max_image_bytes", "--max-image-bytes"),
+        max_frames: int = field_option(RequestLimits, "max_frames", "--max-frames"),
         print_config: bool = typer.Option(
             False,
             "--print-config",
@@ -66,6 +68,8 @@ def register(app: typer.Typer) -> None:
                     max_prompt_chars=max_prompt_chars,
                     max_steps=max_steps,
                     max_body_bytes=max_body_bytes,
+                    max_image_bytes=max_image_bytes,
+                    max_frames=max_frames,
                 ),
             )
         except ValidationError as err:

@@ -8,8 +8,9 @@ One deployment with a FastAPI ingress. Each replica:
 - checks each request against :class:`~aigc.serving.limits.RequestLimits` before it is queued;
 - batches requests with ``@serve.batch`` into a model queue that merges whatever arrived while
   the model was busy, and splits each model batch into ``generate`` calls that never mix options
-  or seeds (``aigc.serving.batching``); the model runs in a worker thread, so the event loop keeps
-  answering ``/healthz`` and rejecting bad requests while a batch computes;
+  or seeds, with a call of its own for each edit or interpolation (``aigc.serving.batching``);
+  the model runs in a worker thread, so the event loop keeps answering ``/healthz`` and
+  rejecting bad requests while a batch computes;
 - is shielded from overload by Serve itself: past ``max_ongoing_requests`` per replica requests
   queue in the proxy, and past ``max_queued_requests`` the proxy answers 503.
 
@@ -33,7 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from aigc.serving.batching import BatchStats, ModelQueue, plan_calls
+from aigc.serving.batching import BatchStats, ModelCall, ModelQueue, plan_calls
 from aigc.serving.config import ServeConfig, replica_env
 from aigc.serving.follower import AliasFollower
 from aigc.serving.limits import (
@@ -78,6 +79,27 @@ async def _read_body(request: Request, limits: RequestLimits) -> bytes:
 
 def _not_the_batch_product_warning(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("`max_batch_size` (")
+
+
+def _run_call(module: Any, call: ModelCall) -> Any:
+    """The images of one model call: ``generate``, with the edit's inputs, or ``interpolate``."""
+    edit = call.edit
+    if edit is None:
+        return module.generate(call.prompts, num_samples=call.num_samples, seed=call.seed, **call.options)
+    if edit.interpolate is not None:
+        i = edit.interpolate
+        return module.interpolate(edit.prompt, i.prompt_b, i.frames, edit.seed, i.seed_b, **call.options)
+    import torch
+
+    return module.generate(
+        call.prompts,
+        num_samples=call.num_samples,
+        seed=call.seed,
+        init_images=torch.from_numpy(edit.init_image.array().copy()),
+        masks=None if edit.mask is None else torch.from_numpy(edit.mask.array().copy()),
+        strength=edit.strength,
+        **call.options,
+    )
 
 
 # Everything the class below uses must be defined above it: Serve pickles the ingress class by
@@ -133,7 +155,9 @@ class GenerateServer:
     # --------------------------------------------------------------------------------- routes
     @api.post("/generate")
     async def generate(self, request: Request) -> JSONResponse:
-        """``{"prompt", "num_samples", "seed", ...options}`` -> ``{"model", "version", "images"}``."""
+        """``{"prompt", "num_samples", "seed", ...options}`` -> ``{"model", "version", "images"}``;
+        with ``init_image`` (+ ``mask``, ``strength``) an edit, with ``interpolate`` the frames
+        (``aigc.serving.limits`` checks them against the served model)."""
         try:
             check_body_size(request.headers.get("content-length"), self.limits)
             raw = await _read_body(request, self.limits)
@@ -141,8 +165,9 @@ class GenerateServer:
                 body = json.loads(raw)
             except ValueError:
                 raise RequestRejected(400, "the body is not JSON", "body") from None
-            options = self.follower.current.module.generate_options
-            outcome = await self._generate_batch(parse_generate_request(body, options, self.limits))
+            module = self.follower.current.module
+            parsed = parse_generate_request(body, module.generate_options, self.limits, model=module)
+            outcome = await self._generate_batch(parsed)
             if isinstance(outcome, RequestRejected):
                 raise outcome
         except RequestRejected as rejected:
@@ -184,7 +209,8 @@ class GenerateServer:
         return await self.model_queue.submit(requests)
 
     def _run_requests(self, requests: list[GenerateRequest]) -> list[Answer | Exception]:
-        """One model batch, in the model queue's worker thread: a generate call per group."""
+        """One model batch, in the model queue's worker thread: a generate call per group, an
+        edit or interpolation call per such request."""
         from aigc.registry.pyfunc import png_base64
 
         calls = plan_calls(requests)
@@ -194,9 +220,7 @@ class GenerateServer:
         for call in calls:
             try:
                 t0 = time.perf_counter()
-                images = loaded.module.generate(
-                    call.prompts, num_samples=call.num_samples, seed=call.seed, **call.options
-                )  # uint8 (N, C, H, W), grouped by prompt
+                images = _run_call(loaded.module, call)  # uint8 (N, C, H, W), grouped by prompt
                 t1 = time.perf_counter()
                 pngs = [png_base64(img) for img in images]
                 self.stats.model_s += t1 - t0

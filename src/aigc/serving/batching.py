@@ -20,6 +20,11 @@ just answered (see :meth:`ModelQueue._refill`); a lone request waits only Serve'
   on its own, whatever it was batched with (the generator's draws depend on the whole call's
   batch, so merging two seeded requests would change both). Identical seeded requests in one
   batch share one call.
+- an edit (image-to-image, inpainting) or an interpolation runs alone, one call per request
+  (:attr:`GenerateRequest.alone`): ``generate`` takes one set of init images, masks and strength
+  per call, and ``interpolate`` one pair of end points. Merging unseeded edits with the same
+  strength would be correct but is not done; edits still share the model batch (and its single
+  version) with the requests around them.
 """
 
 from __future__ import annotations
@@ -44,9 +49,13 @@ class ModelCall:
     options: dict[str, Any]
     #: (request index in the batch, first image, number of images) for each request served
     slices: list[tuple[int, int, int]] = field(default_factory=list)
+    #: the one request of an edit or interpolation call (its init image, mask, strength, end point)
+    edit: GenerateRequest | None = None
 
     @property
     def images(self) -> int:
+        if self.edit is not None and self.edit.interpolate is not None:
+            return self.edit.interpolate.frames
         return len(self.prompts) * self.num_samples
 
 
@@ -54,7 +63,10 @@ def plan_calls(requests: list[GenerateRequest]) -> list[ModelCall]:
     """The model calls that serve ``requests`` (see the module docstring), in first-seen order."""
     calls: dict[tuple, ModelCall] = {}
     for i, r in enumerate(requests):
-        if r.seed is None:
+        if r.alone:
+            call = calls[("alone", i)] = ModelCall([r.prompt], r.num_samples, r.seed, r.option_dict, edit=r)
+            call.slices.append((i, 0, call.images))
+        elif r.seed is None:
             key = (r.options, None)
             call = calls.get(key)
             if call is None:
