@@ -114,3 +114,13 @@ def quickstart_project(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert proc.returncode == 0, f"aigc quickstart failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     seconds = time.perf_counter() - start
     return {"root": root, "env": env, "args": QUICKSTART_TEST_ARGS, "output": proc.stdout, "seconds": seconds}
+
+
+@pytest.fixture(scope="session")
+def asha_sweep(digits_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One real `aigc sweep` per session (4 ASHA trials, killed mid-way, then `--resume
+    --register-best`) into a sqlite store, for tests/integration/test_sweep.py and the compare view's
+    browser test; read-only. Returns ``sweep_scenario.SweepScenario``."""
+    from sweep_scenario import run_asha_sweep
+
+    return run_asha_sweep(tmp_path_factory.mktemp("asha-sweep"), digits_dataset)
