@@ -1,4 +1,5 @@
-"""The Ray Serve deployment of ``aigc serve``: ``POST /generate``, ``GET /healthz``, ``GET /stats``.
+"""The Ray Serve deployment of ``aigc serve``: ``POST /generate``, ``GET /healthz``, ``GET /stats``,
+``GET /info`` (what the served model takes) and the playground page at ``GET /``.
 
 One deployment with a FastAPI ingress. Each replica:
 
@@ -11,6 +12,10 @@ One deployment with a FastAPI ingress. Each replica:
   or seeds, with a call of its own for each edit or interpolation (``aigc.serving.batching``);
   the model runs in a worker thread, so the event loop keeps answering ``/healthz`` and
   rejecting bad requests while a batch computes;
+- serves the playground (``playground.html``, shipped in the package: one static page with its own
+  vanilla JavaScript, no build step, nothing fetched from elsewhere), which reads ``/info`` and
+  posts to ``/generate`` like any client; ``/info`` reads the loaded module's class attributes and
+  the limits, so it never waits for the model;
 - is shielded from overload by Serve itself: past ``max_ongoing_requests`` per replica requests
   queue in the proxy, and past ``max_queued_requests`` the proxy answers 503.
 
@@ -24,20 +29,24 @@ setting changes it. Firewall the machine if that matters; ``docs/serving.md`` sa
 # No `from __future__ import annotations` here: FastAPI reads the route signatures at run time, and
 # inside a Serve ingress class a string annotation such as "Request" is not resolved (the route then
 # wants a query parameter named `request` and answers 422 to every call).
+import functools
+import importlib.resources
 import json
 import logging
 import time
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
 from aigc.serving.batching import BatchStats, ModelCall, ModelQueue, plan_calls
 from aigc.serving.config import ServeConfig, replica_env
 from aigc.serving.follower import AliasFollower
 from aigc.serving.limits import (
+    DEFAULT_FRAMES,
     GenerateRequest,
     RequestLimits,
     RequestRejected,
@@ -100,6 +109,56 @@ def _run_call(module: Any, call: ModelCall) -> Any:
         strength=edit.strength,
         **call.options,
     )
+
+
+@functools.cache
+def _playground_html() -> str:
+    """The playground page, read once from the package (``aigc/serving/playground.html``)."""
+    return importlib.resources.files("aigc.serving").joinpath("playground.html").read_text(encoding="utf-8")
+
+
+def _option_info(module: Any) -> dict[str, dict[str, Any]]:
+    """Each family option of ``module``: its JSON type, the model's default (None: decided per
+    call), and the choices of an option whose config field is a ``Literal`` (the diffusion sampler)."""
+    cfg = getattr(module, "model_cfg", None)
+    fields = getattr(type(cfg), "model_fields", {})
+    config_fields = getattr(module, "option_config_fields", {})
+    out: dict[str, dict[str, Any]] = {}
+    for name, kind in module.generate_options.items():
+        field_name = config_fields.get(name, name)
+        entry: dict[str, Any] = {"type": kind.__name__, "default": getattr(cfg, field_name, None)}
+        field = fields.get(field_name)
+        if field is not None:
+            if typing.get_origin(field.annotation) is typing.Literal:
+                entry["choices"] = list(typing.get_args(field.annotation))
+            if field.description:
+                entry["description"] = field.description
+        out[name] = entry
+    return out
+
+
+def _model_info(name: str, loaded: Any, limits: RequestLimits) -> dict[str, Any]:
+    """``/info``: the served model and version, its image size and channels, its options with their
+    defaults, its edit modes (with their defaults) and the request limits."""
+    from aigc.models.base import DEFAULT_STRENGTH, EDIT_MODES
+
+    module = loaded.module
+    modes = frozenset(getattr(module, "edit_modes", ()))
+    return {
+        "model": name,
+        "version": loaded.version,
+        "family": getattr(module, "family", None),
+        "image_size": module.image_size,
+        "channels": module.channels,
+        "options": _option_info(module),
+        "edit_modes": [m for m in EDIT_MODES if m in modes],
+        "defaults": {
+            "num_samples": 1,
+            "strength": {"img2img": DEFAULT_STRENGTH, "inpaint": 1.0},
+            "frames": min(DEFAULT_FRAMES, limits.max_frames),
+        },
+        "limits": limits.model_dump(),
+    }
 
 
 # Everything the class below uses must be defined above it: Serve pickles the ingress class by
@@ -177,6 +236,16 @@ class GenerateServer:
         return JSONResponse(
             {"model": self.follower.ref.name, "version": outcome.version, "images": outcome.images}
         )
+
+    @api.get("/", response_class=HTMLResponse)
+    async def playground(self) -> HTMLResponse:
+        """The playground page (a static file; it asks ``/info`` what the model takes)."""
+        return HTMLResponse(_playground_html())
+
+    @api.get("/info")
+    async def info(self) -> dict[str, Any]:
+        """What the served model takes: family, size, options and defaults, edit modes, limits."""
+        return _model_info(self.follower.ref.name, self.follower.current, self.limits)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
