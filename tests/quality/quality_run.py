@@ -7,6 +7,10 @@ Trainer of ``aigc train`` (``aigc.training.trainer.build_trainer``) on one CPU t
 the same model untrained. ``AIGC_QUALITY_SEED`` replaces ``trainer.seed`` (how the calibration reran
 them).
 
+A family that edits (``img2img`` in its ``edit_modes``: diffusion) is also measured on image-to-image
+(:func:`seven_to_one`): the val split's real sevens edited with the prompt "a handwritten digit one" at
+strength 0.6, judged by the reference classifier (issue 30's digit-editing figure).
+
 ``python tests/quality/quality_run.py FAMILY --dataset DIR [--validate] [--set KEY=VALUE]`` runs one
 and prints its JSON; the tests run them that way, two at a time (``pool.py``).
 """
@@ -97,6 +101,54 @@ def train_and_evaluate(cfg, dataset: Path, evaluator, *, validate: bool = False)
     return run
 
 
+# Image-to-image on the digits (issue 30): every real "seven" of the val split (19 in the default
+# shards) edited EDIT_COPIES times, each copy from its own starting noise, with the training templates'
+# wording for "one", at the config's sampling steps and guidance.
+EDIT_PROMPT = "a handwritten digit one"  # aigc.data.captions.TRAIN_TEMPLATES[0] for 1
+EDIT_STRENGTH = 0.6
+EDIT_COPIES = 10
+EDIT_SEED = 0
+
+
+def seven_to_one(
+    module, evaluator, dataset: Path, strengths: tuple[float, ...] = (), copies: int = EDIT_COPIES
+) -> dict[str, Any]:
+    """The digit-editing figures: of the val sevens edited towards "one" at :data:`EDIT_STRENGTH`,
+    the share the reference classifier calls 1 (``edit/seven_to_one``) and 7 (``edit/seven_kept``);
+    the same shares of the unedited sevens (``edit/input_as_one``, ``edit/input_as_seven``: strength
+    0 returns the input, so these are also its figures); ``edit/seven_to_one_by_strength`` for
+    ``strengths`` besides 0.6 (calibration), all from the same starting noise (seed
+    :data:`EDIT_SEED`)."""
+    from aigc.evaluation.data import read_split
+
+    val = read_split(dataset, "val", channels=evaluator.config.channels)
+    sevens = val.images[val.labels == 7]  # (S, C, H, W) uint8
+    inputs = sevens.repeat_interleave(copies, dim=0)  # (S * copies, C, H, W)
+    start = time.perf_counter()
+    by_strength = {}
+    for strength in sorted({EDIT_STRENGTH, *strengths}):
+        out = module.generate(
+            [EDIT_PROMPT] * len(inputs), seed=EDIT_SEED, init_images=inputs, strength=strength
+        )
+        predicted = evaluator.classify(out)
+        by_strength[strength] = tuple(float((predicted == d).double().mean()) for d in (1, 7))
+    seconds = time.perf_counter() - start
+    unedited = evaluator.classify(sevens)
+    return {
+        "edit/seven_to_one": by_strength[EDIT_STRENGTH][0],
+        "edit/seven_kept": by_strength[EDIT_STRENGTH][1],
+        "edit/input_as_one": float((unedited == 1).double().mean()),
+        "edit/input_as_seven": float((unedited == 7).double().mean()),
+        "edit/seven_to_one_by_strength": {str(k): v[0] for k, v in by_strength.items()},
+        "edit/sevens": len(sevens),
+        "edit/edits": len(inputs),
+        "edit/strength": EDIT_STRENGTH,
+        "edit/prompt": EDIT_PROMPT,
+        "edit/seed": EDIT_SEED,
+        "edit_seconds": round(seconds, 2),
+    }
+
+
 def assert_quality(record: dict[str, Any], min_accuracy: float, fd_ratio: float) -> None:
     """The targets every family shares, on a run's JSON (``main``): follows the held-out captions, FD
     far below the untrained model's, neither collapsed nor copying."""
@@ -115,6 +167,14 @@ def main() -> None:
     parser.add_argument("--validate", action="store_true", help="also val/loss, trained and untrained")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument(
+        "--edit-strength",
+        dest="edit_strengths",
+        type=float,
+        action="append",
+        default=[],
+        help="also measure the seven-to-one edit at this strength (besides 0.6)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -141,6 +201,8 @@ def main() -> None:
             )
         ),
     }
+    if "img2img" in getattr(run.module, "edit_modes", ()):
+        record |= seven_to_one(run.module, evaluator, args.dataset, tuple(args.edit_strengths))
     text = json.dumps(record)
     if args.out:
         args.out.write_text(text + "\n", encoding="utf-8")
