@@ -9,7 +9,7 @@ them).
 
 A family that edits (``img2img`` in its ``edit_modes``: diffusion) is also measured on image-to-image
 (:func:`seven_to_one`): the val split's real sevens edited with the prompt "a handwritten digit one" at
-strength 0.6, judged by the reference classifier (issue 30's digit-editing figure).
+strength 0.6, judged by the reference classifier (the README's "Edit and explore" figure).
 
 ``python tests/quality/quality_run.py FAMILY --dataset DIR [--validate] [--set KEY=VALUE]`` runs one
 and prints its JSON; the tests run them that way, two at a time (``pool.py``).
@@ -101,7 +101,7 @@ def train_and_evaluate(cfg, dataset: Path, evaluator, *, validate: bool = False)
     return run
 
 
-# Image-to-image on the digits (issue 30): every real "seven" of the val split (19 in the default
+# Image-to-image on the digits: every real "seven" of the val split (19 in the default
 # shards) edited EDIT_COPIES times, each copy from its own starting noise, with the training templates'
 # wording for "one", at the config's sampling steps and guidance.
 EDIT_PROMPT = "a handwritten digit one"  # aigc.data.captions.TRAIN_TEMPLATES[0] for 1

@@ -2,7 +2,7 @@
 
 Samples use the config's defaults (DDIM, ``sample_steps``, ``guidance``). The run is ``quality_run.py``
 (seed and thread conventions), started by ``conftest.quality_runs``; the calibration in
-models/diffusion.md. The same run measures image-to-image (``quality_run.seven_to_one``): issue 30's
+models/diffusion.md. The same run measures image-to-image (``quality_run.seven_to_one``): the claim
 "a pixel-space diffusion model trained on digits turns a 'seven' into a 'one' at strength 0.6 in most
 cases, measured by the reference classifier".
 """
