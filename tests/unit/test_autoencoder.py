@@ -30,13 +30,7 @@ def _images(n: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, channels, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the machine's cores are shared, and these nets are too small to gain more."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 @pytest.fixture(scope="module")

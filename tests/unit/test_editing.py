@@ -47,13 +47,7 @@ LATENT_TOLERANCE = 1
 SMOOTHNESS = 3.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the tiny nets' ops are too small to share out (tests/unit/test_sd.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 def _randomise(net: torch.nn.Module) -> None:

@@ -35,14 +35,7 @@ CAPTIONS = [
 CHEAP = {"diffusion": {"steps": 2}, "autoregressive": {"guidance": 1.0}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as the configs train (``threads_per_worker: 1``): two on a busy 2-core
-    machine made these steps several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 def test_every_family_has_its_rgb_configs() -> None:

@@ -15,14 +15,7 @@ from sd_pipeline import IMAGE_SIZE, build_tiny_pipeline, folder_bytes
 PROMPTS = ["a red square", "a blue circle"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the tiny nets' ops are too small to share out, and a second thread that waits
-    for a busy core made each step ~50x slower on the 2-core test machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from typer.testing import CliRunner
 from aigc.cli import app
 from sd_pipeline import build_tiny_pipeline
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 def test_a_pipeline_folder_encodes_a_dataset_with_its_vae(digits_dataset, tmp_path):

@@ -22,13 +22,7 @@ PROMPTS = ["a red square", "a blue circle"]
 STEPS, GUIDANCE = 3, 3.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the tiny nets' ops are too small to share out (see test_sd.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/unit/conftest.py
 
 
 @pytest.fixture(scope="module")
