@@ -288,11 +288,11 @@ class GenerateServer:
         out: list[Answer | Exception] = [RuntimeError("not served")] * len(requests)
         for call in calls:
             try:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 images = _run_call(loaded.module, call)  # uint8 (N, C, H, W), grouped by prompt
                 t1 = time.perf_counter()
+                self.stats.record_model_call(t1 - t0, time.thread_time() - c0)
                 pngs = [png_base64(img) for img in images]
-                self.stats.model_s += t1 - t0
                 self.stats.encode_s += time.perf_counter() - t1
             except ValueError as err:  # an option value the family refuses (e.g. sampler)
                 rejected = RequestRejected(422, str(err), "options", sorted(loaded.module.generate_options))

@@ -167,6 +167,8 @@ class BatchStats:
         self.call_images: Counter[int] = Counter()
         self.calls_per_batch: Counter[int] = Counter()
         self.model_s = 0.0  # seconds inside generate()
+        self.model_cpu_s = 0.0  # CPU seconds of the model's thread inside generate()
+        self.model_torch_threads: int | None = None  # torch's threads on that thread, last call
         self.encode_s = 0.0  # seconds encoding PNGs
 
     def record_serve_batch(self, size: int) -> None:
@@ -177,6 +179,15 @@ class BatchStats:
         self.calls_per_batch[len(calls)] += 1
         for call in calls:
             self.call_images[call.images] += 1
+
+    def record_model_call(self, wall_s: float, cpu_s: float) -> None:
+        """One model call from the model's thread: its seconds, its thread's CPU seconds, and the
+        torch thread count in effect there (what the replica really ran with)."""
+        import torch
+
+        self.model_s += wall_s
+        self.model_cpu_s += cpu_s
+        self.model_torch_threads = torch.get_num_threads()
 
     def as_dict(self) -> dict[str, Any]:
         def keyed(c: Counter[int]) -> dict[str, int]:
@@ -194,5 +205,7 @@ class BatchStats:
             "model_calls_per_batch": keyed(self.calls_per_batch),
             "images_per_model_call": keyed(self.call_images),
             "model_seconds": round(self.model_s, 3),
+            "model_cpu_seconds": round(self.model_cpu_s, 3),
+            "model_torch_threads": self.model_torch_threads,
             "png_seconds": round(self.encode_s, 3),
         }
