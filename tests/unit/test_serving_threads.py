@@ -1,4 +1,4 @@
-"""What a replica's model call runs with and how it is timed (issue 30's serving overhead): the
+"""What a replica's model call runs with and how it is timed (docs/serving.md, Performance): the
 model batch runs on the model queue's worker thread with the torch thread count set where the
 replica was constructed, and ``/stats`` reports the call's wall seconds, its thread's CPU seconds
 and that thread count, so a benchmark can tell a slower model from a thread that waited for a CPU.
