@@ -23,6 +23,26 @@ a latent dataset of VQ codes (``aigc data encode`` with a VQ autoencoder), the t
 autoencoder's code indices ``(h, w)`` in raster order instead of quantised pixels (the vocabulary is
 the codebook, ``model.levels`` is unused), so a 64x64 RGB image is 256 tokens instead of 12,288;
 ``generate`` decodes the sampled codes with the autoencoder the model carries.
+
+Editing (``edit_modes``: inpaint only; the contract is :meth:`GenerativeModule.generate`'s):
+inpainting over tokens, as far as the raster order allows. The input image becomes tokens (pixel
+tokens by :func:`quantise`, the training quantisation; a VQ latent model encodes it to codes with
+the autoencoder it carries) and the regenerate-mask is mapped onto the token sequence (pixel tokens:
+each pixel's mask repeated for its interleaved channels; VQ codes: max-pooled to the code grid, so a
+code cell that sees any masked pixel is regenerated). Sampling then runs as text-to-image does, one
+token at a time through the KV cache, but a kept position is *forced*: the multinomial is drawn for
+it as for any position and then overwritten by the input's token, which is fed to the cache as if it
+had been sampled (with guidance, to the conditional and unconditional halves alike). So an all-ones
+mask gives text-to-image's images bit for bit for the same seed. The limitation is the raster order:
+a masked token is conditioned on every token before it, known or sampled, but not on the known
+tokens after it: a masked region is drawn without the kept pixels to its right on the same rows and
+on the rows below (a masked top half without the bottom half it must join), so a seam may show
+there. Sampling stops after the last masked token of a chunk: the tokens after it are the input's,
+and nothing more is drawn. A VQ model decodes the kept cells from the input's codes (its
+autoencoder's reconstruction); ``generate`` pastes the kept pixels back exactly, for pixel tokens
+too (quantised to ``levels``). ``strength`` has no meaning here: only the default (1) is accepted.
+Image-to-image (``init_images`` without ``masks``) is not supported: ancestral sampling has no
+noise level to start part-way from.
 """
 
 from __future__ import annotations
@@ -33,7 +53,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from aigc.models.base import GenerativeModule, ModuleSpec, drop_captions, valid_rows
+from aigc.models.base import EditRequest, GenerativeModule, ModuleSpec, drop_captions, valid_rows
 from aigc.models.nets.transformer import GPT, GPTConfig
 
 MAX_IMAGE_SIZE = 32
@@ -58,6 +78,8 @@ class AutoregressiveModule(GenerativeModule):
     family: ClassVar[str] = "autoregressive"
     latent_kinds: ClassVar[tuple[str, ...]] = ("vq",)
     generate_options: ClassVar[dict[str, type]] = {"temperature": float, "top_k": int, "guidance": float}
+    # Inpainting over tokens (see the module docstring); no image-to-image, no interpolation.
+    edit_modes: ClassVar[frozenset[str]] = frozenset({"inpaint"})
 
     # LoRA: the transformer's attention and MLP projections and its caption-prefix projection, and the
     # text encoder's token embedding (a new word's row can move; its blocks are PyTorch's fused
@@ -142,7 +164,13 @@ class AutoregressiveModule(GenerativeModule):
         return loss
 
     # -------------------------------------------------------------------------------- sampling
-    def _generate(self, captions: list[str], generator: torch.Generator, **options: Any) -> torch.Tensor:
+    def _generate(
+        self,
+        captions: list[str],
+        generator: torch.Generator,
+        edit: EditRequest | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
         c = self.model_cfg
         temperature = float(options.get("temperature", c.temperature))
         top_k = options.get("top_k", c.top_k)
@@ -153,27 +181,82 @@ class AutoregressiveModule(GenerativeModule):
             raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         if guidance < 0:
             raise ValueError(f"guidance must be >= 0, got {guidance}")
-        chunks = [
-            self._sample_tokens(captions[i : i + SAMPLE_CHUNK], generator, temperature, top_k, guidance)
-            for i in range(0, len(captions), SAMPLE_CHUNK)
-        ]
+        known = None
+        if edit is not None:
+            if edit.masks is None:  # generate() refuses it already (edit_modes); a direct call too
+                raise ValueError(
+                    f"family {self.family!r} does not support img2img (init_images without masks); "
+                    "its editing operations: inpaint"
+                )
+            if edit.strength != 1.0:
+                raise ValueError(
+                    f"family {self.family!r} inpaints by forcing the kept tokens while sampling: "
+                    f"strength has no meaning there, leave it unset (1.0), got {edit.strength!r}"
+                )
+            known = self._edit_tokens(edit)
+        chunks = []
+        for i in range(0, len(captions), SAMPLE_CHUNK):
+            part = None if known is None else (known[0][i : i + SAMPLE_CHUNK], known[1][i : i + SAMPLE_CHUNK])
+            chunks.append(
+                self._sample_tokens(
+                    captions[i : i + SAMPLE_CHUNK], generator, temperature, top_k, guidance, part
+                )
+            )
         tokens = torch.cat(chunks)  # (N_images, H*W*C) pixels or (N_images, h*w) codes
         if self.latent is not None:
             return self.decode_latents(tokens.view(-1, *self.sample_shape))
         return dequantise(tokens, self.levels, self.channels, self.image_size)
 
+    def _edit_tokens(self, edit: EditRequest) -> tuple[torch.Tensor, torch.Tensor]:
+        """An inpainting request as tokens: the input's tokens ``(n, N)`` long and the positions to
+        keep ``(n, N)`` bool, both in the sequence's order.
+
+        Pixel tokens: :func:`quantise` (the training quantisation) of the input, and the mask with
+        each pixel's value repeated for its channels in the same interleaved raster order. VQ codes:
+        the carried autoencoder's codes of the input, and the mask max-pooled to the code grid, so
+        a code cell that sees any masked pixel is regenerated.
+        """
+        assert edit.masks is not None
+        n = edit.images.shape[0]
+        if self.latent is not None:
+            codes = self.autoencoder.tokens(edit.images)  # (n, h, w)
+            regen = F.adaptive_max_pool2d(edit.masks.float(), tuple(self.sample_shape)) > 0  # (n, 1, h, w)
+            return codes.reshape(n, -1).long(), ~regen.reshape(n, -1)
+        tokens = quantise(edit.images, self.levels)  # (n, H*W*C)
+        regen = edit.masks.expand(n, self.channels, self.image_size, self.image_size)
+        return tokens, ~regen.permute(0, 2, 3, 1).reshape(n, -1)  # as quantise orders the tokens
+
     def _sample_tokens(
-        self, captions: list[str], g: torch.Generator, temperature: float, top_k: int | None, guidance: float
+        self,
+        captions: list[str],
+        g: torch.Generator,
+        temperature: float,
+        top_k: int | None,
+        guidance: float,
+        known: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Decode ``len(captions)`` token sequences one token at a time through the KV cache."""
+        """Decode ``len(captions)`` token sequences one token at a time through the KV cache.
+
+        ``known``: inpainting's ``(tokens, keep)``, each ``(B, N)`` (see :meth:`_edit_tokens`). At a
+        kept position the drawn token is replaced by the input's, which is what the cache is fed;
+        decoding stops after the last position any row regenerates (the rest is the input's).
+        """
         b = len(captions)
+        end = self.num_tokens
+        if known is not None:
+            regen = (~known[1]).any(0).nonzero()  # positions some row regenerates
+            end = int(regen[-1]) + 1 if len(regen) else 0
+        out = torch.empty(b, self.num_tokens, dtype=torch.long, device=self.device)
+        if known is not None:
+            out.copy_(known[0])
+        if end == 0:  # nothing to regenerate: the input's tokens
+            return out
         use_cfg = guidance != 1.0
         # With guidance the batch is [conditional; unconditional], sharing one cache.
         text, mask, _ = self.encode_text(captions + [""] * b if use_cfg else captions)
         start = torch.full((text.shape[0], 1), self.start_id, dtype=torch.long, device=self.device)
         logits, cache = self.gpt(start, prefix=text, prefix_mask=mask)
-        out = torch.empty(b, self.num_tokens, dtype=torch.long, device=self.device)
-        for i in range(self.num_tokens):
+        for i in range(end):
             step = logits[:, -1].float()  # (B or 2B, levels)
             if use_cfg:
                 cond, uncond = step[:b], step[b:]
@@ -184,8 +267,10 @@ class AutoregressiveModule(GenerativeModule):
                 step = step.masked_fill(step < kth, float("-inf"))
             probs = F.softmax(step, dim=-1)
             nxt = torch.multinomial(probs, 1, generator=g)  # (B, 1)
+            if known is not None:  # drawn as text-to-image draws it, then forced where kept
+                nxt = torch.where(known[1][:, i : i + 1], known[0][:, i : i + 1], nxt)
             out[:, i] = nxt[:, 0]
-            if i + 1 < self.num_tokens:
+            if i + 1 < end:
                 feed = torch.cat([nxt, nxt]) if use_cfg else nxt
                 logits, cache = self.gpt(feed, cache=cache)
         return out
