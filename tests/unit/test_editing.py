@@ -328,7 +328,11 @@ def test_bad_interpolation_arguments_are_errors_naming_them(
 
 
 def test_only_diffusion_edits_and_the_others_say_what_they_support(init: torch.Tensor) -> None:
-    expected = {"diffusion": set(EDIT_MODES), "autoregressive": {"inpaint"}}  # tests/unit/test_editing_ar.py
+    expected = {
+        "diffusion": set(EDIT_MODES),
+        "autoregressive": {"inpaint"},  # tests/unit/test_editing_ar.py
+        "sd": set(EDIT_MODES),  # tests/unit/test_sd_edit.py
+    }
     for family in FAMILIES:
         modes = module_class(family).edit_modes
         assert modes <= set(EDIT_MODES)

@@ -30,6 +30,36 @@ scheduler class of the folder's config, one ``randn`` draw of all initial latent
 ``[uncond, cond]``, ``step(..., generator)`` and the VAE decode of ``latents / scaling_factor``.
 diffusers treats ``guidance <= 1`` as the plain conditional model; here ``1`` is conditional and
 ``0`` unconditional, as in every aigc family, so the two agree for ``guidance >= 1``.
+
+Editing (``edit_modes``: img2img, inpaint, interpolate; the contract is
+:meth:`GenerativeModule.generate`'s and :meth:`GenerativeModule.interpolate`'s), in latent space:
+
+- image-to-image, SDEdit as ``StableDiffusionImg2ImgPipeline``: of the ``steps`` the last
+  ``floor(strength · steps)`` are run (times the scheduler's ``order``, with ``set_begin_index``:
+  its ``get_timesteps``), from the input's latents noised by the scheduler's ``add_noise`` to the
+  first of them. The input is encoded by the VAE (grey images repeated to RGB) to its posterior
+  mean times ``scaling_factor``, as ``aigc data encode`` encodes, so nothing is drawn for it; the
+  noise is text-to-image's starting noise, drawn first. So strength 1 starts from that noise (times
+  ``init_noise_sigma``) as text-to-image does and gives its images bit for bit, and strength 0
+  runs no step and returns the VAE reconstruction of the input (decode of the encoded mean), not
+  the input itself. diffusers' img2img gives the same images (to a uint8 level) for the same seed,
+  strength and steps when its ``image`` is those latents (4 channels, taken as they are); given
+  the pixel image it first draws a posterior sample from the generator and then its noise, so
+  neither its latents nor its noise are ours. At strength 1 diffusers still adds the input at the
+  first timestep's weight, where aigc is text-to-image.
+- inpainting, RePaint (Lugmayr et al. 2022) without its resampling jumps, as the diffusion
+  family's latent models do: the mask is max-pooled to the latent grid (a latent cell that sees
+  any masked pixel is regenerated); before every step at ``t`` the kept cells are set to the
+  input's latents noised to ``t`` by ``add_noise`` with the same starting noise, and after the
+  last step to the clean latents; ``generate`` pastes the kept pixels back after decoding.
+- interpolation: slerp of the two seeds' starting noise, linear interpolation of the two prompts'
+  CLIP embeddings (the unconditional half is the empty prompt's at both ends), sampled with the
+  pipeline's scheduler at eta 0. A scheduler that draws noise in its steps
+  (:data:`STOCHASTIC_SCHEDULERS`: DDPM, the ancestral, SDE and consistency samplers, or a
+  DPM-Solver ``sde-`` algorithm) is replaced by a ``DDIMScheduler`` of the same config, so the
+  end frames equal ``generate`` alone where the pipeline's scheduler is deterministic, and
+  ``generate`` with a DDIM scheduler config otherwise; any other scheduler found drawing from the
+  generator while sampling is a ValueError naming it.
 """
 
 from __future__ import annotations
@@ -46,8 +76,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from aigc.models.base import GenerativeModule, ModuleSpec, drop_captions
+from aigc.models.base import EditRequest, GenerativeModule, ModuleSpec, drop_captions, make_generator, slerp
 
 #: the subfolders a pipeline folder must have
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -62,6 +93,19 @@ VAL_SEED = 1234
 PIPELINE_CACHE_ENV = "AIGC_PIPELINE_CACHE"
 #: the file an adapter export writes beside the LoRA weights: which base pipeline it adapts
 BASE_FILE = "aigc-base.json"
+#: diffusers schedulers whose steps draw noise (ancestral, SDE and consistency samplers):
+#: interpolation samples with a DDIMScheduler of the same config instead
+STOCHASTIC_SCHEDULERS = frozenset(
+    {
+        "DDPMScheduler",
+        "DDPMParallelScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "KDPM2AncestralDiscreteScheduler",
+        "DPMSolverSDEScheduler",
+        "LCMScheduler",
+        "TCDScheduler",
+    }
+)
 
 
 def local_pipeline(pipeline: str) -> Path:
@@ -194,6 +238,7 @@ class SDModule(GenerativeModule):
     latent_kinds = ("sd",)
     generate_options = {"steps": int, "guidance": float}
     option_config_fields = {"steps": "sample_steps"}
+    edit_modes = frozenset({"img2img", "inpaint", "interpolate"})
 
     def build_nets(self, spec: ModuleSpec) -> None:
         c = spec.model
@@ -359,15 +404,8 @@ class SDModule(GenerativeModule):
         return loss
 
     # ------------------------------------------------------------------------------ generation
-    def _generate(
-        self,
-        captions: list[str],
-        generator: torch.Generator,
-        steps: int | None = None,
-        guidance: float | None = None,
-    ) -> torch.Tensor:
-        from diffusers.utils.torch_utils import randn_tensor
-
+    def _sampling(self, steps: int | None, guidance: float | None) -> tuple[int, float]:
+        """The options resolved against the config and checked: ``(steps, guidance)``."""
         c = self.model_cfg
         steps = int(c.sample_steps if steps is None else steps)
         guidance = float(c.guidance if guidance is None else guidance)
@@ -375,24 +413,58 @@ class SDModule(GenerativeModule):
             raise ValueError(f"option steps must be >= 1, got {steps}")
         if guidance < 0:
             raise ValueError(f"option guidance must be >= 0, got {guidance}")
-        # A fresh scheduler per call: set_timesteps mutates it, and serving may call concurrently.
-        sched = scheduler_from_config(self.scheduler_config)
+        return steps, guidance
+
+    def _scheduler(self, steps: int, config: dict[str, Any] | None = None) -> Any:
+        """A fresh scheduler of ``config``'s class (default the pipeline's), set to ``steps`` steps: one
+        per sampling run, as ``set_timesteps`` and ``step`` mutate it (and serving may call concurrently)."""
+        sched = scheduler_from_config(self.scheduler_config if config is None else config)
         if steps > sched.config.num_train_timesteps:
             raise ValueError(f"option steps must be <= {sched.config.num_train_timesteps}, got {steps}")
         sched.set_timesteps(steps, device=self.device)
-        n = len(captions)
+        return sched
+
+    def _text(self, captions: list[str], guidance: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The UNet's ``(cond, uncond)`` text embeddings: uncond (the empty prompt's) None where
+        guidance is 1; guidance 0 runs the unconditional model alone, as ``(uncond, None)``."""
         cond = self.prompt_embeds(captions)  # (n, T, D)
-        uncond = self.prompt_embeds([""]).expand(n, -1, -1) if guidance != 1 else None
+        uncond = self.prompt_embeds([""]).expand(len(captions), -1, -1) if guidance != 1 else None
         if guidance == 0:
-            cond, uncond = uncond, None
-        latents = randn_tensor(
-            (n, *self.latent_shape), generator=generator, device=self.device, dtype=cond.dtype
-        )
-        latents = latents * sched.init_noise_sigma
+            return uncond, None
+        return cond, uncond
+
+    def _initial_noise(self, n: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+        """The starting noise ``(n, *latent_shape)``: one ``randn_tensor`` draw, as diffusers draws it
+        (before the scale ``init_noise_sigma``)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor((n, *self.latent_shape), generator=generator, device=self.device, dtype=dtype)
+
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        sched: Any,
+        cond: torch.Tensor,
+        uncond: torch.Tensor | None,
+        guidance: float,
+        generator: torch.Generator,
+        known: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Run ``sched`` over ``timesteps`` from ``latents``; decoded pixels in [-1, 1].
+
+        ``known = (x0, noise, keep)`` inpaints (RePaint without resampling): before each step at
+        ``t`` the latent cells where ``keep (n, 1, h, w)`` is True are set to ``x0`` noised to ``t``
+        with ``noise`` (the scheduler's ``add_noise``), and after the last step to ``x0``.
+        """
         accepted = set(inspect.signature(sched.step).parameters)
         extra = {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in accepted}
         embeds = cond if uncond is None else torch.cat([uncond, cond])
-        for t in sched.timesteps:
+        for t in timesteps:
+            if known is not None:
+                x0, noise, keep = known
+                noised = sched.add_noise(x0, noise, t.reshape(1).repeat(latents.shape[0]))
+                latents = torch.where(keep, noised, latents)
             x = latents if uncond is None else torch.cat([latents, latents])
             x = sched.scale_model_input(x, t)
             out = self.unet(x, t, encoder_hidden_states=embeds).sample
@@ -400,10 +472,119 @@ class SDModule(GenerativeModule):
                 out_u, out_c = out.chunk(2)
                 out = out_u + guidance * (out_c - out_u)
             latents = sched.step(out, t, latents, **extra, return_dict=False)[0]
+        if known is not None:
+            latents = torch.where(known[2], known[0], latents)
         images = self.vae.decode(latents / float(self.vae.config.scaling_factor)).sample
         if self.channels == 1:
             images = images.mean(1, keepdim=True)
         return images.clamp(-1, 1)
+
+    def _generate(
+        self,
+        captions: list[str],
+        generator: torch.Generator,
+        steps: int | None = None,
+        guidance: float | None = None,
+        edit: EditRequest | None = None,
+    ) -> torch.Tensor:
+        steps, guidance = self._sampling(steps, guidance)
+        sched = self._scheduler(steps)
+        n = len(captions)
+        cond, uncond = self._text(captions, guidance)
+        noise = self._initial_noise(n, generator, cond.dtype)  # the first draw, edit or not
+        latents = noise * sched.init_noise_sigma
+        timesteps = sched.timesteps
+        known = None
+        if edit is not None:
+            # SDEdit as StableDiffusionImg2ImgPipeline.get_timesteps: the last floor(strength * steps)
+            # steps (times the scheduler's order), from the input noised to the first of them.
+            t_start = steps - min(int(steps * edit.strength), steps)
+            timesteps = timesteps[t_start * sched.order :]
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(t_start * sched.order)
+            x0 = self._edit_latents(edit.images)  # (n, *latent_shape)
+            if len(timesteps) == 0:  # strength 0: the input's VAE reconstruction
+                latents = x0
+            elif t_start > 0:  # strength 1 starts from the noise itself, as text-to-image does
+                latents = sched.add_noise(x0, noise, timesteps[:1].repeat(n))
+            if edit.masks is not None:
+                known = (x0, noise, ~self._edit_mask(edit.masks))
+        return self._denoise(latents, timesteps, sched, cond, uncond, guidance, generator, known)
+
+    def _edit_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Edit inputs ``(n, C, H, W)`` in [-1, 1] -> the VAE's posterior mean times ``scaling_factor``
+        (grey images repeated to RGB), as ``aigc data encode`` encodes them: no draw from the generator."""
+        x = images.to(self.device, torch.float32)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        posterior = self.vae.encode(x.contiguous()).latent_dist
+        return posterior.mean * float(self.vae.config.scaling_factor)
+
+    def _edit_mask(self, masks: torch.Tensor) -> torch.Tensor:
+        """Regenerate-masks ``(n, 1, H, W)`` bool max-pooled to the latent grid ``(h, w)``: a latent
+        cell that sees any masked pixel is regenerated."""
+        return F.adaptive_max_pool2d(masks.float(), self.latent_shape[-2:]) > 0
+
+    def _interpolation_scheduler(self) -> dict[str, Any]:
+        """The scheduler config interpolation samples with: the pipeline's own, or, where its class
+        draws noise in its steps (:data:`STOCHASTIC_SCHEDULERS`, a DPM-Solver ``sde-`` algorithm),
+        a ``DDIMScheduler`` of the same config (deterministic at eta 0)."""
+        config = self.scheduler_config
+        name = config.get("_class_name", "DDPMScheduler")
+        if name in STOCHASTIC_SCHEDULERS or str(config.get("algorithm_type", "")).startswith("sde-"):
+            return {**config, "_class_name": "DDIMScheduler"}
+        return config
+
+    def _interpolate(
+        self,
+        prompt_a: str,
+        prompt_b: str,
+        frames: int,
+        seed: int,
+        seed_b: int,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> torch.Tensor:
+        """Frames ``(frames, C, H, W)`` in [-1, 1] (see GenerativeModule.interpolate): slerp of the two
+        seeds' starting noise, lerp of the two prompts' CLIP embeddings, deterministic sampling.
+
+        The end frames are sampled alone, from the end points' own noise and embeddings, as
+        ``generate`` samples one caption: so they are its images bit for bit (with the pipeline's
+        scheduler, or with DDIM where that one is stochastic: :meth:`_interpolation_scheduler`). The
+        frames between are one batch. A scheduler that still draws from the generator while
+        sampling is a ValueError naming it.
+        """
+        steps, guidance = self._sampling(steps, guidance)
+        config = self._interpolation_scheduler()
+        texts = [self._text([p], guidance) for p in (prompt_a, prompt_b)]  # (cond, uncond), (1, T, D)
+        # each seed's starting noise as generate() draws it for one caption: a fresh generator's first draw
+        dtype = texts[0][0].dtype
+        ends = [self._initial_noise(1, make_generator(s, self.device), dtype) for s in (seed, seed_b)]
+        weights = [i / (frames - 1) for i in range(frames)]
+        noise = slerp(ends[0], ends[1], weights)  # (frames, *latent_shape)
+
+        def run(rows: slice, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+            sched = self._scheduler(steps, config)
+            g = make_generator(0, self.device)  # a deterministic sampler draws nothing from it
+            state = g.get_state()
+            latents = noise[rows] * sched.init_noise_sigma
+            images = self._denoise(latents, sched.timesteps, sched, cond, uncond, guidance, g)
+            if not torch.equal(g.get_state(), state):
+                raise ValueError(
+                    f"interpolate needs a deterministic sampler; the pipeline's scheduler "
+                    f"{config.get('_class_name')!r} draws noise while sampling"
+                )
+            return images
+
+        first, last = run(slice(0, 1), *texts[0]), run(slice(frames - 1, frames), *texts[1])
+        if frames == 2:
+            return torch.cat([first, last])
+        w = torch.tensor(weights[1:-1], device=self.device)[:, None, None]  # (frames - 2, 1, 1)
+        (ca, ua), (cb, _) = texts
+        cond = torch.lerp(ca, cb, w.to(ca.dtype))  # (frames - 2, T, D)
+        # the unconditional half is the empty prompt's at both ends (guidance 0: it is the cond)
+        uncond = None if ua is None else ua.expand(frames - 2, -1, -1)
+        return torch.cat([first, run(slice(1, frames - 1), cond, uncond), last])
 
 
 # ------------------------------------------------------------------------------------- export
