@@ -272,7 +272,7 @@ class GenerateServer:
     # Serve's batches are only the intake: they all pass at once (max_concurrent_batches is
     # effectively unbounded; a replica never holds more than max_ongoing_requests) into the model
     # queue, which merges whatever queued while the model was busy. See aigc.serving.batching.
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=1024)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, max_concurrent_batches=1024)
     async def _generate_batch(self, requests: list[GenerateRequest]) -> list[Answer | Exception]:
         self.stats.record_serve_batch(len(requests))
         return await self.model_queue.submit(requests)

@@ -31,7 +31,10 @@ class ServeConfig(StrictModel):
     threads_per_replica: int = Field(1, ge=1, description="torch threads per replica")
     poll_interval_s: float = Field(2.0, ge=0, description="seconds between alias polls (0: never)")
     max_batch_size: int = Field(8, ge=1, description="requests per dynamic batch")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="seconds a batch waits to fill")
+    # 0: a request that finds the replica idle goes to the model at once. Batches still form: the model
+    # queue (aigc.serving.batching) merges every request that arrives while the model is busy and
+    # waits briefly for the clients it just answered, so a window here only adds latency at low load.
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="seconds a batch waits to fill")
     max_ongoing_requests: int = Field(16, ge=1, description="requests a replica holds at once")
     max_queued_requests: int = Field(64, ge=1, description="requests queued beyond those (503 above)")
     limits: RequestLimits = Field(default_factory=RequestLimits)
