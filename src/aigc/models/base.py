@@ -443,9 +443,10 @@ class GenerativeModule(pl.LightningModule):
           :data:`DEFAULT_STRENGTH`) is how much of the sampling chain is run from the noised input:
           for diffusion SDEdit (Meng et al. 2022, *SDEdit: Guided Image Synthesis and Editing with
           Stochastic Differential Equations*): the input is noised to the schedule's timestep at
-          ``strength · T`` and denoised from there with the prompt. Strength 0 returns the input
-          (a latent model: its autoencoder reconstruction); strength 1 ignores it and equals
-          text-to-image with the same seed, bit for bit.
+          ``strength · T`` and denoised from there with the prompt (the VAE mixes its latents,
+          see :mod:`aigc.models.vae`). Strength 0 returns the input (a latent model: its
+          autoencoder reconstruction; the VAE: its reconstruction with the prompt); strength 1
+          ignores it and equals text-to-image with the same seed, bit for bit.
         - **inpainting** (``"inpaint"``): ``masks`` ``(N, 1, H, W)`` or one ``(1, H, W)`` /
           ``(1, 1, H, W)`` for all rows, bool or numbers that are all 0 or 1; 1 = regenerate, 0 =
           keep. Needs ``init_images``; ``strength`` defaults to 1 (the region drawn from pure noise).

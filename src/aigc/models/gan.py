@@ -30,6 +30,17 @@ monotonically in a healthy GAN), and ``val/loss``: D's loss (same formula) on he
 and their captions against fresh fakes. Compared with ``train/loss_d`` it shows D over-fitting the
 training images (Karras et al. 2020); it is not a sample-quality measure: select GAN checkpoints
 by ``eval/fd``.
+
+Editing (``edit_modes``: interpolate; the contract is :meth:`GenerativeModule.interpolate`'s):
+slerp of the two seeds' latents z as :func:`sample_latent` draws them for ``generate``, linear
+interpolation of the two prompts' pooled text features, the EMA generator as in ``generate``. With
+truncation the drawn, truncated z's are interpolated; slerp stays near their norm, so a frame between
+them may have components beyond the bound, by up to ``1 / cos(theta / 2)`` at the midpoint (sqrt 2
+for the nearly orthogonal ends high dimensions give), and they are not clamped again. The end
+frames are generated alone, so they are ``generate``'s images bit for bit. No image-to-image or
+inpainting: a GAN has no encoder, so an input image would first have to be inverted into a z (GAN
+inversion, by optimising z or training an encoder; Xia et al. 2022, *GAN Inversion: A Survey*),
+which this family does not do.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ from aigc.models.base import (
     ModuleSpec,
     ema_update,
     make_generator,
+    slerp,
     valid_rows,
     warmup_cosine,
 )
@@ -97,6 +109,7 @@ class GANModule(GenerativeModule):
 
     family = "gan"
     generate_options = {"truncation": float}
+    edit_modes = frozenset({"interpolate"})
 
     def build_nets(self, spec: ModuleSpec) -> None:
         m = spec.model
@@ -207,13 +220,51 @@ class GANModule(GenerativeModule):
         return loss
 
     # ------------------------------------------------------------------------------- generation
-    def _generate(
-        self, captions: list[str], generator: torch.Generator, truncation: float | None = None
-    ) -> torch.Tensor:
+    def _truncation(self, truncation: float | None) -> float | None:
+        """The ``|z_i|`` bound: the option, else ``model.truncation`` (None: no truncation); checked."""
         t = self.model_cfg.truncation if truncation is None else truncation
         if t is not None and not t > 0:
             raise ValueError(f"truncation must be > 0 (or None for no truncation), got {t!r}")
+        return t
+
+    def _sampling_net(self) -> torch.nn.Module:
+        """The generator ``generate`` samples from: the EMA copy, or G itself without one."""
+        return self.generator_ema if self.generator_ema is not None else self.generator
+
+    def _generate(
+        self, captions: list[str], generator: torch.Generator, truncation: float | None = None
+    ) -> torch.Tensor:
+        t = self._truncation(truncation)
         text = self.encode_text(captions)[2]  # (N, D)
         z = sample_latent(len(captions), self.model_cfg.latent_dim, generator, self.device, t)
-        net = self.generator_ema if self.generator_ema is not None else self.generator
-        return net(z, text)  # (N, C, H, W) in [-1, 1]
+        return self._sampling_net()(z, text)  # (N, C, H, W) in [-1, 1]
+
+    def _interpolate(
+        self,
+        prompt_a: str,
+        prompt_b: str,
+        frames: int,
+        seed: int,
+        seed_b: int,
+        truncation: float | None = None,
+    ) -> torch.Tensor:
+        """Frames (frames, C, H, W) in [-1, 1] (see GenerativeModule.interpolate): slerp of the two
+        seeds' (truncated) z, lerp of the two prompts' pooled text features, the EMA generator.
+
+        The end frames are generated alone, from the end points' own z and feature, as ``generate``
+        samples one caption: so they are its images bit for bit.
+        """
+        t = self._truncation(truncation)
+        dim = self.model_cfg.latent_dim
+        # Each seed's z as generate() draws it for one caption, from a fresh generator.
+        ends = [sample_latent(1, dim, make_generator(s, self.device), self.device, t) for s in (seed, seed_b)]
+        weights = [i / (frames - 1) for i in range(frames)]
+        z = slerp(ends[0], ends[1], weights)  # (frames, dim); rows 0 and -1 are the ends exactly
+        pa, pb = (self.encode_text([p])[2] for p in (prompt_a, prompt_b))  # (1, D) each
+        net = self._sampling_net()
+        first, last = net(z[:1], pa), net(z[-1:], pb)
+        if frames == 2:
+            return torch.cat([first, last])
+        w = torch.tensor(weights[1:-1], device=self.device)[:, None]  # (frames - 2, 1)
+        middle = net(z[1:-1], torch.lerp(pa, pb, w))
+        return torch.cat([first, middle, last])

@@ -23,6 +23,34 @@ Logged: ``train/loss``, ``train/recon``, ``train/kl``; ``val/loss`` = ``recon + 
 negative ELBO when ``beta = 1``) on a fixed reparameterisation noise per batch, ``val/recon``,
 ``val/kl``.
 Sampling: ``z ~ N(0, temperature^2 I)`` and the decoder mean.
+
+Editing (``edit_modes``: img2img, interpolate; the contract is :meth:`GenerativeModule.generate`'s
+and :meth:`GenerativeModule.interpolate`'s), both through the latent z the decoder reads:
+
+- image-to-image: the encoder's posterior mean ``mu`` of the input, with the **prompt** as its
+  caption (the caption the decoder then reads; the input's own caption is unknown), is mixed with
+  the prior sample text-to-image draws from the same seed, variance-preserving::
+
+      z = sqrt(1 - s^2) * mu + s * (temperature * eps),   s = strength
+
+  the forward noising of DDPM (Ho et al. 2020), with ``abar = 1 - s^2``, that SDEdit (Meng et al.
+  2022) noises its input with, here on the VAE's latent: the decoder has no reverse chain and reads
+  the mixed z directly. Mixing variances keeps z at the scale of its parts, ``Var z = (1 - s^2)
+  Var mu + s^2 temperature^2``, where the decoder was trained; a linear blend ``(1 - s) mu + s eps``
+  shrinks it in between (to half at s = 0.5 for two unit-variance parts).
+  ``eps`` is drawn first and exactly as text-to-image draws it, so strength 1 is text-to-image with
+  the same seed, bit for bit (the encoder is not run). Strength 0 is the VAE's reconstruction of the
+  input with the prompt, ``decoder(mu, prompt)`` (the CVAE's style transfer: the latent keeps what
+  the caption does not say, the decoder draws the prompt; Kingma et al. 2014, *Semi-supervised
+  Learning with Deep Generative Models*, its "analogies"), not the input itself: unlike
+  diffusion, the VAE's decoder reads the prompt at every strength.
+- no inpainting: the masked region would have to be drawn from ``p(z | kept pixels, caption)``,
+  which the encoder (trained on whole images) does not give; the pseudo-Gibbs chain through encoder
+  and decoder of Rezende et al. (2014) need not converge to it (Mattei & Frellsen 2018), and a
+  Metropolis-within-Gibbs sampler is beyond a cheap edit, so it is left out.
+- interpolation: slerp of the two seeds' prior samples ``temperature * eps`` (:func:`slerp`), linear
+  interpolation of the two prompts' pooled text features (what the decoder reads). The end frames
+  are decoded alone, as ``generate`` decodes one prompt, so they are its images bit for bit.
 """
 
 from __future__ import annotations
@@ -32,7 +60,7 @@ from typing import Any
 
 import torch
 
-from aigc.models.base import GenerativeModule, ModuleSpec, make_generator, valid_rows
+from aigc.models.base import EditRequest, GenerativeModule, ModuleSpec, make_generator, slerp, valid_rows
 from aigc.models.nets.vae import VAEDecoder, VAEEncoder
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -59,6 +87,7 @@ class VAEModule(GenerativeModule):
 
     family = "vae"
     generate_options = {"temperature": float}
+    edit_modes = frozenset({"img2img", "interpolate"})
 
     def build_nets(self, spec: ModuleSpec) -> None:
         m = spec.model
@@ -113,12 +142,59 @@ class VAEModule(GenerativeModule):
         self.log("val/kl", kl, sync_dist=True, batch_size=b)
         return loss
 
-    def _generate(
-        self, captions: list[str], generator: torch.Generator, temperature: float | None = None
-    ) -> torch.Tensor:
+    def _temperature(self, temperature: float | None) -> float:
+        """The prior's standard deviation: the option, else ``model.temperature``; checked."""
         t = self.model_cfg.temperature if temperature is None else temperature
         if not t >= 0:
             raise ValueError(f"temperature must be >= 0, got {t!r}")
+        return t
+
+    def _prior(self, n: int, generator: torch.Generator, t: float) -> torch.Tensor:
+        """``n`` prior samples ``t * eps (n, L)``: text-to-image's latents, and what the edits draw."""
+        return t * torch.randn(n, self.model_cfg.latent_dim, generator=generator, device=self.device)
+
+    def _generate(
+        self,
+        captions: list[str],
+        generator: torch.Generator,
+        temperature: float | None = None,
+        edit: EditRequest | None = None,
+    ) -> torch.Tensor:
+        if edit is not None and edit.masks is not None:  # generate() refuses masks; a direct call too
+            self._require_edit_mode("inpaint", "masks")
+        t = self._temperature(temperature)
         text = self.encode_text(captions)[2]  # (N, D)
-        z = t * torch.randn(len(captions), self.model_cfg.latent_dim, generator=generator, device=self.device)
+        z = self._prior(len(captions), generator, t)  # (N, L), drawn first also when editing
+        if edit is not None and edit.strength < 1:  # image-to-image (see the module docstring)
+            s = edit.strength
+            mu = self.encoder(edit.images, text)[0]  # (N, L): the posterior mean, with the prompt
+            z = math.sqrt(1.0 - s * s) * mu + s * z  # strength 0: mu exactly
         return self.decoder(z, text)  # (N, C, H, W), the Gaussian mean; to_uint8 clamps to [-1, 1]
+
+    def _interpolate(
+        self,
+        prompt_a: str,
+        prompt_b: str,
+        frames: int,
+        seed: int,
+        seed_b: int,
+        temperature: float | None = None,
+    ) -> torch.Tensor:
+        """Frames (frames, C, H, W) in [-1, 1] (see GenerativeModule.interpolate): slerp of the two
+        seeds' prior samples, lerp of the two prompts' pooled text features, the decoder mean.
+
+        The end frames are decoded alone, from the end points' own latent and feature, as
+        ``generate`` decodes one prompt: so they are its images bit for bit.
+        """
+        t = self._temperature(temperature)
+        # Each seed's prior sample as generate() draws it for one caption: a fresh generator's first draw.
+        ends = [self._prior(1, make_generator(s, self.device), t) for s in (seed, seed_b)]
+        weights = [i / (frames - 1) for i in range(frames)]
+        z = slerp(ends[0], ends[1], weights)  # (frames, L); rows 0 and -1 are the ends exactly
+        pa, pb = (self.encode_text([p])[2] for p in (prompt_a, prompt_b))  # (1, D) each
+        first, last = self.decoder(z[:1], pa), self.decoder(z[-1:], pb)
+        if frames == 2:
+            return torch.cat([first, last])
+        w = torch.tensor(weights[1:-1], device=self.device)[:, None]  # (frames - 2, 1)
+        middle = self.decoder(z[1:-1], torch.lerp(pa, pb, w))
+        return torch.cat([first, middle, last])
