@@ -90,6 +90,7 @@ def summary(latencies: list[float], wall: float) -> dict[str, Any]:
     return {
         "requests": len(ms),
         "p50_ms": round(statistics.median(ms), 1),
+        "mean_ms": round(statistics.mean(ms), 1),
         "p95_ms": round(ms[min(len(ms) - 1, int(0.95 * len(ms)))], 1),
         "requests_per_s": round(len(ms) / wall, 2),
     }
@@ -215,7 +216,14 @@ def model_between(before: dict, after: dict) -> dict[str, float | None]:
         return {"model_ms_per_batch": None, "model_cpu_ms_per_batch": None}
     wall = after["model_seconds"] - before["model_seconds"]
     cpu = after["model_cpu_seconds"] - before["model_cpu_seconds"]
-    return {"model_ms_per_batch": 1000 * wall / batches, "model_cpu_ms_per_batch": 1000 * cpu / batches}
+    served = after["served_requests"] - before["served_requests"]
+    handler = after["handler_seconds"] - before["handler_seconds"]
+    return {
+        "model_ms_per_batch": 1000 * wall / batches,
+        "model_cpu_ms_per_batch": 1000 * cpu / batches,
+        # the replica's /generate handler, from the body's arrival to the response built
+        "handler_ms_per_request": 1000 * handler / served if served else None,
+    }
 
 
 def served_phase(port: int, concurrency: int, requests: int, seconds: float) -> dict[str, Any]:
@@ -250,6 +258,8 @@ def one_round(port: int, floor: Floor, n: int, served_first: bool) -> dict[str, 
         "served_p50_ms": served["p50_ms"],
         "replica_model_ms": served["model_ms_per_batch"],
         "replica_model_cpu_ms": served["model_cpu_ms_per_batch"],
+        "replica_handler_ms": served["handler_ms_per_request"],
+        "served_mean_ms": served["mean_ms"],
         "served_requests": served["requests"],
         "served_errors": served["errors"],
         "served_wall_s": served["requests"] / served["requests_per_s"] if served["requests_per_s"] else 0,

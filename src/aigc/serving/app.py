@@ -217,6 +217,7 @@ class GenerateServer:
         """``{"prompt", "num_samples", "seed", ...options}`` -> ``{"model", "version", "images"}``;
         with ``init_image`` (+ ``mask``, ``strength``) an edit, with ``interpolate`` the frames
         (``aigc.serving.limits`` checks them against the served model)."""
+        t0 = time.perf_counter()
         try:
             check_body_size(request.headers.get("content-length"), self.limits)
             raw = await _read_body(request, self.limits)
@@ -233,9 +234,11 @@ class GenerateServer:
             return JSONResponse(rejected.body(), status_code=rejected.status)
         if isinstance(outcome, Exception):
             return JSONResponse({"error": f"generation failed: {outcome}"}, status_code=500)
-        return JSONResponse(
+        response = JSONResponse(
             {"model": self.follower.ref.name, "version": outcome.version, "images": outcome.images}
         )
+        self.stats.record_served(time.perf_counter() - t0)
+        return response
 
     @api.get("/", response_class=HTMLResponse)
     async def playground(self) -> HTMLResponse:

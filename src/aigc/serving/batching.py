@@ -170,6 +170,11 @@ class BatchStats:
         self.model_cpu_s = 0.0  # CPU seconds of the model's thread inside generate()
         self.model_torch_threads: int | None = None  # torch's threads on that thread, last call
         self.encode_s = 0.0  # seconds encoding PNGs
+        # Requests answered with images, and their seconds in the replica's /generate handler (from
+        # the body's arrival to the response built): the rest of a client's latency is Serve's
+        # proxy and the network.
+        self.served = 0
+        self.handler_s = 0.0
 
     def record_serve_batch(self, size: int) -> None:
         self.serve_batch_sizes[size] += 1
@@ -188,6 +193,10 @@ class BatchStats:
         self.model_s += wall_s
         self.model_cpu_s += cpu_s
         self.model_torch_threads = torch.get_num_threads()
+
+    def record_served(self, handler_s: float) -> None:
+        self.served += 1
+        self.handler_s += handler_s
 
     def as_dict(self) -> dict[str, Any]:
         def keyed(c: Counter[int]) -> dict[str, int]:
@@ -208,4 +217,6 @@ class BatchStats:
             "model_cpu_seconds": round(self.model_cpu_s, 3),
             "model_torch_threads": self.model_torch_threads,
             "png_seconds": round(self.encode_s, 3),
+            "served_requests": self.served,
+            "handler_seconds": round(self.handler_s, 3),
         }
