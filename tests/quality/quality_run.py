@@ -7,7 +7,7 @@ Trainer of ``aigc train`` (``aigc.training.trainer.build_trainer``) on one CPU t
 the same model untrained. ``AIGC_QUALITY_SEED`` replaces ``trainer.seed`` (how the calibration reran
 them).
 
-A family that edits (``img2img`` in its ``edit_modes``: diffusion) is also measured on image-to-image
+A family that edits (``img2img`` in its ``edit_modes``: diffusion, vae) is also measured on image-to-image
 (:func:`seven_to_one`): the val split's real sevens edited with the prompt "a handwritten digit one" at
 strength 0.6, judged by the reference classifier (the README's "Edit and explore" figure).
 
