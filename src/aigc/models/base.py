@@ -19,7 +19,7 @@ pickled config objects. Checkpoints are rebuilt with ``cls(**hyper_parameters)``
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -80,6 +80,27 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weights: list[float]) -> torch.Tenso
             cb = math.sin(w * theta) / math.sin(theta)
             rows.append(ca * a + cb * b)
     return torch.cat(rows)
+
+
+def latent_walk(
+    decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ends: tuple[torch.Tensor, torch.Tensor],
+    texts: tuple[torch.Tensor, torch.Tensor],
+    frames: int,
+) -> torch.Tensor:
+    """Frames ``(frames, ...)`` of a one-pass decoder ``decode(z, text)`` (a VAE's decoder, a GAN's
+    generator) from ``(ends[0], texts[0])`` to ``(ends[1], texts[1])``, each ``(1, ...)``: slerp of the
+    latents, linear interpolation of the text features. The end frames are decoded alone, from the
+    ends' own latent and feature as ``generate`` decodes one caption, so they are its images bit for
+    bit; the frames between are one batch."""
+    weights = [i / (frames - 1) for i in range(frames)]
+    z = slerp(ends[0], ends[1], weights)  # (frames, ...); rows 0 and -1 are the ends exactly
+    first, last = decode(z[:1], texts[0]), decode(z[-1:], texts[1])
+    if frames == 2:
+        return torch.cat([first, last])
+    w = torch.tensor(weights[1:-1], device=z.device)[:, None]  # (frames - 2, 1)
+    middle = decode(z[1:-1], torch.lerp(texts[0], texts[1], w))
+    return torch.cat([first, middle, last])
 
 
 def expand_prompts(prompts: list[str] | str, num_samples: int) -> list[str]:

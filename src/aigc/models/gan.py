@@ -55,8 +55,8 @@ from aigc.models.base import (
     GenerativeModule,
     ModuleSpec,
     ema_update,
+    latent_walk,
     make_generator,
-    slerp,
     valid_rows,
     warmup_cosine,
 )
@@ -257,14 +257,8 @@ class GANModule(GenerativeModule):
         t = self._truncation(truncation)
         dim = self.model_cfg.latent_dim
         # Each seed's z as generate() draws it for one caption, from a fresh generator.
-        ends = [sample_latent(1, dim, make_generator(s, self.device), self.device, t) for s in (seed, seed_b)]
-        weights = [i / (frames - 1) for i in range(frames)]
-        z = slerp(ends[0], ends[1], weights)  # (frames, dim); rows 0 and -1 are the ends exactly
+        za, zb = (
+            sample_latent(1, dim, make_generator(s, self.device), self.device, t) for s in (seed, seed_b)
+        )
         pa, pb = (self.encode_text([p])[2] for p in (prompt_a, prompt_b))  # (1, D) each
-        net = self._sampling_net()
-        first, last = net(z[:1], pa), net(z[-1:], pb)
-        if frames == 2:
-            return torch.cat([first, last])
-        w = torch.tensor(weights[1:-1], device=self.device)[:, None]  # (frames - 2, 1)
-        middle = net(z[1:-1], torch.lerp(pa, pb, w))
-        return torch.cat([first, middle, last])
+        return latent_walk(self._sampling_net(), (za, zb), (pa, pb), frames)

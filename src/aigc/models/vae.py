@@ -60,7 +60,14 @@ from typing import Any
 
 import torch
 
-from aigc.models.base import EditRequest, GenerativeModule, ModuleSpec, make_generator, slerp, valid_rows
+from aigc.models.base import (
+    EditRequest,
+    GenerativeModule,
+    ModuleSpec,
+    latent_walk,
+    make_generator,
+    valid_rows,
+)
 from aigc.models.nets.vae import VAEDecoder, VAEEncoder
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -188,13 +195,6 @@ class VAEModule(GenerativeModule):
         """
         t = self._temperature(temperature)
         # Each seed's prior sample as generate() draws it for one caption: a fresh generator's first draw.
-        ends = [self._prior(1, make_generator(s, self.device), t) for s in (seed, seed_b)]
-        weights = [i / (frames - 1) for i in range(frames)]
-        z = slerp(ends[0], ends[1], weights)  # (frames, L); rows 0 and -1 are the ends exactly
+        za, zb = (self._prior(1, make_generator(s, self.device), t) for s in (seed, seed_b))  # (1, L)
         pa, pb = (self.encode_text([p])[2] for p in (prompt_a, prompt_b))  # (1, D) each
-        first, last = self.decoder(z[:1], pa), self.decoder(z[-1:], pb)
-        if frames == 2:
-            return torch.cat([first, last])
-        w = torch.tensor(weights[1:-1], device=self.device)[:, None]  # (frames - 2, 1)
-        middle = self.decoder(z[1:-1], torch.lerp(pa, pb, w))
-        return torch.cat([first, middle, last])
+        return latent_walk(self.decoder, (za, zb), (pa, pb), frames)
