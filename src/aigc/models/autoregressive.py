@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from aigc.models.base import EditRequest, GenerativeModule, ModuleSpec, drop_captions, valid_rows
+from aigc.models.base import EditRequest, GenerativeModule, ModuleSpec, drop_captions, pool_mask, valid_rows
 from aigc.models.nets.transformer import GPT, GPTConfig
 
 MAX_IMAGE_SIZE = 32
@@ -220,7 +220,7 @@ class AutoregressiveModule(GenerativeModule):
         n = edit.images.shape[0]
         if self.latent is not None:
             codes = self.autoencoder.tokens(edit.images)  # (n, h, w)
-            regen = F.adaptive_max_pool2d(edit.masks.float(), tuple(self.sample_shape)) > 0  # (n, 1, h, w)
+            regen = pool_mask(edit.masks, self.sample_shape)  # (n, 1, h, w)
             return codes.reshape(n, -1).long(), ~regen.reshape(n, -1)
         tokens = quantise(edit.images, self.levels)  # (n, H*W*C)
         regen = edit.masks.expand(n, self.channels, self.image_size, self.image_size)

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from aigc.config import MODEL_CONFIGS, StrictModel, TrainerConfig, validate
@@ -101,6 +102,12 @@ def latent_walk(
     w = torch.tensor(weights[1:-1], device=z.device)[:, None]  # (frames - 2, 1)
     middle = decode(z[1:-1], torch.lerp(texts[0], texts[1], w))
     return torch.cat([first, middle, last])
+
+
+def pool_mask(masks: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """Regenerate-masks ``(n, 1, H, W)`` bool max-pooled to a latent or code grid ``(h, w)``: a cell
+    that sees any masked pixel is regenerated (inpainting through an autoencoder)."""
+    return F.adaptive_max_pool2d(masks.float(), tuple(grid)) > 0
 
 
 def expand_prompts(prompts: list[str] | str, num_samples: int) -> list[str]:

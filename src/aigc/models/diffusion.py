@@ -58,6 +58,7 @@ from aigc.models.base import (
     drop_captions,
     ema_update,
     make_generator,
+    pool_mask,
     slerp,
 )
 from aigc.models.nets.unet import UNet, UNetConfig
@@ -310,7 +311,7 @@ class DiffusionModule(GenerativeModule):
         to the latent grid (h, w), so a latent cell that sees any masked pixel is regenerated."""
         if self.latent is None:
             return masks
-        return F.adaptive_max_pool2d(masks.float(), self.sample_shape[-2:]) > 0
+        return pool_mask(masks, self.sample_shape[-2:])
 
     def _interpolate(
         self,

@@ -76,9 +76,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from aigc.models.base import EditRequest, GenerativeModule, ModuleSpec, drop_captions, make_generator, slerp
+from aigc.models.base import (
+    EditRequest,
+    GenerativeModule,
+    ModuleSpec,
+    drop_captions,
+    make_generator,
+    pool_mask,
+    slerp,
+)
 
 #: the subfolders a pipeline folder must have
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -523,7 +530,7 @@ class SDModule(GenerativeModule):
     def _edit_mask(self, masks: torch.Tensor) -> torch.Tensor:
         """Regenerate-masks ``(n, 1, H, W)`` bool max-pooled to the latent grid ``(h, w)``: a latent
         cell that sees any masked pixel is regenerated."""
-        return F.adaptive_max_pool2d(masks.float(), self.latent_shape[-2:]) > 0
+        return pool_mask(masks, self.latent_shape[-2:])
 
     def _interpolation_scheduler(self) -> dict[str, Any]:
         """The scheduler config interpolation samples with: the pipeline's own, or, where its class
