@@ -366,10 +366,7 @@ class SDModule(GenerativeModule):
                 f"batch['image'] has shape {tuple(x.shape)}; the model expects images "
                 f"(B, 3, {self.image_size}, {self.image_size}) or latents (B, *{self.latent_shape})"
             )
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        posterior = self.vae.encode(x.to(self.device, torch.float32)).latent_dist
-        return posterior.sample(generator=generator) * sf
+        return self._posterior(x).sample(generator=generator) * sf
 
     def loss(
         self, latents: torch.Tensor, captions: list[str], generator: torch.Generator | None = None
@@ -521,11 +518,15 @@ class SDModule(GenerativeModule):
     def _edit_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Edit inputs ``(n, C, H, W)`` in [-1, 1] -> the VAE's posterior mean times ``scaling_factor``
         (grey images repeated to RGB), as ``aigc data encode`` encodes them: no draw from the generator."""
+        return self._posterior(images).mean * float(self.vae.config.scaling_factor)
+
+    def _posterior(self, images: torch.Tensor) -> Any:
+        """The VAE's posterior ``latent_dist`` of images ``(n, C, H, W)`` in [-1, 1], grey ones repeated
+        to RGB (the pipeline's VAE reads 3 channels): what training samples and editing takes the mean of."""
         x = images.to(self.device, torch.float32)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        posterior = self.vae.encode(x.contiguous()).latent_dist
-        return posterior.mean * float(self.vae.config.scaling_factor)
+        return self.vae.encode(x.contiguous()).latent_dist
 
     def _edit_mask(self, masks: torch.Tensor) -> torch.Tensor:
         """Regenerate-masks ``(n, 1, H, W)`` bool max-pooled to the latent grid ``(h, w)``: a latent
