@@ -184,10 +184,7 @@ class AutoregressiveModule(GenerativeModule):
         known = None
         if edit is not None:
             if edit.masks is None:  # generate() refuses it already (edit_modes); a direct call too
-                raise ValueError(
-                    f"family {self.family!r} does not support img2img (init_images without masks); "
-                    "its editing operations: inpaint"
-                )
+                self._require_edit_mode("img2img", "init_images without masks")
             if edit.strength != 1.0:
                 raise ValueError(
                     f"family {self.family!r} inpaints by forcing the kept tokens while sampling: "
