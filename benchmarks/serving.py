@@ -22,7 +22,7 @@ requests/s at concurrency 8 >= 3x concurrency 1. The last is bounded by the mode
 reported beside it: ``in_process_batch_8_vs_1`` (images/s of one in-process call of 8 against calls
 of 1) and ``throughput_8_vs_in_process_batch_8`` (what serving keeps of that batch's images/s).
 
-    .venv/bin/python benchmarks/serving.py [--rounds 10] [--round-requests 15] [--threads 1]
+    .venv/bin/python benchmarks/serving.py [--ingress proxy|haproxy] [--rounds 10] [--round-requests 15]
 """
 
 from __future__ import annotations
@@ -282,6 +282,7 @@ def served(uri: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [AIGC, "serve", f"{NAME}@production", "--tracking-uri", uri, "--port", str(port)]
     cmd += ["--threads-per-replica", str(args.threads), "--batch-wait", str(args.batch_wait)]
+    cmd += ["--ingress", args.ingress]
     t0 = time.perf_counter()
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -327,6 +328,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=30.0, help="most seconds at concurrency 8")
     p.add_argument("--threads", type=int, default=1, help="torch threads (replica and in-process)")
     p.add_argument("--batch-wait", type=float, default=0.0, help="aigc serve --batch-wait (its default: 0)")
+    p.add_argument(
+        "--ingress",
+        choices=("proxy", "haproxy"),
+        default="proxy",
+        help="aigc serve --ingress (its default: proxy)",
+    )
     p.add_argument("--train-steps", type=int, default=30)
     p.add_argument("--floor-worker", metavar="URI", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -355,7 +362,8 @@ def main() -> None:
                 "benchmark": "serving",
                 "model": "models/diffusion.yaml, 8x8, DDIM 20 steps, guidance 2.0 (the config's)",
                 "request": BODY,
-                "server": f"aigc serve: 1 replica, 0.5 CPU, max batch 8, --batch-wait {args.batch_wait}",
+                "server": f"aigc serve: 1 replica, 0.5 CPU, max batch 8, --batch-wait {args.batch_wait}, "
+                f"--ingress {args.ingress}",
                 "threads": args.threads,
                 "cpus": os.cpu_count(),
                 "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],

