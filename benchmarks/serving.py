@@ -236,6 +236,29 @@ def served_phase(port: int, concurrency: int, requests: int, seconds: float) -> 
     return phase
 
 
+def cpu_per_request(pid: int, port: int, requests: int) -> dict[str, float]:
+    """CPU ms per request of each process of the server's tree (by name: the replica, Serve's proxy
+    or haproxy, Ray's own) over ``requests`` at concurrency 1. Background work counts too: the
+    idle tree uses about 8 % of a core (Ray's controller, GCS, agents)."""
+    import psutil
+
+    def cpu() -> dict[str, float]:
+        out: dict[str, float] = {}
+        for proc in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                out[proc.name()] = out.get(proc.name(), 0.0) + t.user + t.system
+            except psutil.Error:
+                pass
+        return out
+
+    before = cpu()
+    answered = load_phase(port, 1, requests, 120)["requests"]
+    after = cpu()
+    per = {k: 1000 * (v - before.get(k, 0.0)) / answered for k, v in after.items()}
+    return {k: round(v, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+
+
 def one_round(port: int, floor: Floor, n: int, served_first: bool) -> dict[str, Any]:
     """``n`` requests at concurrency 1 and ``n`` in-process calls, one after the other."""
 
@@ -296,6 +319,7 @@ def served(uri: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
         floor = Floor(uri, args.threads)
         load_phase(port, 1, 10, 10)  # warm-up: first calls allocate
         rounds = [one_round(port, floor, args.round_requests, r % 2 == 1) for r in range(args.rounds)]
+        cpu_ms = cpu_per_request(proc.pid, port, 5 * args.round_requests)
         c8 = served_phase(port, 8, args.requests, args.seconds)
         wall8, _ = floor.calls(8, max(3, args.round_requests // 4))
         c1_rps = sum(r["served_requests"] for r in rounds) / sum(r["served_wall_s"] for r in rounds)
@@ -303,6 +327,7 @@ def served(uri: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
             "command_to_ready_s": round(ready_s, 1),
             "rounds": rounds,
             "concurrency_1_requests_per_s": round(c1_rps, 2),
+            "concurrency_1_cpu_ms_per_request": cpu_ms,
             "concurrency_8": c8,
             "in_process_batch_8": {
                 "p50_ms_per_call": round(1000 * statistics.median(wall8), 1),
@@ -318,6 +343,11 @@ def served(uri: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+def median_of(rounds: list[dict[str, Any]], key: str, minus: str) -> float:
+    """The median over ``rounds`` of ``round[key] - round[minus]``."""
+    return round(statistics.median(r[key] - r[minus] for r in rounds), 1)
 
 
 def main() -> None:
@@ -378,6 +408,14 @@ def main() -> None:
                 "throughput_8_vs_1": round(c8["requests_per_s"] / c1_rps, 2) if c1_rps else None,
                 "in_process_batch_8_vs_1": round(in_process_8_ips / in_process_1_ips, 2),
                 "throughput_8_vs_in_process_batch_8": round(c8["requests_per_s"] / in_process_8_ips, 3),
+                # Where a served request's time goes at concurrency 1, ms (medians over rounds of means): the
+                # model's extra time in the replica, the replica's handler around it, and the rest
+                # (the ingress: Serve's proxy or HAProxy, the HTTP hops, the client).
+                "overhead_ms": {
+                    "model": median_of(rounds, "replica_model_ms", "in_process_ms"),
+                    "handler": median_of(rounds, "replica_handler_ms", "replica_model_ms"),
+                    "ingress": median_of(rounds, "served_mean_ms", "replica_handler_ms"),
+                },
                 "per_round": {
                     k: [r[k] for r in rounds]
                     for k in (

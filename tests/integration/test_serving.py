@@ -540,22 +540,28 @@ def test_edits_and_interpolation_over_http_and_their_limits(server):
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_overload_is_503_and_the_server_recovers(server):
+    overload_is_503_and_the_server_recovers(server.url)
+
+
+def overload_is_503_and_the_server_recovers(url: str) -> None:
+    """60 heavy requests at once against 8 ongoing + 16 queued at most: some answered, the rest
+    503, and the server answers afterwards."""
     heavy = {"prompt": "the digit 8", "num_samples": 16, "steps": 20}
     codes: list[int] = []
     lock = threading.Lock()
 
     def send() -> None:
-        status, _ = post(server.url, heavy, timeout=120)
+        status, _ = post(url, heavy, timeout=120)
         with lock:
             codes.append(status)
 
-    threads = [threading.Thread(target=send) for _ in range(60)]  # 8 ongoing + 16 queued at most
+    threads = [threading.Thread(target=send) for _ in range(60)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=180)
     assert set(codes) <= {200, 503} and codes.count(503) > 0 and codes.count(200) > 0, codes
-    assert post(server.url, {"prompt": "the digit 1"})[0] == 200
+    assert post(url, {"prompt": "the digit 1"})[0] == 200
 
 
 CLIENT = r"""
@@ -654,14 +660,15 @@ def test_sigterm_to_the_process_group_shuts_down_within_30_s(server):
 @pytest.mark.timeout(400)
 def test_haproxy_ingress_serves_and_leaves_no_process_behind(registry):
     """``--ingress haproxy``: Ray's HAProxy answers on the port (the replica serves HTTP itself), with
-    the same answers and checks; its stats and metrics listeners are the only other sockets off
-    loopback. ``haproxy`` runs in a process group of its own under its actor, which Ray's shutdown
+    the same answers, checks and overload 503s; its stats and metrics listeners are the only other
+    sockets off loopback. ``haproxy`` runs in a process group of its own under its actor, which Ray's shutdown
     kills: ``aigc serve`` must end it too, or it keeps holding the port after "stopped"."""
     import psutil
 
     tmp = registry.tmp / "haproxy"
     tmp.mkdir()
-    with serving(f"{NAME}@production", registry.uri, tmp, ["--ingress", "haproxy"]) as served:
+    args = ["--ingress", "haproxy", "--max-ongoing-requests", "8", "--max-queued-requests", "16"]
+    with serving(f"{NAME}@production", registry.uri, tmp, args) as served:
         port = int(served.url.rsplit(":", 1)[1])
         tree = psutil.Process(served.proc.pid).children(recursive=True)
         listeners: dict[tuple[str, int], str] = {}
@@ -682,6 +689,7 @@ def test_haproxy_ingress_serves_and_leaves_no_process_behind(registry):
         status, refused = post(served.url, {"prompt": "the digit 3", "num_samples": 10_000})
         assert status == 422 and refused["limit"] == "max_num_samples", refused
         assert post(served.url, {"prompt": "the digit 1", "steps": 2})[0] == 200
+        overload_is_503_and_the_server_recovers(served.url)  # the replica itself refuses past the queue
 
         assert stop(served.proc) == 0 and "stopped" in served.log.read_text()
     _, alive = psutil.wait_procs(tree, timeout=10)
