@@ -17,7 +17,8 @@ One deployment with a FastAPI ingress. Each replica:
   posts to ``/generate`` like any client; ``/info`` reads the loaded module's class attributes and
   the limits, so it never waits for the model;
 - is shielded from overload by Serve itself: past ``max_ongoing_requests`` per replica requests
-  queue in the proxy, and past ``max_queued_requests`` the proxy answers 503.
+  queue in the proxy, and past ``max_queued_requests`` the proxy answers 503 (with
+  ``--ingress haproxy`` the replica's own HTTP server does both).
 
 Networking (ray 2.60): the HTTP proxy binds the ``--host``/``--port`` given to ``serve.start``, and
 with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (set by ``aigc.serving.server`` before ``ray`` is
