@@ -387,3 +387,24 @@ def test_the_best_checkpoint_is_the_best_evaluated_complete_one(tmp_path: Path) 
     assert best_checkpoint(str(run_dir), "eval/clip_score", "max") is None  # never measured
     assert step_checkpoint(str(run_dir), 50) == f"{run_dir}/checkpoint-step00000050/{CHECKPOINT_NAME}"
     assert step_checkpoint(str(run_dir), 60) is None and step_checkpoint(str(run_dir), 70) is None
+
+
+def test_checkpoint_staging_of_dead_workers_is_swept_and_a_live_ones_kept(tmp_path: Path) -> None:
+    """A worker killed while reporting leaves its staged checkpoint in /tmp; the next report on the
+    machine removes the folders whose process is gone, never a running process's."""
+    import os
+    import subprocess
+    import sys
+
+    from aigc.training.callbacks import STAGING_PREFIX, sweep_checkpoint_staging
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f"{STAGING_PREFIX}{dead_pid}-rank0-abcd"
+    live = tmp_path / f"{STAGING_PREFIX}{os.getpid()}-rank0-efgh"
+    other = tmp_path / "aigc-ckpt-notes"  # not a staging folder: no process id, no rank
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "checkpoint.ckpt").write_bytes(b"x" * 10)
+    assert sweep_checkpoint_staging(str(tmp_path)) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()

@@ -130,6 +130,28 @@ def upload_checkpoint(
     ) from error
 
 
+#: A checkpoint is staged in ``<tmp>/aigc-ckpt-<pid>-rank<r>-XXXX`` before Ray copies it to storage.
+STAGING_PREFIX = "aigc-ckpt-"
+
+
+def sweep_checkpoint_staging(tmp_dir: str | None = None) -> list[Path]:
+    """Remove the staging folders of processes that no longer run, and return them.
+
+    A worker killed while it reports (a fault, a preempted node, ``SIGKILL``) never reaches the
+    ``finally`` that removes its folder: each leaked a full checkpoint into /tmp. The folder's name
+    carries its process id; a folder whose process still runs is never touched (a reused id only
+    keeps a stale folder until that process ends)."""
+    import psutil  # installed with ray
+
+    removed = []
+    for path in Path(tmp_dir or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*-rank*-*"):
+        pid = path.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 class StepCheckpoint(pl.Callback):
     """Save and report a checkpoint every ``every_n_steps`` optimiser steps and when training ends.
 
@@ -163,7 +185,8 @@ class StepCheckpoint(pl.Callback):
         metrics: dict[str, Any] = _scalar_metrics(trainer, ("train/", "val/"))
         metrics.update(self.placeholder)
         metrics.update(step=step, epoch=trainer.current_epoch)
-        tmp = Path(tempfile.mkdtemp(prefix=f"aigc-ckpt-rank{trainer.global_rank}-"))
+        sweep_checkpoint_staging()
+        tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-rank{trainer.global_rank}-"))
         try:
             # Every rank calls save_checkpoint (it holds a barrier); only global rank 0 writes.
             trainer.save_checkpoint(tmp / CHECKPOINT_NAME)
