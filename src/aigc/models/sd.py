@@ -200,6 +200,16 @@ def min_snr_weights(
     return clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr
 
 
+def vae_posterior(vae: Any, images: torch.Tensor) -> Any:
+    """The pipeline VAE's posterior ``latent_dist`` of images ``(n, C, H, W)`` in [-1, 1], grey ones
+    repeated to RGB (the VAE reads 3 channels): what training samples, editing and ``aigc data
+    encode`` take the mean of (unscaled: ``scaling_factor`` is applied by the caller)."""
+    x = images.to(vae.device, torch.float32)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return vae.encode(x.contiguous()).latent_dist
+
+
 def check_dataset_vae(pipeline: str, location: str, manifest: dict[str, Any] | None = None) -> None:
     """Refuse ``sd`` latents (``aigc data encode --autoencoder PIPELINE``) that another VAE than
     ``pipeline``'s encoded: the UNet would learn latents its VAE decodes to something else. The VAE
@@ -521,12 +531,8 @@ class SDModule(GenerativeModule):
         return self._posterior(images).mean * float(self.vae.config.scaling_factor)
 
     def _posterior(self, images: torch.Tensor) -> Any:
-        """The VAE's posterior ``latent_dist`` of images ``(n, C, H, W)`` in [-1, 1], grey ones repeated
-        to RGB (the pipeline's VAE reads 3 channels): what training samples and editing takes the mean of."""
-        x = images.to(self.device, torch.float32)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return self.vae.encode(x.contiguous()).latent_dist
+        """The VAE's posterior of images ``(n, C, H, W)`` in [-1, 1] (:func:`vae_posterior`)."""
+        return vae_posterior(self.vae, images)
 
     def _edit_mask(self, masks: torch.Tensor) -> torch.Tensor:
         """Regenerate-masks ``(n, 1, H, W)`` bool max-pooled to the latent grid ``(h, w)``: a latent

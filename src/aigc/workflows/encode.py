@@ -93,9 +93,11 @@ def _encode_batch(module: Any, images: list[np.ndarray]) -> list[np.ndarray]:
     if x.dim() == 3:
         x = x.unsqueeze(-1)
     x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (B, C, H, W) in [-1, 1]
-    if module.family == "sd":  # the pipeline's VAE: RGB in, the posterior mean out (unscaled)
+    if module.family == "sd":  # the pipeline's VAE: the posterior mean (unscaled)
+        from aigc.models.sd import vae_posterior
+
         with torch.no_grad():
-            z = module.vae.encode(x.expand(-1, 3, -1, -1)).latent_dist.mean
+            z = vae_posterior(module.vae, x).mean
         return list(z.float().numpy())
     net = module.autoencoder
     with torch.no_grad():
