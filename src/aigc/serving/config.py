@@ -26,8 +26,8 @@ class ServeConfig(StrictModel):
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 inside a pod)")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
     ray_address: str | None = Field(None, description="join this Ray cluster")
-    # Measured by benchmarks/serving.py (docs/serving.md, Performance): Serve's Python proxy adds
-    # about 8 ms to a request on the 2-core VM, Ray's HAProxy ingress about 1.5 ms.
+    # Measured by benchmarks/serving.py (docs/serving.md, Performance): besides the model, a request
+    # costs about 11 ms behind Serve's Python proxy on the 2-core VM, about 3 ms behind HAProxy.
     ingress: Literal["proxy", "haproxy"] = Field(
         "proxy",
         description="the embedded Ray's HTTP ingress: Serve's Python proxy (Ray's default), or "
