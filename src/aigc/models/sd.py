@@ -376,7 +376,7 @@ class SDModule(GenerativeModule):
                 f"batch['image'] has shape {tuple(x.shape)}; the model expects images "
                 f"(B, 3, {self.image_size}, {self.image_size}) or latents (B, *{self.latent_shape})"
             )
-        return self._posterior(x).sample(generator=generator) * sf
+        return vae_posterior(self.vae, x).sample(generator=generator) * sf
 
     def loss(
         self, latents: torch.Tensor, captions: list[str], generator: torch.Generator | None = None
@@ -528,11 +528,7 @@ class SDModule(GenerativeModule):
     def _edit_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Edit inputs ``(n, C, H, W)`` in [-1, 1] -> the VAE's posterior mean times ``scaling_factor``
         (grey images repeated to RGB), as ``aigc data encode`` encodes them: no draw from the generator."""
-        return self._posterior(images).mean * float(self.vae.config.scaling_factor)
-
-    def _posterior(self, images: torch.Tensor) -> Any:
-        """The VAE's posterior of images ``(n, C, H, W)`` in [-1, 1] (:func:`vae_posterior`)."""
-        return vae_posterior(self.vae, images)
+        return vae_posterior(self.vae, images).mean * float(self.vae.config.scaling_factor)
 
     def _edit_mask(self, masks: torch.Tensor) -> torch.Tensor:
         """Regenerate-masks ``(n, 1, H, W)`` bool max-pooled to the latent grid ``(h, w)``: a latent

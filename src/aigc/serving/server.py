@@ -104,9 +104,7 @@ def start_serving(cfg: ServeConfig) -> Serving:
         handle = serve.run(build_app(cfg), name=ref.name, route_prefix="/")
         health = handle.status.remote().result(timeout_s=60)
     except BaseException:
-        started = _trees(ray_processes)
-        _shutdown(ref.name, embedded)
-        _end_leftovers(started)
+        _stop(ref.name, embedded, ray_processes)
         raise
     shown_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     url = f"http://{shown_host}:{cfg.port}"
@@ -202,8 +200,14 @@ def _end_leftovers(started: list[Any], timeout_s: float = 5.0) -> None:
 
 def stop_serving(serving: Serving) -> None:
     """Remove the application, then Serve and Ray where this process started them."""
-    started = _trees(serving.ray_processes)
-    _shutdown(serving.app_name, serving.embedded)
+    _stop(serving.app_name, serving.embedded, serving.ray_processes)
+
+
+def _stop(app_name: str, embedded: bool, ray_processes: list[Any]) -> None:
+    """:func:`_shutdown`, ``ray.shutdown()``, then whatever of the embedded Ray's process trees
+    (taken before the shutdown, while each process still has its parent) is left running."""
+    started = _trees(ray_processes)
+    _shutdown(app_name, embedded)
     _end_leftovers(started)
 
 
