@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -662,7 +663,8 @@ def test_haproxy_ingress_serves_and_leaves_no_process_behind(registry):
     """``--ingress haproxy``: Ray's HAProxy answers on the port (the replica serves HTTP itself), with
     the same answers, checks and overload 503s; its stats and metrics listeners are the only other
     sockets off loopback. ``haproxy`` runs in a process group of its own under its actor, which Ray's shutdown
-    kills: ``aigc serve`` must end it too, or it keeps holding the port after "stopped"."""
+    kills: ``aigc serve`` must end it too, or it keeps holding the port after "stopped"; and remove
+    the folder of HAProxy's config and sockets (Ray's default leaves one per start in /tmp)."""
     import psutil
 
     tmp = registry.tmp / "haproxy"
@@ -680,6 +682,11 @@ def test_haproxy_ingress_serves_and_leaves_no_process_behind(registry):
         assert listeners.get(("127.0.0.1", port)) == "haproxy", listeners
         wide = {name for (ip, _), name in listeners.items() if ip not in ("127.0.0.1", "::ffff:127.0.0.1")}
         assert all(n == "haproxy" or n.startswith("ray::ServeRepli") for n in wide), listeners
+        # HAProxy's config and sockets are in a folder of this server's, not Ray's shared default
+        (haproxy,) = [p for p in tree if p.name() == "haproxy"]
+        (config,) = [Path(a) for a in haproxy.cmdline() if a.endswith("haproxy.cfg")]
+        scratch = next(p for p in config.parents if p.name.startswith("aigc-haproxy-"))
+        assert scratch.is_dir() and not str(config).startswith("/tmp/haproxy-serve"), config
 
         health = get(served.url, "/healthz")
         status, answer = post(served.url, {"prompt": "the digit 3", "num_samples": 2, "seed": 7})
@@ -696,3 +703,4 @@ def test_haproxy_ingress_serves_and_leaves_no_process_behind(registry):
     assert not alive, [(p.pid, p.name()) for p in alive]
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{served.url}/healthz", timeout=2)
+    assert not scratch.exists()  # removed with the server

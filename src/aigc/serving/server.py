@@ -25,18 +25,22 @@ Facts this relies on (ray 2.60):
   the embedded Ray starts, and a cluster sets them in its own environment. Its stats and Prometheus
   listeners bind every interface (``bind *:port`` in ``ray/serve/_private/haproxy_templates.py``),
   on fixed ports 8404 and 9101 unless told otherwise: two servers on one machine would collide, so
-  free ports are picked for them. ``haproxy`` is a child of that actor in a process group of its
-  own: when ``serve.shutdown()`` does not finish in time and ``ray.shutdown()`` kills the actor,
-  ``haproxy`` is left running, still holding the port; :func:`stop_serving` ends every process the
-  embedded Ray started that outlived it.
+  free ports are picked for them. Its config, admin socket and server state default to
+  ``/tmp/haproxy-serve/<node id>/``, a folder per Ray start that nothing removes: they go to a
+  folder of this server's, removed when it stops. ``haproxy`` is a child of that actor in a
+  process group of its own: when ``serve.shutdown()`` does not finish in time and
+  ``ray.shutdown()`` kills the actor, ``haproxy`` is left running, still holding the port;
+  :func:`stop_serving` ends every process the embedded Ray started that outlived it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -56,6 +60,8 @@ class Serving:
     embedded: bool  # Ray was started here (not joined), so shutting down stops it all
     #: the embedded Ray's own processes (GCS, raylet, ...), whose process trees stop_serving ends
     ray_processes: list[Any] = field(default_factory=list)
+    #: this server's folder for HAProxy's config and sockets (``--ingress haproxy``), removed at stop
+    scratch: str | None = None
 
 
 def start_serving(cfg: ServeConfig) -> Serving:
@@ -83,8 +89,7 @@ def start_serving(cfg: ServeConfig) -> Serving:
     ensure_tracking_store(uri)  # TrackingUnavailable naming the URI when a server does not answer
     resolve_version(client_for(uri), ref)  # RegistryError naming what exists, before Ray starts
 
-    if embedded:
-        _embedded_ray_environment(cfg)
+    scratch = _embedded_ray_environment(cfg) if embedded else None
     from ray import serve
 
     from aigc.cluster import init_ray
@@ -104,14 +109,14 @@ def start_serving(cfg: ServeConfig) -> Serving:
         handle = serve.run(build_app(cfg), name=ref.name, route_prefix="/")
         health = handle.status.remote().result(timeout_s=60)
     except BaseException:
-        _stop(ref.name, embedded, ray_processes)
+        _stop(ref.name, embedded, ray_processes, scratch)
         raise
     shown_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     url = f"http://{shown_host}:{cfg.port}"
-    return Serving(cfg, ref.name, url, health, embedded, ray_processes)
+    return Serving(cfg, ref.name, url, health, embedded, ray_processes, scratch)
 
 
-def _embedded_ray_environment(cfg: ServeConfig) -> None:
+def _embedded_ray_environment(cfg: ServeConfig) -> str | None:
     """Environment of the embedded Ray, set before this process imports ``ray``.
 
     - ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps Ray on 127.0.0.1 on Linux (it ignores
@@ -122,6 +127,8 @@ def _embedded_ray_environment(cfg: ServeConfig) -> None:
       nice 15 so that tasks never starve Ray's own processes; a replica at nice 15 loses the CPU to
       any other busy process on the machine (a 20-step diffusion call ran 2x slower next to one,
       2 cores). Serving is the point of this Ray instance, so its workers run at normal priority.
+
+    Returns the folder made for HAProxy's files (``--ingress haproxy``), else None.
     """
     if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -133,22 +140,34 @@ def _embedded_ray_environment(cfg: ServeConfig) -> None:
                 stacklevel=3,
             )
     os.environ.setdefault("RAY_worker_niceness", "0")
-    os.environ.update(_ingress_environment(cfg.ingress))
+    scratch = tempfile.mkdtemp(prefix="aigc-haproxy-") if cfg.ingress == "haproxy" else None
+    os.environ.update(_ingress_environment(cfg.ingress, scratch))
+    return scratch
 
 
-def _ingress_environment(ingress: str) -> dict[str, str]:
+def _ingress_environment(ingress: str, scratch: str | None = None) -> dict[str, str]:
     """Ray Serve's variables for ``ingress`` (see the module docstring). With HAProxy the replica runs
     the request handler on its main event loop (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``, as
     Ray's ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` does): the replica's HTTP server is on that loop, and
-    the model runs in a worker thread either way."""
+    the model runs in a worker thread either way. HAProxy's files go under ``scratch`` (Ray adds a
+    folder per node; the admin socket's path must stay under the 108 bytes of a Unix socket)."""
     if ingress == "proxy":
         return {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    return {
+    env = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
         "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
     }
+    if scratch is not None:
+        env |= {
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(scratch, "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(scratch, "admin.sock"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(scratch, "metrics.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": scratch,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(scratch, "server-state"),
+        }
+    return env
 
 
 def _free_port() -> int:
@@ -200,15 +219,18 @@ def _end_leftovers(started: list[Any], timeout_s: float = 5.0) -> None:
 
 def stop_serving(serving: Serving) -> None:
     """Remove the application, then Serve and Ray where this process started them."""
-    _stop(serving.app_name, serving.embedded, serving.ray_processes)
+    _stop(serving.app_name, serving.embedded, serving.ray_processes, serving.scratch)
 
 
-def _stop(app_name: str, embedded: bool, ray_processes: list[Any]) -> None:
+def _stop(app_name: str, embedded: bool, ray_processes: list[Any], scratch: str | None) -> None:
     """:func:`_shutdown`, ``ray.shutdown()``, then whatever of the embedded Ray's process trees
-    (taken before the shutdown, while each process still has its parent) is left running."""
+    (taken before the shutdown, while each process still has its parent) is left running, then
+    the ``scratch`` folder once nothing uses it."""
     started = _trees(ray_processes)
     _shutdown(app_name, embedded)
     _end_leftovers(started)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _shutdown(app_name: str, embedded: bool, timeout_s: float = 10.0) -> None:
