@@ -7,8 +7,10 @@ sets torch's threads explicitly).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -238,7 +240,14 @@ def start_embedded_ray() -> None:
 
 
 def workdir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="aigc-bench-"))
+    """A scratch folder for this run (data, MLflow store, checkpoints; about 25 MB), removed when
+    the process exits: each run left one in /tmp. ``AIGC_BENCH_KEEP=1`` keeps it and prints where."""
+    path = Path(tempfile.mkdtemp(prefix="aigc-bench-"))
+    if os.environ.get("AIGC_BENCH_KEEP") == "1":
+        print(f"benchmark files kept in {path}", file=sys.stderr)
+    else:
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def thread_env(threads: int) -> None:
