@@ -14,7 +14,8 @@ Both sides are timed in alternating rounds while the server is up (``--rounds`` 
 few seconds apart: on a shared machine whose load moves several-fold within a minute, a floor
 measured before the server starts says nothing about the replica. Per round: the replica's model
 time per batch and its thread's CPU time (``/stats``) against the in-process call's, and the served
-p50 against the in-process p50; the ratios are the medians over rounds. Then concurrency 8 (the
+p50 against the in-process p50; the ratios are the medians over rounds, with a distribution-free
+95 % interval each (``ci95``; many short rounds narrow it more than a few long ones). Then concurrency 8 (the
 batch sizes formed come from ``/stats``) for requests/s against the concurrency-1 rounds.
 
 Targets: replica model time <= 1.05x in-process; served p50 at concurrency 1 <= 1.15x in-process;
@@ -22,7 +23,7 @@ requests/s at concurrency 8 >= 3x concurrency 1. The last is bounded by the mode
 reported beside it: ``in_process_batch_8_vs_1`` (images/s of one in-process call of 8 against calls
 of 1) and ``throughput_8_vs_in_process_batch_8`` (what serving keeps of that batch's images/s).
 
-    .venv/bin/python benchmarks/serving.py [--ingress proxy|haproxy] [--rounds 10] [--round-requests 15]
+    .venv/bin/python benchmarks/serving.py [--ingress proxy|haproxy] [--rounds 30] [--round-requests 8]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import signal
 import socket
@@ -154,15 +156,20 @@ def batch_sizes_between(before: dict, after: dict) -> dict[str, int]:
 
 
 class Floor:
-    """``generate()`` of the served export in a process of its own session (``--floor-worker``):
-    each :meth:`calls` runs ``n`` calls of ``batch`` prompts there and returns their wall and
-    thread-CPU seconds."""
+    """``generate()`` of the served export in a process of its own session (``--floor-worker``;
+    ``new_session=False``: of its parent's): each :meth:`calls` runs ``n`` calls of ``batch``
+    prompts there and returns their wall and thread-CPU seconds."""
 
-    def __init__(self, uri: str, threads: int):
+    def __init__(self, uri: str, threads: int, new_session: bool = True):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # as the replica's runtime_env
         cmd = [sys.executable, __file__, "--floor-worker", uri, "--threads", str(threads)]
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=new_session,
         )
         self._line("ready")
 
@@ -345,6 +352,17 @@ def served(uri: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
             proc.wait(timeout=30)
 
 
+def median_ci95(values: list[float]) -> list[float] | None:
+    """A distribution-free 95 % interval for the median of ``values``: the k-th smallest to the k-th
+    largest, k the largest with P(Binomial(n, 1/2) < k) <= 0.025 (order statistics; for 30 rounds
+    the 10th to the 21st). None for fewer than 6 values."""
+    xs, n = sorted(values), len(values)
+    k, below = 0, 0.0
+    while (below := below + math.comb(n, k) / 2**n) <= 0.025:
+        k += 1
+    return [xs[k - 1], xs[n - k]] if k else None
+
+
 def median_of(rounds: list[dict[str, Any]], key: str, minus: str) -> float:
     """The median over ``rounds`` of ``round[key] - round[minus]``."""
     return round(statistics.median(r[key] - r[minus] for r in rounds), 1)
@@ -352,8 +370,8 @@ def median_of(rounds: list[dict[str, Any]], key: str, minus: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--rounds", type=int, default=10, help="alternating concurrency-1 rounds")
-    p.add_argument("--round-requests", type=int, default=15, help="requests (and calls) per round")
+    p.add_argument("--rounds", type=int, default=30, help="alternating concurrency-1 rounds")
+    p.add_argument("--round-requests", type=int, default=8, help="requests (and calls) per round")
     p.add_argument("--requests", type=int, default=200, help="most requests at concurrency 8")
     p.add_argument("--seconds", type=float, default=30.0, help="most seconds at concurrency 8")
     p.add_argument("--threads", type=int, default=1, help="torch threads (replica and in-process)")
@@ -415,6 +433,16 @@ def main() -> None:
                     "model": median_of(rounds, "replica_model_ms", "in_process_ms"),
                     "handler": median_of(rounds, "replica_handler_ms", "replica_model_ms"),
                     "ingress": median_of(rounds, "served_mean_ms", "replica_handler_ms"),
+                },
+                # the medians' 95 % intervals: a single round's ratio moves by 10 % and more on a
+                # shared 2-core machine, so a median alone cannot tell 1.03 from 1.06
+                "ci95": {
+                    k: median_ci95([r[k] for r in rounds])
+                    for k in (
+                        "replica_model_vs_in_process",
+                        "replica_model_cpu_vs_in_process",
+                        "serving_total_p50_vs_in_process",
+                    )
                 },
                 "per_round": {
                     k: [r[k] for r in rounds]
