@@ -16,7 +16,8 @@ measured before the server starts says nothing about the replica. Per round: the
 time per batch and its thread's CPU time (``/stats``) against the in-process call's, and the served
 p50 against the in-process p50; the ratios are the medians over rounds, with a distribution-free
 95 % interval each (``ci95``; many short rounds narrow it more than a few long ones). Then concurrency 8 (the
-batch sizes formed come from ``/stats``) for requests/s against the concurrency-1 rounds.
+batch sizes formed come from ``/stats``) for requests/s against the concurrency-1 rounds, and
+the seconds from SIGTERM to the server's exit (``sigterm_to_exit_s``).
 
 Targets: replica model time <= 1.05x in-process; served p50 at concurrency 1 <= 1.15x in-process;
 requests/s at concurrency 8 >= 3x concurrency 1. The last is bounded by the model's own batching,
@@ -29,6 +30,7 @@ of 1) and ``throughput_8_vs_in_process_batch_8`` (what serving keeps of that bat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import math
@@ -330,7 +332,7 @@ def served(uri: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
         c8 = served_phase(port, 8, args.requests, args.seconds)
         wall8, _ = floor.calls(8, max(3, args.round_requests // 4))
         c1_rps = sum(r["served_requests"] for r in rounds) / sum(r["served_wall_s"] for r in rounds)
-        return {
+        out = {
             "command_to_ready_s": round(ready_s, 1),
             "rounds": rounds,
             "concurrency_1_requests_per_s": round(c1_rps, 2),
@@ -344,12 +346,16 @@ def served(uri: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if floor is not None:
             floor.close()
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+        t_stop = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)  # as `kill PID` or Kubernetes stops it
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        stop_s = time.perf_counter() - t_stop
+        with contextlib.suppress(ProcessLookupError):  # anything of its session still there
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        proc.wait(timeout=30)
+    out["sigterm_to_exit_s"] = round(stop_s, 1)  # how long `aigc serve` takes to stop
+    return out
 
 
 def median_ci95(values: list[float]) -> list[float] | None:
