@@ -289,13 +289,13 @@ def test_replicas_never_retry_a_dead_registry_for_minutes_and_configs_are_checke
         app_builder({"ref": "x", "tracking_uri": "sqlite:////tmp/x.db", "max_steps": "many"})
 
 
-def test_the_ingress_is_checked_and_a_clusters_is_its_own(tmp_path):
+def test_the_ingress_is_checked_and_a_clusters_is_its_own(tmp_path, monkeypatch):
     """``--ingress`` names its choices; with a cluster to join it is refused before anything starts
     (a cluster's Serve reads the variable in its own processes), naming the variable to set there."""
     from pydantic import ValidationError
 
     from aigc.serving.config import ServeConfig, deploy_config
-    from aigc.serving.server import _ingress_environment, start_serving
+    from aigc.serving.server import DRAINING_VARIABLE, _ingress_environment, start_serving
 
     with pytest.raises(ValidationError, match="'proxy' or 'haproxy'"):
         ServeConfig(ref="x", ingress="nginx")
@@ -306,6 +306,9 @@ def test_the_ingress_is_checked_and_a_clusters_is_its_own(tmp_path):
     assert "ingress" not in deploy_config(cfg)["applications"][0]["args"]
     env = _ingress_environment("haproxy")
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_HAPROXY_STATS_PORT"] != "8404"
+    assert env[DRAINING_VARIABLE] == "2"  # not Ray's 30 s for load balancers this server does not have
+    monkeypatch.setenv(DRAINING_VARIABLE, "7")
+    assert _ingress_environment("haproxy")[DRAINING_VARIABLE] == "7"  # a value set outside is kept
     assert _ingress_environment("proxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
 
 
