@@ -202,20 +202,24 @@ def floor_worker(uri: str, threads: int) -> None:
     torch.set_num_threads(threads)
     client = client_for(uri)
     module = load_version(client, resolve_version(client, f"{NAME}@production"))
-    options = {k: BODY[k] for k in ("steps", "sampler")}
     for batch in (1, 8):
-        for _ in range(3):  # first calls allocate
-            module.generate([BODY["prompt"]] * batch, **options)
+        timed_calls(module, batch, 3)  # first calls allocate
     print("ready", flush=True)
     for line in sys.stdin:
-        batch, n = map(int, line.split())
-        wall, cpu = [], []
-        for _ in range(n):
-            t0, c0 = time.perf_counter(), time.thread_time()
-            module.generate([BODY["prompt"]] * batch, **options)
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.thread_time() - c0)
+        wall, cpu = timed_calls(module, *map(int, line.split()))
         print(json.dumps({"wall": wall, "cpu": cpu}), flush=True)
+
+
+def timed_calls(module: Any, batch: int, n: int) -> tuple[list[float], list[float]]:
+    """``n`` calls of ``generate()`` with ``batch`` copies of the request's prompt and options:
+    each call's wall and thread-CPU seconds."""
+    wall, cpu = [], []
+    for _ in range(n):
+        t0, c0 = time.perf_counter(), time.thread_time()
+        module.generate([BODY["prompt"]] * batch, steps=BODY["steps"], sampler=BODY["sampler"])
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
+    return wall, cpu
 
 
 def model_between(before: dict, after: dict) -> dict[str, float | None]:
@@ -305,26 +309,50 @@ def one_round(port: int, floor: Floor, n: int, served_first: bool) -> dict[str, 
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
 
 
-def served(uri: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Start ``aigc serve`` and the in-process worker, run the rounds and concurrency 8, stop both."""
+def start_server(uri: str, work: Path, options: list[str]) -> tuple[subprocess.Popen, int, float]:
+    """``aigc serve`` of the registered export with ``options`` on a free loopback port, in a session
+    of its own, once it says it serves: the process, its port and the seconds that took. Stopped
+    again (:func:`stop_server`) when it does not start."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log_path = work / "serve.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [AIGC, "serve", f"{NAME}@production", "--tracking-uri", uri, "--port", str(port)]
-    cmd += ["--threads-per-replica", str(args.threads), "--batch-wait", str(args.batch_wait)]
-    cmd += ["--ingress", args.ingress]
+    cmd = [AIGC, "serve", f"{NAME}@production", "--tracking-uri", uri, "--port", str(port), *options]
     t0 = time.perf_counter()
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    floor = None
     try:
         while "stop with Ctrl-C" not in log_path.read_text():
             if proc.poll() is not None or time.perf_counter() - t0 > 180:
                 raise RuntimeError(f"aigc serve did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.25)
-        ready_s = time.perf_counter() - t0
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc, port, time.perf_counter() - t0
+
+
+def stop_server(proc: subprocess.Popen) -> float:
+    """SIGTERM to the server's own process, as ``kill PID`` or Kubernetes sends it, then SIGKILL to
+    whatever of its session is left: the seconds from SIGTERM to its exit."""
+    t0 = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=60)
+    seconds = time.perf_counter() - t0
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return seconds
+
+
+def served(uri: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Start ``aigc serve`` and the in-process worker, run the rounds and concurrency 8, stop both."""
+    options = ["--threads-per-replica", str(args.threads), "--batch-wait", str(args.batch_wait)]
+    proc, port, ready_s = start_server(uri, work, [*options, "--ingress", args.ingress])
+    floor = None
+    try:
         floor = Floor(uri, args.threads)
         load_phase(port, 1, 10, 10)  # warm-up: first calls allocate
         rounds = [one_round(port, floor, args.round_requests, r % 2 == 1) for r in range(args.rounds)]
@@ -346,14 +374,7 @@ def served(uri: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if floor is not None:
             floor.close()
-        t_stop = time.perf_counter()
-        proc.send_signal(signal.SIGTERM)  # as `kill PID` or Kubernetes stops it
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
-        stop_s = time.perf_counter() - t_stop
-        with contextlib.suppress(ProcessLookupError):  # anything of its session still there
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        stop_s = stop_server(proc)
     out["sigterm_to_exit_s"] = round(stop_s, 1)  # how long `aigc serve` takes to stop
     return out
 

@@ -26,33 +26,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from common import AIGC, digits_dataset
+from common import digits_dataset
 from common import workdir as make_workdir
-from serving import BODY, NAME, Floor, median_ci95, registered_model, served_phase
+from serving import (
+    NAME,
+    Floor,
+    median_ci95,
+    registered_model,
+    served_phase,
+    start_server,
+    stop_server,
+    timed_calls,
+)
 
 HERE = Path(__file__).resolve().parent
 SIDES = ("in_process", "ray_actor", "serve_replica", "replica_child", "aigc_replica")
-
-
-def timed_calls(module: Any, n: int) -> tuple[list[float], list[float]]:
-    """``n`` one-image calls: their wall and thread-CPU seconds (as ``serving.floor_worker``)."""
-    wall, cpu = [], []
-    for _ in range(n):
-        t0, c0 = time.perf_counter(), time.thread_time()
-        module.generate([BODY["prompt"]], steps=BODY["steps"], sampler=BODY["sampler"])
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.thread_time() - c0)
-    return wall, cpu
 
 
 class Holder:
@@ -67,45 +61,16 @@ class Holder:
         torch.set_num_threads(1)
         client = client_for(uri)
         self.module = load_version(client, resolve_version(client, f"{NAME}@production"))
-        timed_calls(self.module, 3)  # first calls allocate
+        timed_calls(self.module, 1, 3)  # first calls allocate
         self.uri, self.child = uri, None
 
     def calls(self, n: int) -> tuple[list[float], list[float]]:
-        return timed_calls(self.module, n)
+        return timed_calls(self.module, 1, n)
 
     def child_calls(self, n: int) -> tuple[list[float], list[float]]:
         if self.child is None:
             self.child = Floor(self.uri, 1, new_session=False)  # in the replica's session
         return self.child.calls(1, n)
-
-
-def aigc_server(uri: str, work: Path) -> tuple[subprocess.Popen, int]:
-    """``aigc serve --ingress haproxy`` on a free port, once it answers."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log_path = work / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [
-        AIGC,
-        "serve",
-        f"{NAME}@production",
-        "--tracking-uri",
-        uri,
-        "--port",
-        str(port),
-        "--ingress",
-        "haproxy",
-    ]
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    t0 = time.perf_counter()
-    while "stop with Ctrl-C" not in log_path.read_text():
-        if proc.poll() is not None or time.perf_counter() - t0 > 180:
-            raise RuntimeError(f"aigc serve did not start:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.25)
-    served_phase(port, 1, 10, 30)  # warm-up
-    return proc, port
 
 
 def main() -> None:
@@ -118,9 +83,11 @@ def main() -> None:
 
     work = make_workdir()
     uri = registered_model(work, digits_dataset(work), args.train_steps)
-    server, port = aigc_server(uri, work)  # its own embedded Ray, in a session of its own
-    floor = Floor(uri, 1)
+    server, port, _ = start_server(uri, work, ["--ingress", "haproxy"])  # its own embedded Ray
+    floor = None
     try:
+        served_phase(port, 1, 10, 30)  # warm-up
+        floor = Floor(uri, 1)
         # A second Ray, in this process, as aigc serve starts its own (see aigc.serving.server)
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 (Ray spells it so)
@@ -165,9 +132,9 @@ def main() -> None:
                 file=sys.stderr,
             )
     finally:
-        floor.close()
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        if floor is not None:
+            floor.close()
+        stop_server(server)
     out: dict[str, Any] = {
         "benchmark": "serving_process",
         "model": "models/diffusion.yaml, 8x8, DDIM 20 steps, 1 image per call, 1 torch thread",
